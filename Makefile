@@ -1,0 +1,48 @@
+# meshserve: the one interface. `make run` and `make test` work on a fresh machine.
+PY_SYS ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MODELS := examples/models
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: run test unit integration e2e lint typecheck protos bench models setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[onnx,dev]'
+	touch $(STAMP)
+
+models: $(STAMP)
+	$(PY) -m examples.build_repository $(MODELS)
+
+# Until the gateway exists, `run` serves the example repository from the ONNX service directly.
+run: models
+	$(PY) -m services.onnx --model-repository $(MODELS) --grpc-port 8001 --http-port 8000 --metrics-port 8002
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q tests/integration tests/e2e
+
+unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+protos: $(STAMP)
+	$(PY) -m protos.build
+
+bench: models
+	bash benchmarks/setup_perf_analyzer.sh
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) $(MODELS) .pytest_cache .mypy_cache .ruff_cache

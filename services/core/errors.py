@@ -1,0 +1,97 @@
+"""Errors of the serving kit, each carrying its gRPC status and HTTP code.
+
+Every layer raises these; the transports (grpc_servicer, http_app) translate them in one place.
+An exception that is not a ServingError reaches the client as a generic INTERNAL error and its
+traceback goes to the log.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import grpc
+
+
+class ServingError(Exception):
+    """Base class: a message for the user plus the status it maps to."""
+
+    grpc_status: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    http_status: ClassVar[int] = 500
+    #: label used for nv_inference_request_failure{reason=...}
+    reason: ClassVar[str] = "OTHER"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ServingError):
+    """The caller sent something malformed or inconsistent with the model's config."""
+
+    grpc_status = grpc.StatusCode.INVALID_ARGUMENT
+    http_status = 400
+    reason = "REJECTED"
+
+
+class NotFound(ServingError):
+    """Unknown model, version, output or shared-memory region."""
+
+    grpc_status = grpc.StatusCode.NOT_FOUND
+    http_status = 404
+    reason = "REJECTED"
+
+
+class AlreadyExists(ServingError):
+    """A shared-memory region registered twice under one name."""
+
+    grpc_status = grpc.StatusCode.ALREADY_EXISTS
+    http_status = 400
+    reason = "REJECTED"
+
+
+class Unavailable(ServingError):
+    """Model not ready, failed to load, being unloaded, or the server is draining."""
+
+    grpc_status = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
+    reason = "REJECTED"
+
+
+class QueueFull(ServingError):
+    """The model's queue is at max_queue_size."""
+
+    grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 503
+    reason = "REJECTED"
+
+
+class QueueTimeout(ServingError):
+    """The request's timeout expired while it waited in the queue."""
+
+    grpc_status = grpc.StatusCode.DEADLINE_EXCEEDED
+    http_status = 504
+    reason = "CANCELED"
+
+
+class Unsupported(ServingError):
+    """A feature this build or this machine does not offer (e.g. CUDA shared memory on CPU)."""
+
+    grpc_status = grpc.StatusCode.UNIMPLEMENTED
+    http_status = 501
+    reason = "REJECTED"
+
+
+class ModelLoadError(ServingError):
+    """A model (config or file) that cannot be loaded; the rest of the repository keeps serving."""
+
+    grpc_status = grpc.StatusCode.INVALID_ARGUMENT
+    http_status = 400
+    reason = "REJECTED"
+
+
+class InternalError(ServingError):
+    """A failure inside the server (runtime crash). The message shown to users stays generic."""
+
+    grpc_status = grpc.StatusCode.INTERNAL
+    http_status = 500
+    reason = "BACKEND"

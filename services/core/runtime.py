@@ -1,0 +1,62 @@
+"""The runtime contract: what a framework service implements (load / infer / unload).
+
+A framework service (services/<fw>/) subclasses Runtime; everything else (repository, config,
+batching, transports, statistics) is the shared kit. One Runtime object is one execution instance
+(Triton's model instance): ``instance_group { count: N }`` creates N of them, and the scheduler
+runs at most one batch at a time on each, from a worker thread, so ``infer`` may block and should
+release the GIL in native code.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from protos.gen.inference import model_config_pb2 as mc
+
+from services.core.requests import Array
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceSpec:
+    """Where one instance runs: its group's kind (CPU/GPU) and device, and its ordinal."""
+
+    name: str
+    kind: int  # mc.ModelInstanceGroup.Kind value
+    device_id: int = -1
+    index: int = 0
+
+
+class Runtime(ABC):
+    """One loaded copy of one model version."""
+
+    #: Triton backend name this runtime serves ("onnxruntime")
+    backend: ClassVar[str]
+    #: Triton platform names that select this runtime ("onnxruntime_onnx")
+    platforms: ClassVar[tuple[str, ...]] = ()
+    #: file looked for in the version directory when config.default_model_filename is empty
+    default_model_filename: ClassVar[str]
+
+    @classmethod
+    def autocomplete(cls, config: mc.ModelConfig, model_path: Path) -> None:
+        """Fill what the config leaves out (inputs, outputs, max_batch_size) from the model file.
+
+        Called before validation; must not override what the user wrote. Default: nothing.
+        """
+
+    @abstractmethod
+    def __init__(self, config: mc.ModelConfig, model_path: Path, instance: InstanceSpec) -> None:
+        """Load the model; raise (any exception) if the file is not a valid model."""
+
+    @abstractmethod
+    def infer(self, inputs: Mapping[str, Array], outputs: Sequence[str]) -> dict[str, Array]:
+        """Run one batch. Inputs carry the batch dimension when max_batch_size > 0.
+
+        Must return every name in ``outputs`` with the batch dimension first.
+        """
+
+    def unload(self) -> None:  # noqa: B027 - optional hook
+        """Release resources. Called once, after the last infer returns."""
