@@ -1,0 +1,170 @@
+"""`python -m benchmarks.run` (`make bench`): served throughput and latency beside in-process ORT.
+
+In one run: onnxruntime in this process on the repository's model files (the ceiling), then each
+served target (by default the ONNX service, started on free ports and always stopped) driven by
+perf_analyzer over gRPC. Prints one table and PASS/FAIL for the issue's goals, and saves
+everything as JSON under benchmarks/results/. Needs perf_analyzer from
+benchmarks/setup_perf_analyzer.sh and the example models from `python -m examples.build_repository`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from benchmarks.inprocess import run_in_process
+from benchmarks.perf import (
+    PerfAnalyzerError,
+    PerfOptions,
+    run_perf_analyzer,
+    write_input_data,
+)
+from benchmarks.report import check_goals, format_goals, format_table, save_json
+from benchmarks.results import Measurement
+from benchmarks.targets import (
+    DEFAULT_SERVICE_CMD,
+    ExistingTarget,
+    ServiceTarget,
+    Target,
+    TargetError,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
+    parser.add_argument("--models", default="mlp,cnn", help="comma-separated model names")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=3.0,
+        help="seconds per in-process measurement and per perf_analyzer window (default 3)",
+    )
+    parser.add_argument("--concurrency", default="1,16,64", help="served concurrency levels")
+    parser.add_argument("--batches", default="1,8,32,64", help="in-process batch sizes")
+    parser.add_argument("--repository", type=Path, default=ROOT / "examples" / "models")
+    parser.add_argument(
+        "--service-cmd",
+        default=DEFAULT_SERVICE_CMD,
+        help="service command template; placeholders {python} {repository} {grpc_port} "
+        "{http_port} {metrics_port}",
+    )
+    parser.add_argument("--url", help="benchmark this running server (host:port, gRPC) instead")
+    parser.add_argument("--intra-op-threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--perf-analyzer", type=Path, default=PerfOptions().binary)
+    parser.add_argument("--no-in-process", action="store_true", help="skip the in-process rows")
+    parser.add_argument("--no-served", action="store_true", help="skip the served rows")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a goal fails")
+    return parser.parse_args(argv)
+
+
+def build_targets(args: argparse.Namespace, models: Sequence[str], stamp: str) -> list[Target]:
+    """The served scenarios, in the order they run. Add the gateway scenario here."""
+    if args.url:
+        return [ExistingTarget(url=args.url, models=models)]
+    return [
+        ServiceTarget(
+            repository=args.repository,
+            models=models,
+            log_path=args.results_dir / f"service-{stamp}.log",
+            command_template=args.service_cmd,
+        )
+    ]
+
+
+def run_target(
+    target: Target,
+    models: Sequence[str],
+    concurrency: Sequence[int],
+    options: PerfOptions,
+    errors: list[str],
+) -> list[Measurement]:
+    """All perf_analyzer runs against one served target; failures are recorded, not raised."""
+    rows: list[Measurement] = []
+    try:
+        with target.serve() as url, tempfile.TemporaryDirectory(prefix="meshserve-bench-") as tmp:
+            for model in models:
+                data = write_input_data(url, model, Path(tmp), options.samples)
+                for level in concurrency:
+                    try:
+                        row = run_perf_analyzer(url, target.name, model, level, options, data)
+                    except PerfAnalyzerError as exc:
+                        errors.append(f"[{target.name}] {exc}")
+                        print(f"  ERROR {exc}", file=sys.stderr)
+                        continue
+                    rows.append(row)
+                    print(
+                        f"  {target.name} {model} c{level}: {row.infer_per_s:,.0f} infer/s, "
+                        f"p50 {row.p50_ms:.3f} ms"
+                    )
+    except TargetError as exc:
+        errors.append(f"[{target.name}] {exc}")
+        print(f"  ERROR {exc}", file=sys.stderr)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; 0 unless nothing could be measured (or --strict and a goal failed)."""
+    args = parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    concurrency, batches = _ints(args.concurrency), _ints(args.batches)
+    options = PerfOptions(
+        binary=args.perf_analyzer, measurement_interval_ms=int(args.duration * 1000)
+    )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    rows: list[Measurement] = []
+    errors: list[str] = []
+
+    if not args.no_in_process:
+        threads = args.intra_op_threads
+        print(f"in-process onnxruntime (intra_op {threads}, {args.duration:g} s each)")
+        rows += run_in_process(
+            args.repository, models, batches, args.duration, args.intra_op_threads
+        )
+    if not args.no_served:
+        if not args.perf_analyzer.exists():
+            sys.exit(f"{args.perf_analyzer} missing: run bash benchmarks/setup_perf_analyzer.sh")
+        for target in build_targets(args, models, stamp):
+            print(f"served: {target.name} (perf_analyzer over gRPC, concurrency {concurrency})")
+            rows += run_target(target, models, concurrency, options, errors)
+
+    goals = check_goals(rows)
+    print()
+    print(format_table(rows))
+    print()
+    print(format_goals(goals))
+    settings = {
+        "models": models,
+        "concurrency": concurrency,
+        "batches": batches,
+        "duration_s": args.duration,
+        "intra_op_threads": args.intra_op_threads,
+        "url": args.url,
+        "service_cmd": None if args.url else args.service_cmd,
+        "perf": {k: str(v) for k, v in asdict(options).items()},
+    }
+    path = save_json(args.results_dir, rows, goals, settings, errors)
+    print(f"\nresults: {path}")
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    if not rows:
+        return 1
+    return 1 if args.strict and any(g.status == "FAIL" for g in goals) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""Build the example model repository from code: the start of every demo, test and benchmark.
+
+``python -m examples.build_repository <dir>`` writes a Triton-layout repository
+(``<dir>/<model>/config.pbtxt`` + ``<dir>/<model>/1/model.onnx``) holding the models a Triton
+user knows from its quick-start (``simple``, ``simple_string``, ``simple_identity``) plus two
+compute-bound ones for benchmarks (``mlp``, ``cnn``). Nothing is downloaded: graphs are built
+with ``onnx.helper`` and weights drawn from a fixed seed, so two builds give the same bytes.
+The model service then loads the repository like any user's (services/core → services/onnx).
+
+Rebuilding is idempotent: a file whose bytes would not change is left untouched (mtime too),
+a changed one is replaced atomically, and other files in the directory are left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+#: onnxruntime 1.31 reads IR versions up to 13; onnx 1.23 would write 14 by default
+IR_VERSION = 8
+OPSET = 17
+SEED = 20261121
+#: the symbolic batch dimension of every batched model
+BATCH = "batch"
+
+CNN_LABELS = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+
+FloatArray = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class ExampleModel:
+    """One model directory: its config text, its ONNX graph and any extra files."""
+
+    config: str
+    model: onnx.ModelProto
+    extra_files: dict[str, str]
+
+
+def _tensor(name: str, elem_type: int, shape: Sequence[int | str]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem_type, list(shape))
+
+
+def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
+    model = helper.make_model(
+        graph,
+        ir_version=IR_VERSION,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="meshserve.examples",
+    )
+    onnx.checker.check_model(model)
+    return model
+
+
+def _add_sub_nodes(a: str, b: str, out_sum: str, out_diff: str) -> list[onnx.NodeProto]:
+    return [
+        helper.make_node("Add", [a, b], [out_sum], name="add"),
+        helper.make_node("Sub", [a, b], [out_diff], name="sub"),
+    ]
+
+
+def _io_block(kind: str, type_name: str, dims: str, count: int) -> str:
+    entries = ",\n".join(
+        f'  {{\n    name: "{kind.upper()}{i}"\n    data_type: {type_name}\n    dims: [ {dims} ]\n  }}'
+        for i in range(count)
+    )
+    return f"{kind} [\n{entries}\n]\n"
+
+
+def _simple_config(name: str, type_name: str) -> str:
+    return (
+        f'name: "{name}"\nbackend: "onnxruntime"\nmax_batch_size: 8\n'
+        + _io_block("input", type_name, "16", 2)
+        + _io_block("output", type_name, "16", 2)
+        + "dynamic_batching { }\n"
+    )
+
+
+def build_simple() -> ExampleModel:
+    """INT32 [16] pair → their sum and difference (Triton's ``simple``)."""
+    shape = [BATCH, 16]
+    graph = helper.make_graph(
+        _add_sub_nodes("INPUT0", "INPUT1", "OUTPUT0", "OUTPUT1"),
+        "simple",
+        [_tensor("INPUT0", TensorProto.INT32, shape), _tensor("INPUT1", TensorProto.INT32, shape)],
+        [
+            _tensor("OUTPUT0", TensorProto.INT32, shape),
+            _tensor("OUTPUT1", TensorProto.INT32, shape),
+        ],
+    )
+    return ExampleModel(_simple_config("simple", "TYPE_INT32"), _model(graph), {})
+
+
+def build_simple_string() -> ExampleModel:
+    """Decimal numbers as strings → sum and difference as strings (Triton's ``simple_string``)."""
+    shape = [BATCH, 16]
+    to_int = TensorProto.INT32
+    to_str = TensorProto.STRING
+    nodes = [
+        helper.make_node("Cast", ["INPUT0"], ["a"], to=to_int, name="parse0"),
+        helper.make_node("Cast", ["INPUT1"], ["b"], to=to_int, name="parse1"),
+        *_add_sub_nodes("a", "b", "sum", "diff"),
+        helper.make_node("Cast", ["sum"], ["OUTPUT0"], to=to_str, name="format0"),
+        helper.make_node("Cast", ["diff"], ["OUTPUT1"], to=to_str, name="format1"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "simple_string",
+        [_tensor("INPUT0", to_str, shape), _tensor("INPUT1", to_str, shape)],
+        [_tensor("OUTPUT0", to_str, shape), _tensor("OUTPUT1", to_str, shape)],
+    )
+    return ExampleModel(_simple_config("simple_string", "TYPE_STRING"), _model(graph), {})
+
+
+def build_simple_identity() -> ExampleModel:
+    """BYTES tensor of any length returned unchanged (Triton's ``simple_identity``)."""
+    shape = [BATCH, "length"]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"], name="identity")],
+        "simple_identity",
+        [_tensor("INPUT0", TensorProto.STRING, shape)],
+        [_tensor("OUTPUT0", TensorProto.STRING, shape)],
+    )
+    config = (
+        'name: "simple_identity"\nbackend: "onnxruntime"\nmax_batch_size: 8\n'
+        + _io_block("input", "TYPE_STRING", "-1", 1)
+        + _io_block("output", "TYPE_STRING", "-1", 1)
+    )
+    return ExampleModel(config, _model(graph), {})
+
+
+def _he(rng: np.random.Generator, shape: Sequence[int], fan_in: int) -> FloatArray:
+    """He-initialised weights: activations keep their scale through ReLU layers."""
+    return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+
+def _init(name: str, array: npt.NDArray[np.generic]) -> onnx.TensorProto:
+    return numpy_helper.from_array(array, name)
+
+
+def _batched_config(
+    name: str, input_dims: Sequence[int], max_batch: int, delay_us: int, label_filename: str = ""
+) -> str:
+    dims = ", ".join(str(d) for d in input_dims)
+    labels = f'    label_filename: "{label_filename}"\n' if label_filename else ""
+    return (
+        f'name: "{name}"\nbackend: "onnxruntime"\nmax_batch_size: {max_batch}\n'
+        f'input [\n  {{\n    name: "INPUT0"\n    data_type: TYPE_FP32\n    dims: [ {dims} ]\n'
+        "  }\n]\n"
+        'output [\n  {\n    name: "OUTPUT0"\n    data_type: TYPE_FP32\n    dims: [ 10 ]\n'
+        f"{labels}  }}\n]\n"
+        "instance_group [\n  {\n    kind: KIND_CPU\n    count: 1\n  }\n]\n"
+        f"dynamic_batching {{\n  max_queue_delay_microseconds: {delay_us}\n}}\n"
+    )
+
+
+def build_mlp(seed: int = SEED) -> ExampleModel:
+    """FP32 [256] → 1024 → 1024 → 10: three dense layers, ReLU between."""
+    rng = np.random.default_rng(seed)
+    widths = [256, 1024, 1024, 10]
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    x = "INPUT0"
+    for i, (fan_in, fan_out) in enumerate(zip(widths, widths[1:], strict=False)):
+        last = i == len(widths) - 2
+        out = "OUTPUT0" if last else f"fc{i}"
+        inits += [
+            _init(f"fc{i}.weight", _he(rng, (fan_out, fan_in), fan_in)),
+            _init(f"fc{i}.bias", np.zeros(fan_out, dtype=np.float32)),
+        ]
+        nodes.append(
+            helper.make_node(
+                "Gemm", [x, f"fc{i}.weight", f"fc{i}.bias"], [out], transB=1, name=f"fc{i}"
+            )
+        )
+        if not last:
+            nodes.append(helper.make_node("Relu", [out], [f"relu{i}"], name=f"relu{i}"))
+            x = f"relu{i}"
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [_tensor("INPUT0", TensorProto.FLOAT, [BATCH, 256])],
+        [_tensor("OUTPUT0", TensorProto.FLOAT, [BATCH, 10])],
+        initializer=inits,
+    )
+    config = _batched_config("mlp", [256], 64, 100)
+    return ExampleModel(config, _model(graph), {})
+
+
+class _ConvNet:
+    """Accumulates the nodes and initialisers of a ResNet-style graph."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def conv_bn(self, x: str, name: str, c_in: int, c_out: int, k: int, stride: int) -> str:
+        """Conv (no bias) followed by BatchNormalization, as exported from training code."""
+        w = _he(self.rng, (c_out, c_in, k, k), c_in * k * k)
+        gamma = (1.0 + 0.1 * self.rng.standard_normal(c_out)).astype(np.float32)
+        beta = (0.1 * self.rng.standard_normal(c_out)).astype(np.float32)
+        mean = (0.1 * self.rng.standard_normal(c_out)).astype(np.float32)
+        var = (1.0 + 0.1 * self.rng.random(c_out)).astype(np.float32)
+        for suffix, value in (("w", w), ("g", gamma), ("b", beta), ("m", mean), ("v", var)):
+            self.inits.append(_init(f"{name}.{suffix}", value))
+        pad = k // 2
+        self.nodes.append(
+            helper.make_node(
+                "Conv",
+                [x, f"{name}.w"],
+                [f"{name}.conv"],
+                kernel_shape=[k, k],
+                strides=[stride, stride],
+                pads=[pad, pad, pad, pad],
+                name=f"{name}.conv",
+            )
+        )
+        bn_inputs = [f"{name}.conv", *(f"{name}.{s}" for s in "gbmv")]
+        self.nodes.append(
+            helper.make_node("BatchNormalization", bn_inputs, [f"{name}.bn"], name=f"{name}.bn")
+        )
+        return f"{name}.bn"
+
+    def relu(self, x: str) -> str:
+        self.nodes.append(helper.make_node("Relu", [x], [f"{x}.relu"], name=f"{x}.relu"))
+        return f"{x}.relu"
+
+    def basic_block(self, x: str, name: str, c_in: int, c_out: int, stride: int) -> str:
+        """Two 3×3 conv-bn layers plus the (projected when the shape changes) shortcut."""
+        y = self.relu(self.conv_bn(x, f"{name}.a", c_in, c_out, 3, stride))
+        y = self.conv_bn(y, f"{name}.b", c_out, c_out, 3, 1)
+        shortcut = x
+        if stride != 1 or c_in != c_out:
+            shortcut = self.conv_bn(x, f"{name}.proj", c_in, c_out, 1, stride)
+        self.nodes.append(helper.make_node("Add", [y, shortcut], [f"{name}.add"], name=name))
+        return self.relu(f"{name}.add")
+
+
+def build_cnn(seed: int = SEED + 1) -> ExampleModel:
+    """FP32 [3, 64, 64] image → 10 class scores: a small ResNet (stem, 4 stages × 2 blocks)."""
+    net = _ConvNet(np.random.default_rng(seed))
+    x = net.relu(net.conv_bn("INPUT0", "stem", 3, 32, 3, 2))
+    stages = [(32, 1), (64, 2), (128, 2), (256, 2)]
+    c_in = 32
+    for s, (c_out, stride) in enumerate(stages):
+        x = net.basic_block(x, f"layer{s + 1}.0", c_in, c_out, stride)
+        x = net.basic_block(x, f"layer{s + 1}.1", c_out, c_out, 1)
+        c_in = c_out
+    net.nodes += [
+        helper.make_node("GlobalAveragePool", [x], ["pool"], name="pool"),
+        helper.make_node("Flatten", ["pool"], ["flat"], axis=1, name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["OUTPUT0"], transB=1),
+    ]
+    net.inits += [
+        _init("fc.weight", _he(net.rng, (10, c_in), c_in)),
+        _init("fc.bias", np.zeros(10, dtype=np.float32)),
+    ]
+    graph = helper.make_graph(
+        net.nodes,
+        "cnn",
+        [_tensor("INPUT0", TensorProto.FLOAT, [BATCH, 3, 64, 64])],
+        [_tensor("OUTPUT0", TensorProto.FLOAT, [BATCH, 10])],
+        initializer=net.inits,
+    )
+    config = _batched_config("cnn", [3, 64, 64], 64, 2000, label_filename="labels.txt")
+    return ExampleModel(config, _model(graph), {"labels.txt": "\n".join(CNN_LABELS) + "\n"})
+
+
+BUILDERS: dict[str, Callable[[], ExampleModel]] = {
+    "simple": build_simple,
+    "simple_string": build_simple_string,
+    "simple_identity": build_simple_identity,
+    "mlp": build_mlp,
+    "cnn": build_cnn,
+}
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Write atomically, and only when the bytes differ (keeps rebuilds cheap and mtimes stable)."""
+    if path.is_file() and path.read_bytes() == data:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def write_model(root: Path, name: str, example: ExampleModel) -> None:
+    """Write one model directory: config.pbtxt, 1/model.onnx and extra files."""
+    model_dir = root / name
+    _write_if_changed(model_dir / "config.pbtxt", example.config.encode())
+    _write_if_changed(model_dir / "1" / "model.onnx", example.model.SerializeToString())
+    for filename, text in example.extra_files.items():
+        _write_if_changed(model_dir / filename, text.encode())
+
+
+def build_repository(root: Path, names: Iterable[str] | None = None) -> None:
+    """Build the named example models (all when ``names`` is None) under ``root``."""
+    wanted = list(BUILDERS) if names is None else list(names)
+    unknown = [n for n in wanted if n not in BUILDERS]
+    if unknown:
+        raise ValueError(f"unknown example model(s) {unknown}; choose from {sorted(BUILDERS)}")
+    root.mkdir(parents=True, exist_ok=True)
+    for name in wanted:
+        write_model(root, name, BUILDERS[name]())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.build_repository",
+        description="Build the example Triton model repository (ONNX models, random weights).",
+    )
+    parser.add_argument("root", type=Path, help="repository directory (created if missing)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        choices=sorted(BUILDERS),
+        help="build only this model (repeatable); default: all",
+    )
+    args = parser.parse_args(argv)
+    build_repository(args.root, args.models)
+    print(f"example repository ready at {args.root}: {', '.join(args.models or BUILDERS)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""The per-model scheduler: queue requests, form batches, run them on free instances.
+
+Data flow: ServedModel.infer ─▶ DynamicBatcher.submit (one Future per request) ─▶ BatchQueue
+(batch_queue.py: priorities, timeouts, signatures, preferred sizes) ─▶ the driver task hands each
+batch to ``run_batch(instance, items)`` on a free instance (at most ``instances`` at once) ─▶ each
+request's Future gets its result (in arrival order with preserve_ordering).
+
+Everything runs on one event loop: no locks, no task per request. The driver sleeps on an
+asyncio.Event, woken by a submit, a finished batch, or a timer armed through the injectable Clock
+for the next max_queue_delay or queue deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+from protos.gen.inference import model_config_pb2 as mc
+from services.core.batch_queue import BatchPolicy, BatchQueue, Pending, QueuePolicy
+from services.core.errors import InternalError, ModelLoadError, QueueTimeout, Unavailable
+
+__all__ = [
+    "MONOTONIC",
+    "BatchPolicy",
+    "Clock",
+    "DynamicBatcher",
+    "MonotonicClock",
+    "Pending",
+    "QueuePolicy",
+    "RunBatch",
+    "TimerHandle",
+    "batch_policy_from_config",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: ``run_batch(instance, items)``: one result per item, in order; an exception instance in place
+#: of a result fails only that item; raising fails the whole batch.
+RunBatch = Callable[[int, Sequence[Pending[T]]], Awaitable[Sequence[R | BaseException]]]
+
+
+class TimerHandle(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Clock(Protocol):
+    """Monotonic time in nanoseconds, and a timer on that time (tests pass a fake one)."""
+
+    def monotonic_ns(self) -> int: ...
+
+    def call_at(self, when_ns: int, callback: Callable[[], None]) -> TimerHandle:
+        """Call ``callback`` on the running loop once ``monotonic_ns() >= when_ns``."""
+        ...
+
+
+class MonotonicClock:
+    """time.monotonic_ns with timers on the running event loop."""
+
+    def monotonic_ns(self) -> int:
+        return time.monotonic_ns()
+
+    def call_at(self, when_ns: int, callback: Callable[[], None]) -> TimerHandle:
+        delay_s = max(0, when_ns - time.monotonic_ns()) / 1e9
+        return asyncio.get_running_loop().call_later(delay_s, callback)
+
+
+MONOTONIC: Clock = MonotonicClock()
+
+
+@dataclass(slots=True, eq=False)
+class _Ticket(Pending[T], Generic[T, R]):
+    """A Pending plus what only the driver needs: the caller's Future and the held outcome."""
+
+    future: asyncio.Future[R] = field(kw_only=True)
+    outcome: R | BaseException | None = field(default=None, kw_only=True)
+    done: bool = field(default=False, kw_only=True)
+
+
+def batch_policy_from_config(config: mc.ModelConfig) -> BatchPolicy:
+    """Scheduler settings of a Triton ModelConfig; ModelLoadError when they are inconsistent."""
+
+    def queue_policy(p: mc.ModelQueuePolicy) -> QueuePolicy:
+        return QueuePolicy(
+            max_queue_size=p.max_queue_size,
+            default_timeout_us=p.default_timeout_microseconds,
+            delay_on_timeout=p.timeout_action == mc.ModelQueuePolicy.DELAY,
+            allow_timeout_override=p.allow_timeout_override,
+        )
+
+    try:
+        if not config.HasField("dynamic_batching"):
+            return BatchPolicy(model=config.name, max_batch_size=config.max_batch_size, dynamic=False)
+        db = config.dynamic_batching
+        return BatchPolicy(
+            model=config.name,
+            max_batch_size=config.max_batch_size,
+            dynamic=True,
+            preferred_batch_sizes=tuple(sorted(set(db.preferred_batch_size))),
+            max_queue_delay_us=db.max_queue_delay_microseconds,
+            preserve_ordering=db.preserve_ordering,
+            priority_levels=db.priority_levels,
+            default_priority_level=db.default_priority_level,
+            default_queue_policy=queue_policy(db.default_queue_policy),
+            priority_queue_policy={
+                int(level): queue_policy(p) for level, p in db.priority_queue_policy.items()
+            },
+        )
+    except ValueError as exc:
+        raise ModelLoadError(f"model '{config.name}': dynamic_batching: {exc}") from exc
+
+
+class DynamicBatcher(Generic[T, R]):
+    """Triton's dynamic batcher (or direct scheduler) for one model version.
+
+    ``start()`` inside the running loop, ``submit`` from any coroutine on that loop, ``close()``
+    to drain. ``instances`` batches run at once, each given a free instance index in
+    ``range(instances)``.
+    """
+
+    def __init__(
+        self,
+        policy: BatchPolicy,
+        run_batch: RunBatch[T, R],
+        instances: int = 1,
+        clock: Clock = MONOTONIC,
+    ) -> None:
+        if instances < 1:
+            raise ValueError(f"instances must be >= 1, got {instances}")
+        self.policy = policy
+        self._run_batch = run_batch
+        self._clock = clock
+        self._queue: BatchQueue[_Ticket[T, R]] = BatchQueue(policy)
+        self._free: list[int] = list(range(instances - 1, -1, -1))
+        self._ordered: deque[_Ticket[T, R]] | None = deque() if policy.preserve_ordering else None
+        self._running: set[asyncio.Task[None]] = set()
+        self._wake: asyncio.Event | None = None
+        self._driver: asyncio.Task[None] | None = None
+        self._timer: TimerHandle | None = None
+        self._timer_at: int | None = None
+        self._closing = False
+
+    @property
+    def pending(self) -> int:
+        """Requests queued and not yet executing (nv_inference_pending_request_count)."""
+        return len(self._queue)
+
+    def start(self) -> None:
+        """Start the driver task; call inside the running loop, once."""
+        if self._driver is not None:
+            raise RuntimeError(f"batcher of model '{self.policy.model}' already started")
+        self._wake = asyncio.Event()
+        self._driver = asyncio.get_running_loop().create_task(
+            self._drive(), name=f"batcher:{self.policy.model}"
+        )
+
+    async def submit(
+        self,
+        payload: T,
+        *,
+        batch_size: int,
+        signature: Hashable,
+        priority: int = 0,
+        timeout_us: int = 0,
+    ) -> R:
+        """Queue one request and wait for its result.
+
+        ``batch_size`` is the request's dim-0 size (1 when the model has no batch dimension);
+        ``priority`` 0 means the model's default level; ``timeout_us`` 0 means the level's
+        default queue timeout. Raises Unavailable once closing, QueueFull when the level's queue
+        is full, QueueTimeout when the request's queue timeout expires (REJECT), or whatever the
+        batch execution raised.
+        """
+        driver, wake = self._driver, self._wake
+        if self._closing or driver is None or wake is None or driver.done():
+            raise Unavailable(f"model '{self.policy.model}' is not accepting requests")
+        queue = self._queue
+        now = self._clock.monotonic_ns()
+        level = queue.level_of(priority)
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        ticket: _Ticket[T, R] = _Ticket(
+            payload,
+            batch_size,
+            signature,
+            level,
+            now,
+            queue.deadline_of(level, now, timeout_us) if self.policy.dynamic else None,
+            future=future,
+        )
+        queue.push(ticket)
+        if self._ordered is not None:
+            self._ordered.append(ticket)
+        wake.set()
+        return await future
+
+    async def close(self) -> None:
+        """Stop accepting requests, finish everything queued or running, stop the driver."""
+        self._closing = True
+        if self._driver is None:
+            return
+        if self._wake is not None:
+            self._wake.set()
+        await asyncio.shield(self._driver)
+
+    # -- driver ------------------------------------------------------------------------------
+
+    async def _drive(self) -> None:
+        wake = self._wake
+        assert wake is not None
+        try:
+            while True:
+                wake.clear()
+                self._schedule()
+                if self._closing and not self._queue and not self._running:
+                    return
+                await wake.wait()
+        finally:
+            self._cancel_timer()
+            await self._abort()
+
+    def _schedule(self) -> None:
+        """Fail expired requests, dispatch every batch that is due, arm the timer."""
+        queue = self._queue
+        now = self._clock.monotonic_ns()
+        expired = queue.expire(now)
+        if expired:
+            error = QueueTimeout(
+                f"request timeout expired while queued for model '{self.policy.model}'"
+            )
+            for ticket in expired:
+                self._finish(ticket, error)
+        wake_at: int | None = None
+        while self._free:
+            items, wake_at = queue.next_batch(now, flush=self._closing)
+            if items is None:
+                break
+            self._dispatch(items, now)
+        else:
+            wake_at = queue.next_deadline()
+        self._arm_timer(wake_at)
+
+    def _dispatch(self, items: list[_Ticket[T, R]], now: int) -> None:
+        instance = self._free.pop()
+        for ticket in items:
+            ticket.start_ns = now
+        task = asyncio.get_running_loop().create_task(self._execute(instance, items))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _execute(self, instance: int, items: list[_Ticket[T, R]]) -> None:
+        try:
+            results = await self._run_batch(instance, items)
+        except asyncio.CancelledError:
+            error = Unavailable(f"model '{self.policy.model}' is shutting down")
+            for ticket in items:
+                self._finish(ticket, error)
+            raise
+        except Exception as exc:
+            for ticket in items:
+                self._finish(ticket, exc)
+        else:
+            if len(results) == len(items):
+                for ticket, result in zip(items, results, strict=True):
+                    self._finish(ticket, result)
+            else:
+                log.error(
+                    "model %r: run_batch returned %d results for a batch of %d requests",
+                    self.policy.model,
+                    len(results),
+                    len(items),
+                )
+                error = InternalError(f"model '{self.policy.model}' failed to execute the batch")
+                for ticket in items:
+                    self._finish(ticket, error)
+        finally:
+            self._free.append(instance)
+            if self._wake is not None:
+                self._wake.set()
+
+    def _finish(self, ticket: _Ticket[T, R], outcome: R | BaseException) -> None:
+        """Resolve the ticket's future, or hold the outcome until earlier requests resolved."""
+        ordered = self._ordered
+        if ordered is None:
+            _resolve(ticket.future, outcome)
+            return
+        ticket.outcome = outcome
+        ticket.done = True
+        while ordered and (ordered[0].done or ordered[0].future.done()):
+            head = ordered.popleft()
+            if head.done:
+                _resolve(head.future, head.outcome)  # type: ignore[arg-type]
+                head.outcome = None
+
+    def _arm_timer(self, wake_at: int | None) -> None:
+        if wake_at == self._timer_at:
+            return
+        self._cancel_timer()
+        if wake_at is not None and self._wake is not None:
+            self._timer = self._clock.call_at(wake_at, self._wake.set)
+            self._timer_at = wake_at
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self._timer_at = None
+
+    async def _abort(self) -> None:
+        """Driver stopped (cancelled or crashed): fail what waits, cancel and await what runs."""
+        self._closing = True
+        error = Unavailable(f"model '{self.policy.model}' is shutting down")
+        for ticket in self._queue.drain():
+            self._finish(ticket, error)
+        running = list(self._running)
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+
+
+def _resolve(future: asyncio.Future[R], outcome: R | BaseException) -> None:
+    if future.done():  # the caller gave up (cancelled)
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)

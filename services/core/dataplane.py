@@ -1,0 +1,175 @@
+"""The transport-agnostic data plane: what every RPC means, whichever transport carried it.
+
+The gRPC servicer and the HTTP app are thin adapters over this class: they decode their wire
+format, call one method here, and encode the result. Server-level answers (metadata, index,
+statistics) are returned as the protocol's messages so both transports render the same facts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from protos.gen.inference import grpc_service_pb2 as pb
+from protos.gen.inference import model_config_pb2 as mc
+from services.core import dtypes
+from services.core.classification import classify, load_labels
+from services.core.errors import InvalidArgument, ServingError, Unavailable
+from services.core.manager import ModelManager
+from services.core.model import ServedModel
+from services.core.requests import Array, InferRequest, InferResponse, OutputTensor, RequestedOutput
+from services.core.shm import CudaSharedMemory, SystemSharedMemory
+
+log = logging.getLogger(__name__)
+
+SERVER_VERSION = "0.1.0"
+#: the protocol extensions this server really implements (perf_analyzer looks for "statistics")
+EXTENSIONS = (
+    "classification",
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "schedule_policy",
+    "model_configuration",
+    "system_shared_memory",
+    "binary_tensor_data",
+    "parameters",
+    "statistics",
+    "logging",
+)
+
+
+@dataclass(slots=True)
+class ServerState:
+    """Liveness and readiness of the process (readiness drops for good once shutdown starts)."""
+
+    live: bool = True
+    ready: bool = False
+    log_settings: dict[str, str | int | bool] = field(default_factory=dict)
+
+
+class DataPlane:
+    def __init__(self, manager: ModelManager, server_name: str = "meshserve") -> None:
+        self.manager = manager
+        self.server_name = server_name
+        self.state = ServerState()
+        self.shm = SystemSharedMemory()
+        self.cuda_shm = CudaSharedMemory()
+        self._labels: dict[tuple[int, str], list[str] | None] = {}
+
+    # ---- health & metadata ---------------------------------------------------------------------
+    def server_live(self) -> bool:
+        return self.state.live
+
+    def server_ready(self) -> bool:
+        return self.state.ready
+
+    def server_metadata(self) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=self.server_name, version=SERVER_VERSION, extensions=EXTENSIONS)
+
+    def model_ready(self, name: str, version: str) -> bool:
+        try:
+            self.manager.get(name, version)
+        except ServingError:
+            return False
+        return self.state.ready or self.state.live
+
+    def model_metadata(self, name: str, version: str) -> pb.ModelMetadataResponse:
+        model = self.manager.get(name, version)
+        config = model.config
+        batch = [-1] if config.max_batch_size > 0 else []
+        versions = [m.version_str for m in self.manager.ready_models() if m.name == name]
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=sorted(versions, key=int),
+            platform=config.platform or config.backend,
+            inputs=[
+                pb.ModelMetadataResponse.TensorMetadata(
+                    name=i.name, datatype=dtypes.triton_from_config(i.data_type), shape=[*batch, *i.dims]
+                )
+                for i in config.input
+            ],
+            outputs=[
+                pb.ModelMetadataResponse.TensorMetadata(
+                    name=o.name, datatype=dtypes.triton_from_config(o.data_type), shape=[*batch, *o.dims]
+                )
+                for o in config.output
+            ],
+        )
+
+    def model_config(self, name: str, version: str) -> mc.ModelConfig:
+        return self.manager.get(name, version).config
+
+    def model_statistics(self, name: str, version: str) -> pb.ModelStatisticsResponse:
+        if name and version:
+            models = [self.manager.get(name, version)]
+        else:
+            models = [m for m in self.manager.ready_models() if not name or m.name == name]
+            if name and not models:
+                self.manager.get(name, "")  # raises NotFound / Unavailable with the reason
+        models.sort(key=lambda m: (m.name, m.version))
+        return pb.ModelStatisticsResponse(model_stats=[m.stats.to_proto(m.name, m.version_str) for m in models])
+
+    def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=e.version, state=e.state, reason=e.reason)
+                for e in self.manager.index(ready_only)
+            ]
+        )
+
+    # ---- inference ------------------------------------------------------------------------------
+    async def infer(self, request: InferRequest) -> InferResponse:
+        if not self.state.live:
+            raise Unavailable("server is shutting down")
+        model = self.manager.get(request.model_name, request.model_version)
+        result = await model.infer(request)
+        outputs = self._outputs(model, request.outputs, result.outputs)
+        return InferResponse(model.name, model.version_str, request.id, outputs)
+
+    def _outputs(
+        self, model: ServedModel, requested: list[RequestedOutput], values: dict[str, Array]
+    ) -> list[OutputTensor]:
+        if not requested:
+            return [OutputTensor(n, model.output_datatype(n), values[n]) for n in model.output_names]
+        out: list[OutputTensor] = []
+        for spec in requested:
+            data = values[spec.name]
+            datatype = model.output_datatype(spec.name)
+            if spec.classification > 0:
+                labels = self._labels_for(model, spec.name)
+                data = classify(data, spec.classification, labels, model.config.max_batch_size > 0)
+                datatype = "BYTES"
+            tensor = OutputTensor(spec.name, datatype, data, binary_data=spec.binary_data)
+            if spec.shared_memory is not None:
+                ref = spec.shared_memory
+                payload = dtypes.serialize_bytes(data) if data.dtype == np.object_ else np.ascontiguousarray(data)
+                self.shm.write(ref.region, ref.offset, payload, ref.byte_size, spec.name)
+                tensor.shared_memory = ref
+            out.append(tensor)
+        return out
+
+    def _labels_for(self, model: ServedModel, output: str) -> list[str] | None:
+        key = (id(model), output)
+        if key not in self._labels:
+            spec = next((o for o in model.config.output if o.name == output), None)
+            labels = None
+            if spec is not None and spec.label_filename:
+                labels = load_labels(model.version_path.parent / spec.label_filename)
+            self._labels[key] = labels
+        return self._labels[key]
+
+    # ---- model control ----------------------------------------------------------------------------
+    async def load_model(self, name: str, config_json: str | None, files: dict[str, bytes]) -> None:
+        from services.core.config import parse_config_json  # noqa: PLC0415 - control path only
+
+        override = parse_config_json(config_json, f"load request for '{name}'") if config_json else None
+        if files and override is None:
+            raise InvalidArgument(
+                f"load request for '{name}' carries files but no 'config' parameter; both are needed"
+            )
+        await self.manager.load(name, override, files or None)
+
+    async def unload_model(self, name: str) -> None:
+        await self.manager.unload(name)

@@ -1,0 +1,225 @@
+"""gRPC transport: inference.GRPCInferenceService over the data plane.
+
+Each RPC decodes its message, calls the data plane, encodes the answer. Errors are translated in
+one place (``_translate``): a ServingError becomes its gRPC status and message; anything else is
+logged with its traceback and reaches the client as a generic INTERNAL error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import wraps
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from protos.gen.inference import grpc_service_pb2 as pb
+from protos.gen.inference import grpc_service_pb2_grpc as pbg
+from services.core.codec import decode_infer_request, encode_infer_response
+from services.core.dataplane import DataPlane
+from services.core.errors import InvalidArgument, ServingError
+from services.core.log_settings import apply_log_settings
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> NoReturn:
+    if isinstance(exc, ServingError):
+        await context.abort(exc.grpc_status, exc.message)
+    log.error("%s failed", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
+
+
+def _translate(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    @wraps(fn)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        try:
+            return await fn(self, request, context)
+        except (ServingError, Exception) as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await _abort(context, exc, fn.__name__)
+
+    return wrapper
+
+
+class InferenceServicer(pbg.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    def __init__(self, plane: DataPlane) -> None:
+        self._plane = plane
+
+    # ---- health & metadata ------------------------------------------------------------------
+    @_translate
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:  # noqa: N802
+        return pb.ServerLiveResponse(live=self._plane.server_live())
+
+    @_translate
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:  # noqa: N802
+        return pb.ServerReadyResponse(ready=self._plane.server_ready())
+
+    @_translate
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:  # noqa: N802
+        return pb.ModelReadyResponse(ready=self._plane.model_ready(request.name, request.version))
+
+    @_translate
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:  # noqa: N802
+        return self._plane.server_metadata()
+
+    @_translate
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:  # noqa: N802
+        return self._plane.model_metadata(request.name, request.version)
+
+    @_translate
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:  # noqa: N802
+        return pb.ModelConfigResponse(config=self._plane.model_config(request.name, request.version))
+
+    @_translate
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:  # noqa: N802
+        return self._plane.model_statistics(request.name, request.version)
+
+    # ---- inference -----------------------------------------------------------------------------
+    @_translate
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:  # noqa: N802
+        arrival = time.monotonic_ns()
+        req = decode_infer_request(request, self._plane.shm)
+        req.arrival_ns = arrival
+        return encode_infer_response(await self._plane.infer(req))
+
+    async def ModelStreamInfer(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests of one stream run concurrently (so they can share batches); each response is
+        written when ready, with the request's id; an error answers that request only."""
+        results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(msg: pb.ModelInferRequest) -> None:
+            arrival = time.monotonic_ns()
+            try:
+                req = decode_infer_request(msg, self._plane.shm)
+                req.arrival_ns = arrival
+                resp = encode_infer_response(await self._plane.infer(req))
+                await results.put(pb.ModelStreamInferResponse(infer_response=resp))
+            except Exception as exc:
+                if isinstance(exc, ServingError):
+                    text = exc.message
+                else:
+                    log.error("ModelStreamInfer request failed", exc_info=exc)
+                    text = "internal error; see the server log"
+                err = pb.ModelInferResponse(model_name=msg.model_name, model_version=msg.model_version, id=msg.id)
+                await results.put(pb.ModelStreamInferResponse(error_message=text, infer_response=err))
+
+        async def reader() -> None:
+            try:
+                async for msg in request_iterator:
+                    task = asyncio.create_task(one(msg))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+            finally:
+                await results.put(None)
+
+        read_task = asyncio.create_task(reader())
+        try:
+            while (item := await results.get()) is not None:
+                yield item
+        finally:
+            read_task.cancel()
+            for t in list(tasks):
+                t.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await read_task
+
+    # ---- repository -----------------------------------------------------------------------------
+    @_translate
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:  # noqa: N802
+        return self._plane.repository_index(request.ready)
+
+    @_translate
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelLoadResponse:  # noqa: N802
+        config_json: str | None = None
+        files: dict[str, bytes] = {}
+        for key, param in request.parameters.items():
+            if key == "config":
+                config_json = param.string_param
+            elif key.startswith("file:"):
+                files[key.removeprefix("file:")] = param.bytes_param
+            else:
+                raise InvalidArgument(f"unknown load parameter '{key}'; expected 'config' or 'file:<path>'")
+        await self._plane.load_model(request.model_name, config_json, files)
+        return pb.RepositoryModelLoadResponse()
+
+    @_translate
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:  # noqa: N802
+        await self._plane.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    # ---- shared memory ------------------------------------------------------------------------
+    @_translate
+    async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryStatusResponse:  # noqa: N802
+        resp = pb.SystemSharedMemoryStatusResponse()
+        for r in self._plane.shm.status(request.name or None):
+            resp.regions[r.name].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size)
+            )
+        return resp
+
+    @_translate
+    async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryRegisterResponse:  # noqa: N802
+        self._plane.shm.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @_translate
+    async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryUnregisterResponse:  # noqa: N802
+        self._plane.shm.unregister(request.name or None)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @_translate
+    async def CudaSharedMemoryStatus(self, request: pb.CudaSharedMemoryStatusRequest, context: grpc.aio.ServicerContext) -> pb.CudaSharedMemoryStatusResponse:  # noqa: N802
+        self._plane.cuda_shm.status(request.name or None)
+        return pb.CudaSharedMemoryStatusResponse()
+
+    @_translate
+    async def CudaSharedMemoryRegister(self, request: pb.CudaSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext) -> pb.CudaSharedMemoryRegisterResponse:  # noqa: N802
+        self._plane.cuda_shm.register(request.name, request.raw_handle, request.device_id, request.byte_size)
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    @_translate
+    async def CudaSharedMemoryUnregister(self, request: pb.CudaSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext) -> pb.CudaSharedMemoryUnregisterResponse:  # noqa: N802
+        self._plane.cuda_shm.unregister(request.name or None)
+        return pb.CudaSharedMemoryUnregisterResponse()
+
+    # ---- trace & log settings --------------------------------------------------------------------
+    @_translate
+    async def TraceSetting(self, request: pb.TraceSettingRequest, context: grpc.aio.ServicerContext) -> pb.TraceSettingResponse:  # noqa: N802
+        if request.settings:
+            raise InvalidArgument("tracing is configured with the standard OTEL_* environment variables, not TraceSetting")
+        resp = pb.TraceSettingResponse()
+        resp.settings["trace_level"].value.append("OFF")
+        return resp
+
+    @_translate
+    async def LogSettings(self, request: pb.LogSettingsRequest, context: grpc.aio.ServicerContext) -> pb.LogSettingsResponse:  # noqa: N802
+        updates: dict[str, str | int | bool] = {}
+        for key, value in request.settings.items():
+            kind = value.WhichOneof("parameter_choice")
+            if kind is not None:
+                updates[key] = getattr(value, kind)
+        current = apply_log_settings(self._plane.state.log_settings, updates)
+        resp = pb.LogSettingsResponse()
+        for key, v in current.items():
+            if isinstance(v, bool):
+                resp.settings[key].bool_param = v
+            elif isinstance(v, int):
+                resp.settings[key].uint32_param = v
+            else:
+                resp.settings[key].string_param = v
+        return resp

@@ -1,0 +1,220 @@
+"""One READY model version: its runtime instances, its scheduler and its statistics.
+
+Data flow: data plane ─▶ ServedModel.infer (validate, submit) ─▶ DynamicBatcher ─▶ run_batch on a
+free instance (concatenate inputs, Runtime.infer in a worker thread, split outputs) ─▶ back to each
+caller with its timings, recorded in ModelStats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from protos.gen.inference import model_config_pb2 as mc
+from services.core import dtypes
+from services.core.batcher import DynamicBatcher, Pending, batch_policy_from_config
+from services.core.errors import InternalError, ServingError
+from services.core.requests import Array, InferRequest
+from services.core.runtime import InstanceSpec, Runtime
+from services.core.statistics import ModelStats
+from services.core.validation import RequestValidator
+from services.core.warmup import run_warmup
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ItemResult:
+    """What one request gets back from a batch: its slice of every output, and its timings."""
+
+    outputs: dict[str, Array]
+    queue_ns: int
+    compute_input_ns: int
+    compute_infer_ns: int
+    compute_output_ns: int
+
+
+def instance_specs(config: mc.ModelConfig) -> list[InstanceSpec]:
+    """Expand instance_group entries into one spec per instance (Triton's instance naming)."""
+    specs: list[InstanceSpec] = []
+    for g_index, group in enumerate(config.instance_group):
+        name = group.name or f"{config.name}_{g_index}"
+        devices = list(group.gpus) if group.kind == mc.ModelInstanceGroup.KIND_GPU else [-1]
+        for device in devices or [0]:
+            for i in range(max(group.count, 1)):
+                specs.append(InstanceSpec(name=f"{name}_{i}", kind=group.kind, device_id=device, index=len(specs)))
+    return specs or [InstanceSpec(name=f"{config.name}_0", kind=mc.ModelInstanceGroup.KIND_CPU)]
+
+
+class ServedModel:
+    """A loaded model version. Create with ``await ServedModel.load(...)``; stop with ``close``."""
+
+    def __init__(
+        self,
+        config: mc.ModelConfig,
+        version: int,
+        version_path: Path,
+        instances: Sequence[Runtime],
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.version = version
+        self.version_str = str(version)
+        self.version_path = version_path
+        self.stats = ModelStats()
+        self.validator = RequestValidator(config)
+        self._instances = list(instances)
+        self._executor = executor
+        self._batched = config.max_batch_size > 0
+        self._output_names = [o.name for o in config.output]
+        self._output_datatypes = {o.name: dtypes.triton_from_config(o.data_type) for o in config.output}
+        self._input_names = [i.name for i in config.input]
+        self.batcher: DynamicBatcher[InferRequest, ItemResult] = DynamicBatcher(
+            batch_policy_from_config(config), self._run_batch, instances=len(self._instances)
+        )
+
+    @classmethod
+    async def load(
+        cls, config: mc.ModelConfig, version: int, version_path: Path, runtime_cls: type[Runtime]
+    ) -> ServedModel:
+        """Create every instance (in worker threads), run warmup, start the scheduler."""
+        model_file = version_path / (config.default_model_filename or runtime_cls.default_model_filename)
+        specs = instance_specs(config)
+        executor = ThreadPoolExecutor(max_workers=len(specs), thread_name_prefix=f"{config.name}-v{version}")
+        loop = asyncio.get_running_loop()
+        try:
+            instances = await asyncio.gather(
+                *(loop.run_in_executor(executor, runtime_cls, config, model_file, s) for s in specs)
+            )
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        model = cls(config, version, version_path, instances, executor)
+        try:
+            if config.model_warmup:
+                await loop.run_in_executor(executor, run_warmup, config, version_path, model._instances)
+        except BaseException:
+            await model.close()
+            raise
+        model.batcher.start()
+        return model
+
+    @property
+    def output_names(self) -> list[str]:
+        return self._output_names
+
+    def output_datatype(self, name: str) -> str:
+        return self._output_datatypes[name]
+
+    async def infer(self, request: InferRequest) -> ItemResult:
+        """Validate, queue, execute; record statistics either way."""
+        try:
+            batch_size, signature = self.validator(request)
+            result = await self.batcher.submit(
+                request,
+                batch_size=batch_size,
+                signature=signature,
+                priority=request.priority,
+                timeout_us=request.timeout_us,
+            )
+        except ServingError as err:
+            self.stats.record_request_failure(request_ns=self._elapsed(request), reason=err.reason)
+            raise
+        except Exception:
+            self.stats.record_request_failure(request_ns=self._elapsed(request), reason="BACKEND")
+            raise
+        self.stats.record_request_success(
+            request_ns=self._elapsed(request),
+            queue_ns=result.queue_ns,
+            compute_input_ns=result.compute_input_ns,
+            compute_infer_ns=result.compute_infer_ns,
+            compute_output_ns=result.compute_output_ns,
+        )
+        return result
+
+    @staticmethod
+    def _elapsed(request: InferRequest) -> int:
+        return time.monotonic_ns() - request.arrival_ns if request.arrival_ns else 0
+
+    async def _run_batch(self, instance: int, items: Sequence[Pending[InferRequest]]) -> list[ItemResult]:
+        start_ns = time.monotonic_ns()
+        runtime = self._instances[instance]
+        loop = asyncio.get_running_loop()
+        payloads = [it.payload for it in items]
+        sizes = [it.batch_size for it in items]
+        t_in, t_infer, t_out, outputs = await loop.run_in_executor(
+            self._executor, self._execute, runtime, payloads, sizes
+        )
+        total = sum(sizes) if self._batched else 1
+        self.stats.record_execution(
+            batch_size=total,
+            inference_count=total,
+            compute_input_ns=t_in,
+            compute_infer_ns=t_infer,
+            compute_output_ns=t_out,
+        )
+        return [
+            ItemResult(out, start_ns - it.enqueue_ns, t_in, t_infer, t_out)
+            for it, out in zip(items, outputs, strict=True)
+        ]
+
+    def _execute(
+        self, runtime: Runtime, payloads: list[InferRequest], sizes: list[int]
+    ) -> tuple[int, int, int, list[dict[str, Array]]]:
+        """Runs in the instance's worker thread: gather inputs, run, scatter outputs."""
+        t0 = time.monotonic_ns()
+        if len(payloads) == 1:
+            inputs = payloads[0].inputs
+        else:
+            inputs = {n: np.concatenate([p.inputs[n] for p in payloads]) for n in payloads[0].inputs}
+        t1 = time.monotonic_ns()
+        try:
+            results = runtime.infer(inputs, self._output_names)
+        except ServingError:
+            raise
+        except Exception as exc:
+            log.exception("model %r version %d: runtime failed on a batch of %d", self.name, self.version, sum(sizes))
+            raise InternalError(f"model '{self.name}' failed to execute the batch: {type(exc).__name__}") from exc
+        t2 = time.monotonic_ns()
+        split = self._split(results, sizes)
+        t3 = time.monotonic_ns()
+        return t1 - t0, t2 - t1, t3 - t2, split
+
+    def _split(self, results: dict[str, Array], sizes: list[int]) -> list[dict[str, Array]]:
+        missing = [n for n in self._output_names if n not in results]
+        if missing:
+            raise InternalError(f"model '{self.name}' returned no value for outputs {missing}")
+        if len(sizes) == 1:
+            return [results]
+        total = sum(sizes)
+        for n, arr in results.items():
+            if arr.ndim == 0 or arr.shape[0] != total:
+                raise InternalError(
+                    f"model '{self.name}' output '{n}' has shape {list(arr.shape)}; "
+                    f"expected the batch dimension {total} first"
+                )
+        parts: list[dict[str, Array]] = []
+        offset = 0
+        for size in sizes:
+            parts.append({n: arr[offset : offset + size] for n, arr in results.items()})
+            offset += size
+        return parts
+
+    async def close(self) -> None:
+        """Finish everything queued or running, then release the instances."""
+        await self.batcher.close()
+        loop = asyncio.get_running_loop()
+        for runtime in self._instances:
+            try:
+                await loop.run_in_executor(self._executor, runtime.unload)
+            except Exception:
+                log.exception("model %r version %d: unload failed", self.name, self.version)
+        self._executor.shutdown(wait=False)

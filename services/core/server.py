@@ -1,0 +1,146 @@
+"""Process assembly: model manager + data plane + gRPC, HTTP and metrics listeners + health.
+
+``start_server`` binds everything (port 0 allowed) and returns a handle; ``serve`` runs until
+SIGINT/SIGTERM and shuts down gracefully: health turns NOT_SERVING for good, listeners stop
+taking new requests, in-flight requests finish (batchers drain), then models are unloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from protos.gen.health import health_pb2_grpc as hgrpc
+from protos.gen.inference import grpc_service_pb2_grpc as pbg
+from services.core.dataplane import DataPlane
+from services.core.grpc_servicer import InferenceServicer
+from services.core.health import HealthServicer
+from services.core.http_app import build_http_app
+from services.core.manager import ModelManager
+from services.core.metrics import MetricsCollector, ModelMetricsSource, start_metrics_server
+from services.core.runtime import Runtime
+from services.core.settings import ServerSettings, settings_from_args
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class RunningServer:
+    settings: ServerSettings
+    plane: DataPlane
+    manager: ModelManager
+    health: HealthServicer
+    grpc_server: grpc.aio.Server
+    grpc_port: int
+    http_runner: web.AppRunner | None
+    http_port: int
+    metrics_runner: web.AppRunner | None
+    metrics_port: int
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: not ready, no new requests, in-flight ones finish, models unloaded."""
+        grace = self.settings.exit_timeout_secs if grace is None else grace
+        log.info("shutting down: draining in-flight requests (up to %.0f s)", grace)
+        self.plane.state.ready = False
+        await self.health.enter_shutdown()
+        stops: list[asyncio.Future[object] | asyncio.Task[object]] = []
+        stops.append(asyncio.ensure_future(self.grpc_server.stop(grace)))
+        if self.http_runner is not None:
+            stops.append(asyncio.ensure_future(self.http_runner.cleanup()))
+        await asyncio.gather(*stops, return_exceptions=True)
+        self.plane.state.live = False
+        await self.manager.close()
+        self.plane.shm.close()
+        if self.metrics_runner is not None:
+            await self.metrics_runner.cleanup()
+        log.info("stopped")
+
+
+def _metrics_sources(manager: ModelManager) -> list[ModelMetricsSource]:
+    return [ModelMetricsSource(m.name, m.version_str, m.stats, m.batcher.pending) for m in manager.ready_models()]
+
+
+async def start_server(settings: ServerSettings, runtimes: Sequence[type[Runtime]]) -> RunningServer:
+    manager = ModelManager(settings, runtimes)
+    plane = DataPlane(manager, settings.server_name)
+    health = HealthServicer()
+    options = [
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    pbg.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)
+    hgrpc.add_HealthServicer_to_server(health, server)
+    grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    if grpc_port == 0:
+        raise OSError(f"cannot bind gRPC port {settings.host}:{settings.grpc_port}")
+    await server.start()
+
+    http_runner: web.AppRunner | None = None
+    http_port = -1
+    if settings.http_port >= 0:
+        http_runner = web.AppRunner(build_http_app(plane), access_log=None, handle_signals=False)
+        await http_runner.setup()
+        site = web.TCPSite(http_runner, settings.host, settings.http_port, reuse_address=True)
+        await site.start()
+        http_port = http_runner.addresses[0][1]
+
+    metrics_runner: web.AppRunner | None = None
+    metrics_port = -1
+    if settings.metrics_port >= 0:
+        registry = CollectorRegistry()
+        registry.register(MetricsCollector(lambda: _metrics_sources(manager)))
+        metrics_runner, metrics_port = await start_metrics_server(registry, settings.host, settings.metrics_port)
+
+    running = RunningServer(
+        settings, plane, manager, health, server, grpc_port, http_runner, http_port, metrics_runner, metrics_port
+    )
+    log.info("listening: gRPC %s:%d, HTTP :%d, metrics :%d", settings.host, grpc_port, http_port, metrics_port)
+    try:
+        await manager.start()
+    except BaseException:
+        await running.stop(grace=0)
+        raise
+    plane.state.ready = True
+    await health.set_serving(True)
+    log.info("ready: %d model version(s) serving", len(manager.ready_models()))
+    return running
+
+
+async def serve(settings: ServerSettings, runtimes: Sequence[type[Runtime]]) -> None:
+    """Run until SIGINT or SIGTERM, then stop gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    running = await start_server(settings, runtimes)
+    await stop.wait()
+    await running.stop()
+
+
+def run_service(runtimes: Sequence[type[Runtime]], argv: Sequence[str] | None, prog: str) -> int:
+    """Entry point shared by every framework service's ``__main__``."""
+    settings = settings_from_args(argv, prog)
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not settings.model_repository.is_dir():
+        log.error("model repository %s is not a folder", settings.model_repository)
+        return 2
+    try:
+        asyncio.run(serve(settings, runtimes))
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    return 0

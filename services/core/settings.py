@@ -1,0 +1,72 @@
+"""Typed settings of one framework service, built once in its __main__ from the command line."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+ControlMode = Literal["none", "poll", "explicit"]
+
+#: tritonclient allows messages up to INT32_MAX; grpcio's server default is 4 MiB.
+MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """Everything a service needs to start; defaults match Triton's."""
+
+    #: root of a Triton-layout model repository
+    model_repository: Path
+    #: address the gRPC, HTTP and metrics listeners bind (loopback unless told otherwise)
+    host: str = "127.0.0.1"
+    #: gRPC port (0 = pick a free one)
+    grpc_port: int = 8001
+    #: HTTP/REST port (0 = pick a free one, -1 = no HTTP endpoint)
+    http_port: int = 8000
+    #: Prometheus metrics port (0 = pick a free one, -1 = no metrics endpoint)
+    metrics_port: int = 8002
+    #: Triton's model control mode: none (load all at start), poll (follow the repository), explicit
+    model_control_mode: ControlMode = "none"
+    #: models loaded at start in explicit mode ("*" = all)
+    startup_models: tuple[str, ...] = ()
+    #: seconds between repository scans in poll mode
+    repository_poll_secs: float = 15.0
+    #: largest gRPC message accepted or sent, in bytes
+    max_message_bytes: int = MAX_GRPC_MESSAGE_BYTES
+    #: seconds in-flight requests get to finish on shutdown
+    exit_timeout_secs: float = 30.0
+    #: ServerMetadata name
+    server_name: str = "meshserve"
+    #: log level name for the service's loggers
+    log_level: str = "INFO"
+
+
+def settings_from_args(argv: Sequence[str] | None, prog: str) -> ServerSettings:
+    """Parse a service's command line into settings (flag names follow tritonserver's)."""
+    p = argparse.ArgumentParser(prog=prog, description="Serve a Triton-layout model repository.")
+    p.add_argument("--model-repository", required=True, type=Path)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--model-control-mode", choices=("none", "poll", "explicit"), default="none")
+    p.add_argument("--load-model", action="append", default=[], dest="startup_models")
+    p.add_argument("--repository-poll-secs", type=float, default=15.0)
+    p.add_argument("--exit-timeout-secs", type=float, default=30.0)
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    return ServerSettings(
+        model_repository=a.model_repository,
+        host=a.host,
+        grpc_port=a.grpc_port,
+        http_port=a.http_port,
+        metrics_port=a.metrics_port,
+        model_control_mode=a.model_control_mode,
+        startup_models=tuple(a.startup_models),
+        repository_poll_secs=a.repository_poll_secs,
+        exit_timeout_secs=a.exit_timeout_secs,
+        log_level=a.log_level.upper(),
+    )
