@@ -36,9 +36,7 @@ def reference(rows: Sequence[Measurement], model: str) -> Measurement | None:
 
 def find(rows: Sequence[Measurement], scenario: str, model: str, load: int) -> Measurement | None:
     """The row for one scenario, model and load, if measured."""
-    return next(
-        (r for r in rows if (r.scenario, r.model, r.load) == (scenario, model, load)), None
-    )
+    return next((r for r in rows if (r.scenario, r.model, r.load) == (scenario, model, load)), None)
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     concurrency, batches = _ints(args.concurrency), _ints(args.batches)
     options = PerfOptions(
-        binary=args.perf_analyzer, measurement_interval_ms=int(args.duration * 1000)
+        binary=args.perf_analyzer,
+        measurement_interval_ms=int(args.duration * 1000),
+        timeout_s=max(120.0, 10 * args.duration * PerfOptions.max_trials),
     )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows: list[Measurement] = []
@@ -146,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(format_table(rows))
     print()
-    print(format_goals(goals))
+    print(format_goals(goals) if goals else "goals: no served rows, nothing checked")
     settings = {
         "models": models,
         "concurrency": concurrency,

@@ -14,6 +14,7 @@ a changed one is replaced atomically, and other files in the directory are left 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -80,7 +81,8 @@ def _add_sub_nodes(a: str, b: str, out_sum: str, out_diff: str) -> list[onnx.Nod
 
 def _io_block(kind: str, type_name: str, dims: str, count: int) -> str:
     entries = ",\n".join(
-        f'  {{\n    name: "{kind.upper()}{i}"\n    data_type: {type_name}\n    dims: [ {dims} ]\n  }}'
+        f'  {{\n    name: "{kind.upper()}{i}"\n    data_type: {type_name}\n'
+        f"    dims: [ {dims} ]\n  }}"
         for i in range(count)
     )
     return f"{kind} [\n{entries}\n]\n"
@@ -97,7 +99,7 @@ def _simple_config(name: str, type_name: str) -> str:
 
 def build_simple() -> ExampleModel:
     """INT32 [16] pair → their sum and difference (Triton's ``simple``)."""
-    shape = [BATCH, 16]
+    shape: list[int | str] = [BATCH, 16]
     graph = helper.make_graph(
         _add_sub_nodes("INPUT0", "INPUT1", "OUTPUT0", "OUTPUT1"),
         "simple",
@@ -112,7 +114,7 @@ def build_simple() -> ExampleModel:
 
 def build_simple_string() -> ExampleModel:
     """Decimal numbers as strings → sum and difference as strings (Triton's ``simple_string``)."""
-    shape = [BATCH, 16]
+    shape: list[int | str] = [BATCH, 16]
     to_int = TensorProto.INT32
     to_str = TensorProto.STRING
     nodes = [
@@ -133,7 +135,7 @@ def build_simple_string() -> ExampleModel:
 
 def build_simple_identity() -> ExampleModel:
     """BYTES tensor of any length returned unchanged (Triton's ``simple_identity``)."""
-    shape = [BATCH, "length"]
+    shape: list[int | str] = [BATCH, "length"]
     graph = helper.make_graph(
         [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"], name="identity")],
         "simple_identity",
@@ -150,7 +152,8 @@ def build_simple_identity() -> ExampleModel:
 
 def _he(rng: np.random.Generator, shape: Sequence[int], fan_in: int) -> FloatArray:
     """He-initialised weights: activations keep their scale through ReLU layers."""
-    return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+    weights: FloatArray = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+    return weights
 
 
 def _init(name: str, array: npt.NDArray[np.generic]) -> onnx.TensorProto:
@@ -180,7 +183,7 @@ def build_mlp(seed: int = SEED) -> ExampleModel:
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     x = "INPUT0"
-    for i, (fan_in, fan_out) in enumerate(zip(widths, widths[1:], strict=False)):
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
         last = i == len(widths) - 2
         out = "OUTPUT0" if last else f"fc{i}"
         inits += [
@@ -246,7 +249,7 @@ class _ConvNet:
         return f"{x}.relu"
 
     def basic_block(self, x: str, name: str, c_in: int, c_out: int, stride: int) -> str:
-        """Two 3×3 conv-bn layers plus the (projected when the shape changes) shortcut."""
+        """Two 3x3 conv-bn layers plus the (projected when the shape changes) shortcut."""
         y = self.relu(self.conv_bn(x, f"{name}.a", c_in, c_out, 3, stride))
         y = self.conv_bn(y, f"{name}.b", c_out, c_out, 3, 1)
         shortcut = x
@@ -257,7 +260,7 @@ class _ConvNet:
 
 
 def build_cnn(seed: int = SEED + 1) -> ExampleModel:
-    """FP32 [3, 64, 64] image → 10 class scores: a small ResNet (stem, 4 stages × 2 blocks)."""
+    """FP32 [3, 64, 64] image → 10 class scores: a small ResNet (stem, 4 stages x 2 blocks)."""
     net = _ConvNet(np.random.default_rng(seed))
     x = net.relu(net.conv_bn("INPUT0", "stem", 3, 32, 3, 2))
     stages = [(32, 1), (64, 2), (128, 2), (256, 2)]

@@ -29,7 +29,7 @@ from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from services.core.errors import QueueFull
+from services.core.errors import InvalidArgument, QueueFull
 
 T = TypeVar("T")
 
@@ -80,7 +80,9 @@ class BatchPolicy:
         if self.max_batch_size < 0:
             raise ValueError(f"max_batch_size must be >= 0, got {self.max_batch_size}")
         if self.max_queue_delay_us < 0:
-            raise ValueError(f"max_queue_delay_microseconds must be >= 0, got {self.max_queue_delay_us}")
+            raise ValueError(
+                f"max_queue_delay_microseconds must be >= 0, got {self.max_queue_delay_us}"
+            )
         for size in self.preferred_batch_sizes:
             if not 0 < size <= max(self.max_batch_size, 1):
                 raise ValueError(
@@ -160,7 +162,8 @@ class BatchQueue(Generic[P]):
                 _Level(policy.priority_queue_policy.get(n, policy.default_queue_policy))
                 for n in range(1, count + 1)
             ]
-        self._default_level = policy.default_priority_level if policy.priority_levels else 1
+        has_levels = policy.dynamic and policy.priority_levels > 0
+        self._default_level = policy.default_priority_level if has_levels else 1
         self._deadlines: list[tuple[int, int, P]] = []
         self._seq = 0
         self._live = 0
@@ -186,16 +189,17 @@ class BatchQueue(Generic[P]):
         """
         policy = self._levels[level - 1].policy
         effective = policy.default_timeout_us
-        if policy.allow_timeout_override and timeout_us > 0:
-            if effective == 0 or timeout_us < effective:
-                effective = timeout_us
+        shorter = timeout_us > 0 and (effective == 0 or timeout_us < effective)
+        if policy.allow_timeout_override and shorter:
+            effective = timeout_us
         return enqueue_ns + effective * 1000 if effective > 0 else None
 
     def push(self, item: P) -> None:
-        """Queue ``item`` at its level (``item.priority``); raise QueueFull when the level is full."""
+        """Queue ``item`` at level ``item.priority``; QueueFull when that level is full."""
         if self._batching and not 0 < item.batch_size <= self._max_batch:
-            raise ValueError(
-                f"batch size {item.batch_size} outside [1, max_batch_size {self._max_batch}]"
+            raise InvalidArgument(
+                f"model '{self.policy.model}': batch size {item.batch_size} is outside "
+                f"[1, max_batch_size {self._max_batch}]"
             )
         level = self._levels[item.priority - 1]
         limit = level.policy.max_queue_size
@@ -305,11 +309,7 @@ class BatchQueue(Generic[P]):
         delay_exceeded = flush or now_ns - oldest >= self._delay_ns
         if best and not delay_exceeded:
             return self._take(items[:best]), None
-        if (
-            not can_grow
-            or delay_exceeded
-            or (self._max_preferred and total >= self._max_preferred)
-        ):
+        if not can_grow or delay_exceeded or (self._max_preferred and total >= self._max_preferred):
             return self._take(items), None
         wake = oldest + self._delay_ns
         deadline = self.next_deadline()

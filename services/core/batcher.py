@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar, cast
 
 from protos.gen.inference import model_config_pb2 as mc
 from services.core.batch_queue import BatchPolicy, BatchQueue, Pending, QueuePolicy
@@ -97,7 +97,9 @@ def batch_policy_from_config(config: mc.ModelConfig) -> BatchPolicy:
 
     try:
         if not config.HasField("dynamic_batching"):
-            return BatchPolicy(model=config.name, max_batch_size=config.max_batch_size, dynamic=False)
+            return BatchPolicy(
+                model=config.name, max_batch_size=config.max_batch_size, dynamic=False
+            )
         db = config.dynamic_batching
         return BatchPolicy(
             model=config.name,
@@ -138,6 +140,7 @@ class DynamicBatcher(Generic[T, R]):
         self._run_batch = run_batch
         self._clock = clock
         self._queue: BatchQueue[_Ticket[T, R]] = BatchQueue(policy)
+        self._instances = instances
         self._free: list[int] = list(range(instances - 1, -1, -1))
         self._ordered: deque[_Ticket[T, R]] | None = deque() if policy.preserve_ordering else None
         self._running: set[asyncio.Task[None]] = set()
@@ -201,13 +204,19 @@ class DynamicBatcher(Generic[T, R]):
         return await future
 
     async def close(self) -> None:
-        """Stop accepting requests, finish everything queued or running, stop the driver."""
+        """Stop accepting requests, finish everything queued or running, stop the driver.
+
+        Safe to call before ``start``, twice, or after the driver was cancelled.
+        """
         self._closing = True
-        if self._driver is None:
+        driver = self._driver
+        if driver is None:
             return
         if self._wake is not None:
             self._wake.set()
-        await asyncio.shield(self._driver)
+        await asyncio.wait([driver])  # neither the driver's end nor its cancel reaches us
+        if not driver.cancelled() and (crash := driver.exception()) is not None:
+            raise crash
 
     # -- driver ------------------------------------------------------------------------------
 
@@ -218,7 +227,7 @@ class DynamicBatcher(Generic[T, R]):
             while True:
                 wake.clear()
                 self._schedule()
-                if self._closing and not self._queue and not self._running:
+                if self._closing and not self._queue and len(self._free) == self._instances:
                     return
                 await wake.wait()
         finally:
@@ -247,6 +256,9 @@ class DynamicBatcher(Generic[T, R]):
         self._arm_timer(wake_at)
 
     def _dispatch(self, items: list[_Ticket[T, R]], now: int) -> None:
+        items = [t for t in items if not t.future.done()]  # drop callers that gave up
+        if not items:
+            return
         instance = self._free.pop()
         for ticket in items:
             ticket.start_ns = now
@@ -255,30 +267,30 @@ class DynamicBatcher(Generic[T, R]):
         task.add_done_callback(self._running.discard)
 
     async def _execute(self, instance: int, items: list[_Ticket[T, R]]) -> None:
+        """Run one batch on ``instance``; every item gets an outcome, whatever happens."""
         try:
-            results = await self._run_batch(instance, items)
-        except asyncio.CancelledError:
-            error = Unavailable(f"model '{self.policy.model}' is shutting down")
-            for ticket in items:
-                self._finish(ticket, error)
-            raise
-        except Exception as exc:
-            for ticket in items:
-                self._finish(ticket, exc)
-        else:
-            if len(results) == len(items):
-                for ticket, result in zip(items, results, strict=True):
-                    self._finish(ticket, result)
-            else:
-                log.error(
-                    "model %r: run_batch returned %d results for a batch of %d requests",
-                    self.policy.model,
-                    len(results),
-                    len(items),
+            try:
+                results = await self._run_batch(instance, items)
+                if len(results) != len(items):
+                    log.error(
+                        "model %r: run_batch returned %d results for a batch of %d requests",
+                        self.policy.model,
+                        len(results),
+                        len(items),
+                    )
+                    raise InternalError(f"model '{self.policy.model}' failed to execute the batch")
+            except BaseException as exc:
+                fatal = not isinstance(exc, Exception)  # cancelled, or the process is exiting
+                error = (
+                    Unavailable(f"model '{self.policy.model}' is shutting down") if fatal else exc
                 )
-                error = InternalError(f"model '{self.policy.model}' failed to execute the batch")
                 for ticket in items:
                     self._finish(ticket, error)
+                if fatal:
+                    raise
+            else:
+                for ticket, result in zip(items, results, strict=True):
+                    self._finish(ticket, result)
         finally:
             self._free.append(instance)
             if self._wake is not None:
@@ -295,7 +307,7 @@ class DynamicBatcher(Generic[T, R]):
         while ordered and (ordered[0].done or ordered[0].future.done()):
             head = ordered.popleft()
             if head.done:
-                _resolve(head.future, head.outcome)  # type: ignore[arg-type]
+                _resolve(head.future, cast("R | BaseException", head.outcome))
                 head.outcome = None
 
     def _arm_timer(self, wake_at: int | None) -> None:
@@ -303,8 +315,15 @@ class DynamicBatcher(Generic[T, R]):
             return
         self._cancel_timer()
         if wake_at is not None and self._wake is not None:
-            self._timer = self._clock.call_at(wake_at, self._wake.set)
+            self._timer = self._clock.call_at(wake_at, self._on_timer)
             self._timer_at = wake_at
+
+    def _on_timer(self) -> None:
+        # A fired timer is forgotten, so the same wake time re-arms it (timers may fire early).
+        self._timer = None
+        self._timer_at = None
+        if self._wake is not None:
+            self._wake.set()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

@@ -19,7 +19,14 @@ from services.core.classification import classify, load_labels
 from services.core.errors import InvalidArgument, ServingError, Unavailable
 from services.core.manager import ModelManager
 from services.core.model import ServedModel
-from services.core.requests import Array, InferRequest, InferResponse, OutputTensor, RequestedOutput
+from services.core.requests import (
+    Array,
+    InferRequest,
+    InferResponse,
+    OutputTensor,
+    RequestedOutput,
+    SharedMemoryRef,
+)
 from services.core.shm import CudaSharedMemory, SystemSharedMemory
 
 log = logging.getLogger(__name__)
@@ -145,7 +152,14 @@ class DataPlane:
             if spec.shared_memory is not None:
                 ref = spec.shared_memory
                 payload = dtypes.serialize_bytes(data) if data.dtype == np.object_ else np.ascontiguousarray(data)
-                self.shm.write(ref.region, ref.offset, payload, ref.byte_size, spec.name)
+                size = len(payload) if isinstance(payload, bytes) else payload.nbytes
+                if size > ref.byte_size:
+                    raise InvalidArgument(
+                        f"output '{spec.name}' needs {size} bytes but only {ref.byte_size} were given "
+                        f"in shared memory region '{ref.region}'"
+                    )
+                self.shm.write(ref.region, ref.offset, payload, tensor=spec.name)
+                ref = SharedMemoryRef(ref.region, size, ref.offset)
                 tensor.shared_memory = ref
             out.append(tensor)
         return out

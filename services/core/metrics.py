@@ -94,8 +94,7 @@ _COUNTERS: tuple[tuple[str, str, Callable[[ModelStats], int]], ...] = (
     ),
     (
         "nv_inference_compute_infer_duration_us",
-        "Cumulative compute inference duration in microseconds "
-        "(does not include cached requests)",
+        "Cumulative compute inference duration in microseconds (does not include cached requests)",
         lambda s: s.compute_infer_ns // _NS_PER_US,
     ),
     (
@@ -273,8 +272,9 @@ async def start_metrics_server(
     except OSError as exc:
         await runner.cleanup()
         raise OSError(
-            exc.errno, f"cannot serve metrics on {host}:{port} ({exc.strerror}); "
-            "choose another metrics port or free this one"
+            exc.errno,
+            f"cannot serve metrics on {host}:{port} ({exc.strerror}); "
+            "choose another metrics port or free this one",
         ) from exc
     bound_port = int(runner.addresses[0][1])
     return MetricsServer(runner=runner, host=host, port=bound_port)

@@ -145,7 +145,6 @@ class ServedModel:
         return time.monotonic_ns() - request.arrival_ns if request.arrival_ns else 0
 
     async def _run_batch(self, instance: int, items: Sequence[Pending[InferRequest]]) -> list[ItemResult]:
-        start_ns = time.monotonic_ns()
         runtime = self._instances[instance]
         loop = asyncio.get_running_loop()
         payloads = [it.payload for it in items]
@@ -162,7 +161,7 @@ class ServedModel:
             compute_output_ns=t_out,
         )
         return [
-            ItemResult(out, start_ns - it.enqueue_ns, t_in, t_infer, t_out)
+            ItemResult(out, it.start_ns - it.enqueue_ns, t_in, t_infer, t_out)
             for it, out in zip(items, outputs, strict=True)
         ]
 

@@ -25,7 +25,7 @@ from services.core.grpc_servicer import InferenceServicer
 from services.core.health import HealthServicer
 from services.core.http_app import build_http_app
 from services.core.manager import ModelManager
-from services.core.metrics import MetricsCollector, ModelMetricsSource, start_metrics_server
+from services.core.metrics import MetricsServer, ModelMetricsSource, TritonMetricsCollector, start_metrics_server
 from services.core.runtime import Runtime
 from services.core.settings import ServerSettings, settings_from_args
 
@@ -42,7 +42,7 @@ class RunningServer:
     grpc_port: int
     http_runner: web.AppRunner | None
     http_port: int
-    metrics_runner: web.AppRunner | None
+    metrics_server: MetricsServer | None
     metrics_port: int
 
     async def stop(self, grace: float | None = None) -> None:
@@ -59,13 +59,16 @@ class RunningServer:
         self.plane.state.live = False
         await self.manager.close()
         self.plane.shm.close()
-        if self.metrics_runner is not None:
-            await self.metrics_runner.cleanup()
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
         log.info("stopped")
 
 
 def _metrics_sources(manager: ModelManager) -> list[ModelMetricsSource]:
-    return [ModelMetricsSource(m.name, m.version_str, m.stats, m.batcher.pending) for m in manager.ready_models()]
+    return [
+        ModelMetricsSource(m.name, m.version_str, m.stats, m.batcher.pending, m.config.max_batch_size)
+        for m in manager.ready_models()
+    ]
 
 
 async def start_server(settings: ServerSettings, runtimes: Sequence[type[Runtime]]) -> RunningServer:
@@ -94,15 +97,16 @@ async def start_server(settings: ServerSettings, runtimes: Sequence[type[Runtime
         await site.start()
         http_port = http_runner.addresses[0][1]
 
-    metrics_runner: web.AppRunner | None = None
+    metrics_server: MetricsServer | None = None
     metrics_port = -1
     if settings.metrics_port >= 0:
         registry = CollectorRegistry()
-        registry.register(MetricsCollector(lambda: _metrics_sources(manager)))
-        metrics_runner, metrics_port = await start_metrics_server(registry, settings.host, settings.metrics_port)
+        registry.register(TritonMetricsCollector(lambda: _metrics_sources(manager)))
+        metrics_server = await start_metrics_server(registry, settings.host, settings.metrics_port)
+        metrics_port = metrics_server.port
 
     running = RunningServer(
-        settings, plane, manager, health, server, grpc_port, http_runner, http_port, metrics_runner, metrics_port
+        settings, plane, manager, health, server, grpc_port, http_runner, http_port, metrics_server, metrics_port
     )
     log.info("listening: gRPC %s:%d, HTTP :%d, metrics :%d", settings.host, grpc_port, http_port, metrics_port)
     try:

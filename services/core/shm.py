@@ -24,6 +24,7 @@ reader.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import mmap
@@ -68,7 +69,7 @@ class SystemSharedMemory:
         self._lock = threading.Lock()
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
-        """Map ``byte_size`` bytes of the shared-memory object ``key`` from ``offset`` as ``name``."""
+        """Map ``byte_size`` bytes of shared-memory object ``key`` from ``offset`` as ``name``."""
         if not name:
             raise InvalidArgument("a shared memory region needs a non-empty name")
         if offset < 0 or byte_size <= 0:
@@ -111,11 +112,12 @@ class SystemSharedMemory:
     ) -> memoryview:
         """``byte_size`` bytes of ``region`` from ``offset``, as a view over the mapping (no copy).
 
-        ``tensor`` names the input in error messages.
+        The view is read-only, like tensors decoded from a request body: inputs belong to the
+        client. ``tensor`` names the input in error messages.
         """
         found = self._get(region, tensor, "input")
         _check_bounds(found.info, offset, byte_size, tensor, "input")
-        return found.view[offset : offset + byte_size]
+        return found.view[offset : offset + byte_size].toreadonly()
 
     def write(
         self,
@@ -196,12 +198,10 @@ def _map_region(info: RegionInfo, path: Path) -> _Region:
 
 def _release(region: _Region) -> None:
     region.view.release()
-    try:
+    # BufferError: views handed out by read() are still alive; they keep the mmap object, which
+    # unmaps itself when the last of them is gone.
+    with contextlib.suppress(BufferError):
         region.mapping.close()
-    except BufferError:
-        # Views handed out by read() are still alive; they keep the mmap object, which unmaps
-        # itself when the last of them is gone.
-        pass
 
 
 def _check_bounds(
@@ -231,7 +231,7 @@ def _as_bytes_view(
                 f"{what} must be serialized (BYTES: 4-byte length + bytes per element) "
                 "before it is written to shared memory"
             )
-        return memoryview(np.ascontiguousarray(data)).cast("B")
+        return np.ascontiguousarray(data).reshape(-1).view(np.uint8).data
     view = memoryview(data)
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 

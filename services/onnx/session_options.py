@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import onnxruntime as ort
-from protos.gen.inference import model_config_pb2 as mc
 
+from protos.gen.inference import model_config_pb2 as mc
 from services.core.errors import ModelLoadError
 from services.core.runtime import InstanceSpec
 
@@ -99,7 +99,9 @@ def _bool(model: str, key: str, value: str) -> bool:
         return True
     if text in _FALSE:
         return False
-    raise ModelLoadError(f"model '{model}': parameter '{key}' must be 1/0 or true/false, got {value!r}")
+    raise ModelLoadError(
+        f"model '{model}': parameter '{key}' must be 1/0 or true/false, got {value!r}"
+    )
 
 
 def _choice(model: str, key: str, value: str, choices: Mapping[str, str]) -> str:
@@ -115,9 +117,13 @@ def session_options(config: mc.ModelConfig, params: Mapping[str, str]) -> Any:
     model = config.name
     options = ort.SessionOptions()
     if "intra_op_thread_count" in params:
-        options.intra_op_num_threads = _int(model, "intra_op_thread_count", params["intra_op_thread_count"])
+        options.intra_op_num_threads = _int(
+            model, "intra_op_thread_count", params["intra_op_thread_count"]
+        )
     if "inter_op_thread_count" in params:
-        options.inter_op_num_threads = _int(model, "inter_op_thread_count", params["inter_op_thread_count"])
+        options.inter_op_num_threads = _int(
+            model, "inter_op_thread_count", params["inter_op_thread_count"]
+        )
     if "execution_mode" in params:
         mode = _int(model, "execution_mode", params["execution_mode"])
         if mode not in (0, 1):
@@ -131,7 +137,9 @@ def session_options(config: mc.ModelConfig, params: Mapping[str, str]) -> Any:
     if "enable_mem_arena" in params:
         options.enable_cpu_mem_arena = _bool(model, "enable_mem_arena", params["enable_mem_arena"])
     if "enable_mem_pattern" in params:
-        options.enable_mem_pattern = _bool(model, "enable_mem_pattern", params["enable_mem_pattern"])
+        options.enable_mem_pattern = _bool(
+            model, "enable_mem_pattern", params["enable_mem_pattern"]
+        )
     for key, value in params.items():
         if key.startswith("session."):
             options.add_session_config_entry(key, value)
@@ -220,8 +228,11 @@ def _gpu_providers(
             )
     plan: list[tuple[str, ProviderOptions]] = []
     if tensorrt is not None:
-        _require(model, TENSORRT, "install an onnxruntime-gpu build with TensorRT or drop the "
-                 "tensorrt accelerator")
+        _require(
+            model,
+            TENSORRT,
+            "install an onnxruntime-gpu build with TensorRT or drop the tensorrt accelerator",
+        )
         plan.append((TENSORRT, _tensorrt_options(model, tensorrt, device)))
     _require(model, CUDA, "install onnxruntime-gpu or use KIND_CPU")
     plan.append((CUDA, _cuda_options(model, params, cuda, device)))

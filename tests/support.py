@@ -1,0 +1,86 @@
+"""Test support: run a real service (all listeners on 127.0.0.1 port 0) in a background thread.
+
+The server gets its own event loop in its own thread, so tests can use tritonclient's blocking
+clients against it exactly as a user would. ``stop`` always runs the graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from services.core.runtime import Runtime
+from services.core.server import RunningServer, start_server
+from services.core.settings import ServerSettings
+
+T = TypeVar("T")
+
+
+def settings_for(repo: Path, **overrides: Any) -> ServerSettings:
+    base = ServerSettings(model_repository=repo, grpc_port=0, http_port=0, metrics_port=0, exit_timeout_secs=5)
+    return replace(base, **overrides)
+
+
+class ServerThread:
+    def __init__(self, settings: ServerSettings, runtimes: Sequence[type[Runtime]]) -> None:
+        self.settings = settings
+        self.runtimes = runtimes
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="meshserve-test-server", daemon=True)
+        self.running: RunningServer | None = None
+
+    def start(self, timeout: float = 120) -> ServerThread:
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("server did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            self.running = await start_server(self.settings, self.runtimes)
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        await self._stop.wait()
+        await self.running.stop()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        """Run a coroutine on the server's loop (e.g. a repository poll) and return its result."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop(self, timeout: float = 30) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout)
+
+    @property
+    def grpc_url(self) -> str:
+        assert self.running is not None
+        return f"127.0.0.1:{self.running.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        assert self.running is not None
+        return f"127.0.0.1:{self.running.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        assert self.running is not None
+        return f"http://127.0.0.1:{self.running.metrics_port}/metrics"
