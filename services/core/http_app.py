@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -165,10 +166,29 @@ async def _infer(request: web.Request) -> web.Response:
             content_type="application/octet-stream",
             headers={codec.HEADER_LENGTH: str(header_length)},
         )
-    accepted = request.headers.get("Accept-Encoding", "")
-    if "gzip" in accepted or "deflate" in accepted:
-        response.enable_compression()
+    coding = _requested_coding(request.headers.get("Accept-Encoding", ""))
+    if coding is not None:
+        response.enable_compression(force=coding)
     return response
+
+
+def _requested_coding(accept_encoding: str) -> web.ContentCoding | None:
+    """Compress only when the client names gzip or deflate alone, as tritonclient's
+    ``response_compression_algorithm`` does. A generic list ("gzip, deflate, br": aiohttp's and
+    browsers' default) gets the identity encoding, which HTTP always allows, so tensors are not
+    compressed for clients that did not ask (compression costs more CPU than it saves here)."""
+    codings: list[str] = []
+    for part in accept_encoding.split(","):
+        name, _, params = part.partition(";")
+        q = params.replace(" ", "").lower().removeprefix("q=")
+        with contextlib.suppress(ValueError):
+            if params and float(q) == 0:
+                continue  # "gzip;q=0" refuses gzip
+        if name.strip():
+            codings.append(name.strip().lower())
+    if len(codings) == 1 and codings[0] in ("gzip", "deflate"):
+        return web.ContentCoding(codings[0])
+    return None
 
 
 # ---- repository ------------------------------------------------------------------------------

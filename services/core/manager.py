@@ -214,6 +214,10 @@ class ModelManager:
                     raise
                 except Exception as exc:
                     raise ModelLoadError(f"model '{name}': cannot read {model_file} to complete its config: {exc}") from exc
+        if not config.platform and runtime.platforms:
+            config.platform = runtime.platforms[0]
+        if not config.backend:
+            config.backend = runtime.backend
         cfg.apply_defaults(config)
         cfg.validate_config(config, name)
         return config, runtime

@@ -18,7 +18,7 @@ Every problem is a ModelLoadError that names the model, the setting and what to 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,17 +199,19 @@ def _cuda_options(
     return options
 
 
-def _require(model: str, wanted: str, hint: str) -> None:
-    available = ort.get_available_providers()
+_DISPLAY = {CUDA: "CUDA", TENSORRT: "TensorRT", OPENVINO: "OpenVINO"}
+
+
+def _require(model: str, wanted: str, available: Sequence[str], hint: str) -> None:
     if wanted not in available:
         raise ModelLoadError(
-            f"model '{model}' asks for the {wanted.removesuffix('ExecutionProvider')} execution "
-            f"provider but this onnxruntime build offers {available}; {hint}"
+            f"model '{model}' asks for the {_DISPLAY.get(wanted, wanted)} execution provider "
+            f"but this onnxruntime build offers {list(available)}; {hint}"
         )
 
 
 def _gpu_providers(
-    config: mc.ModelConfig, params: Mapping[str, str], device_id: int
+    config: mc.ModelConfig, params: Mapping[str, str], device_id: int, available: Sequence[str]
 ) -> list[tuple[str, ProviderOptions]]:
     model = config.name
     device = max(device_id, 0)
@@ -231,15 +233,18 @@ def _gpu_providers(
         _require(
             model,
             TENSORRT,
+            available,
             "install an onnxruntime-gpu build with TensorRT or drop the tensorrt accelerator",
         )
         plan.append((TENSORRT, _tensorrt_options(model, tensorrt, device)))
-    _require(model, CUDA, "install onnxruntime-gpu or use KIND_CPU")
+    _require(model, CUDA, available, "install onnxruntime-gpu or use KIND_CPU")
     plan.append((CUDA, _cuda_options(model, params, cuda, device)))
     return plan
 
 
-def _cpu_providers(config: mc.ModelConfig) -> list[tuple[str, ProviderOptions]]:
+def _cpu_providers(
+    config: mc.ModelConfig, available: Sequence[str]
+) -> list[tuple[str, ProviderOptions]]:
     model = config.name
     plan: list[tuple[str, ProviderOptions]] = []
     for accel in config.optimization.execution_accelerators.cpu_execution_accelerator:
@@ -248,25 +253,35 @@ def _cpu_providers(config: mc.ModelConfig) -> list[tuple[str, ProviderOptions]]:
                 f"model '{model}': unknown cpu_execution_accelerator '{accel.name}'; "
                 "the onnxruntime backend knows 'openvino'"
             )
-        _require(model, OPENVINO, "install onnxruntime-openvino or drop the openvino accelerator")
+        _require(
+            model,
+            OPENVINO,
+            available,
+            "install onnxruntime-openvino or drop the openvino accelerator",
+        )
         plan.append((OPENVINO, dict(accel.parameters)))
     return plan
 
 
-def plan_session(config: mc.ModelConfig, instance: InstanceSpec) -> SessionPlan:
+def plan_session(
+    config: mc.ModelConfig, instance: InstanceSpec, available: Sequence[str] | None = None
+) -> SessionPlan:
     """Session options, providers (in priority order, CPU last) and run options for one instance.
 
-    KIND_AUTO runs on the GPU when this onnxruntime build has CUDA, else on the CPU.
+    KIND_AUTO runs on the GPU when this onnxruntime build has CUDA, else on the CPU; KIND_MODEL
+    runs like KIND_CPU. ``available`` defaults to this build's providers (tests pass their own).
     """
+    if available is None:
+        available = ort.get_available_providers()
     params = string_parameters(config)
     kind = instance.kind
     if kind == mc.ModelInstanceGroup.KIND_AUTO:
-        has_cuda = CUDA in ort.get_available_providers()
+        has_cuda = CUDA in available
         kind = mc.ModelInstanceGroup.KIND_GPU if has_cuda else mc.ModelInstanceGroup.KIND_CPU
     if kind == mc.ModelInstanceGroup.KIND_GPU:
-        chosen = _gpu_providers(config, params, instance.device_id)
+        chosen = _gpu_providers(config, params, instance.device_id, available)
     else:
-        chosen = _cpu_providers(config)
+        chosen = _cpu_providers(config, available)
     chosen.append((CPU, {}))
     run_config: dict[str, str] = {}
     if "memory.enable_memory_arena_shrinkage" in params:

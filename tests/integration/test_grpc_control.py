@@ -3,6 +3,7 @@ following the repository while serving, and system shared memory."""
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import time
@@ -148,7 +149,7 @@ def test_system_shared_memory(onnx_server: ServerThread) -> None:
             c.register_system_shared_memory("nokey", "/meshserve_no_such_key", size)
         assert info.value.status() == "StatusCode.NOT_FOUND"
         with pytest.raises(InferenceServerException) as info:
-            c.register_cuda_shared_memory("gpu", b"handle", 0, 16)
+            c.register_cuda_shared_memory("gpu", base64.b64encode(b"handle"), 0, 16)
         assert "GPU" in info.value.message()
     finally:
         c.unregister_system_shared_memory()

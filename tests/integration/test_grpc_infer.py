@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
+from tritonclient.utils import InferenceServerException
 
 from tests.support import ServerThread
 
@@ -94,11 +95,19 @@ def test_infer_strings_and_identity(client: grpcclient.InferenceServerClient) ->
     assert [int(x) for x in result.as_numpy("OUTPUT0")[0]] == [i + 1 for i in range(16)]
     assert [int(x) for x in result.as_numpy("OUTPUT1")[0]] == [i - 1 for i in range(16)]
 
-    data = np.array([[b"hello", b"", b"\xff\x00bytes"]], dtype=object)
+    data = np.array([["hello".encode(), b"", "żółw".encode()]], dtype=object)
     ident = grpcclient.InferInput("INPUT0", [1, 3], "BYTES")
     ident.set_data_from_numpy(data)
     out = client.infer("simple_identity", [ident]).as_numpy("OUTPUT0")
     assert out.tolist() == data.tolist()
+
+    # ONNX Runtime string tensors hold text: other bytes get a clear error, not a crash
+    ident = grpcclient.InferInput("INPUT0", [1, 1], "BYTES")
+    ident.set_data_from_numpy(np.array([[b"\xff\x00"]], dtype=object))
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("simple_identity", [ident])
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "UTF-8" in info.value.message()
 
 
 def test_mlp_and_cnn_with_classification(client: grpcclient.InferenceServerClient) -> None:

@@ -17,6 +17,7 @@ from protos.gen.inference import model_config_pb2 as mc
 from services.core.errors import InvalidArgument, ModelLoadError, Unavailable
 from services.core.runtime import InstanceSpec
 from services.onnx.runtime import OnnxRuntime
+from services.onnx.session_options import plan_session
 
 CPU_INSTANCE = InstanceSpec(name="test_0", kind=mc.ModelInstanceGroup.KIND_CPU)
 GPU_INSTANCE = InstanceSpec(name="test_0", kind=mc.ModelInstanceGroup.KIND_GPU, device_id=0)
@@ -286,3 +287,45 @@ def test_unloaded_instance_refuses_work(repo: Path) -> None:
     a = np.ones((1, 16), dtype=np.int32)
     with pytest.raises(Unavailable, match="unloaded"):
         runtime.infer({"INPUT0": a, "INPUT1": a}, ["OUTPUT0"])
+
+
+GPU_BUILD = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_gpu_plan_maps_tensorrt_and_cuda_settings(repo: Path) -> None:
+    config = read_config(repo, "cnn")
+    trt = config.optimization.execution_accelerators.gpu_execution_accelerator.add()
+    trt.name = "tensorrt"
+    trt.parameters["precision_mode"] = "FP16"
+    trt.parameters["max_workspace_size_bytes"] = "1073741824"
+    trt.parameters["trt_engine_cache_enable"] = "1"
+    config.parameters["cudnn_conv_algo_search"].string_value = "1"
+    instance = InstanceSpec(name="cnn_0", kind=mc.ModelInstanceGroup.KIND_GPU, device_id=3)
+    plan = plan_session(config, instance, available=GPU_BUILD)
+    assert plan.providers == GPU_BUILD
+    assert plan.provider_options[0] == {
+        "device_id": "3",
+        "trt_fp16_enable": "True",
+        "trt_max_workspace_size": "1073741824",
+        "trt_engine_cache_enable": "True",
+    }
+    assert plan.provider_options[1] == {"device_id": "3", "cudnn_conv_algo_search": "HEURISTIC"}
+
+
+def test_auto_kind_follows_the_build(repo: Path) -> None:
+    config = read_config(repo, "simple")
+    auto = InstanceSpec(name="simple_0", kind=mc.ModelInstanceGroup.KIND_AUTO)
+    assert plan_session(config, auto, available=GPU_BUILD).providers[0] == "CUDAExecutionProvider"
+    cpu_only = ["CPUExecutionProvider"]
+    assert plan_session(config, auto, available=cpu_only).providers == cpu_only
+
+
+def test_tensorrt_without_tensorrt_build_says_so(repo: Path) -> None:
+    config = read_config(repo, "simple")
+    accel = config.optimization.execution_accelerators.gpu_execution_accelerator.add()
+    accel.name = "tensorrt"
+    with pytest.raises(ModelLoadError, match="asks for the TensorRT execution provider"):
+        plan_session(config, GPU_INSTANCE, available=GPU_BUILD[1:])
+    accel.parameters["precision_mode"] = "FP64"
+    with pytest.raises(ModelLoadError, match="precision_mode must be FP32, FP16 or INT8"):
+        plan_session(config, GPU_INSTANCE, available=GPU_BUILD)
