@@ -21,7 +21,9 @@ T = TypeVar("T")
 
 
 def settings_for(repo: Path, **overrides: Any) -> ServerSettings:
-    base = ServerSettings(model_repository=repo, grpc_port=0, http_port=0, metrics_port=0, exit_timeout_secs=5)
+    base = ServerSettings(
+        model_repository=repo, grpc_port=0, http_port=0, metrics_port=0, exit_timeout_secs=5
+    )
     return replace(base, **overrides)
 
 

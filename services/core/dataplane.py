@@ -73,7 +73,9 @@ class DataPlane:
         return self.state.ready
 
     def server_metadata(self) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=self.server_name, version=SERVER_VERSION, extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(
+            name=self.server_name, version=SERVER_VERSION, extensions=EXTENSIONS
+        )
 
     def model_ready(self, name: str, version: str) -> bool:
         try:
@@ -93,13 +95,17 @@ class DataPlane:
             platform=config.platform or config.backend,
             inputs=[
                 pb.ModelMetadataResponse.TensorMetadata(
-                    name=i.name, datatype=dtypes.triton_from_config(i.data_type), shape=[*batch, *i.dims]
+                    name=i.name,
+                    datatype=dtypes.triton_from_config(i.data_type),
+                    shape=[*batch, *i.dims],
                 )
                 for i in config.input
             ],
             outputs=[
                 pb.ModelMetadataResponse.TensorMetadata(
-                    name=o.name, datatype=dtypes.triton_from_config(o.data_type), shape=[*batch, *o.dims]
+                    name=o.name,
+                    datatype=dtypes.triton_from_config(o.data_type),
+                    shape=[*batch, *o.dims],
                 )
                 for o in config.output
             ],
@@ -116,12 +122,16 @@ class DataPlane:
             if name and not models:
                 self.manager.get(name, "")  # raises NotFound / Unavailable with the reason
         models.sort(key=lambda m: (m.name, m.version))
-        return pb.ModelStatisticsResponse(model_stats=[m.stats.to_proto(m.name, m.version_str) for m in models])
+        return pb.ModelStatisticsResponse(
+            model_stats=[m.stats.to_proto(m.name, m.version_str) for m in models]
+        )
 
     def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:
         return pb.RepositoryIndexResponse(
             models=[
-                pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=e.version, state=e.state, reason=e.reason)
+                pb.RepositoryIndexResponse.ModelIndex(
+                    name=e.name, version=e.version, state=e.state, reason=e.reason
+                )
                 for e in self.manager.index(ready_only)
             ]
         )
@@ -139,7 +149,9 @@ class DataPlane:
         self, model: ServedModel, requested: list[RequestedOutput], values: dict[str, Array]
     ) -> list[OutputTensor]:
         if not requested:
-            return [OutputTensor(n, model.output_datatype(n), values[n]) for n in model.output_names]
+            return [
+                OutputTensor(n, model.output_datatype(n), values[n]) for n in model.output_names
+            ]
         out: list[OutputTensor] = []
         for spec in requested:
             data = values[spec.name]
@@ -151,12 +163,16 @@ class DataPlane:
             tensor = OutputTensor(spec.name, datatype, data, binary_data=spec.binary_data)
             if spec.shared_memory is not None:
                 ref = spec.shared_memory
-                payload = dtypes.serialize_bytes(data) if data.dtype == np.object_ else np.ascontiguousarray(data)
+                payload = (
+                    dtypes.serialize_bytes(data)
+                    if data.dtype == np.object_
+                    else np.ascontiguousarray(data)
+                )
                 size = len(payload) if isinstance(payload, bytes) else payload.nbytes
                 if size > ref.byte_size:
                     raise InvalidArgument(
-                        f"output '{spec.name}' needs {size} bytes but only {ref.byte_size} were given "
-                        f"in shared memory region '{ref.region}'"
+                        f"output '{spec.name}' needs {size} bytes but only {ref.byte_size} "
+                        f"were given in shared memory region '{ref.region}'"
                     )
                 self.shm.write(ref.region, ref.offset, payload, tensor=spec.name)
                 ref = SharedMemoryRef(ref.region, size, ref.offset)
@@ -174,14 +190,17 @@ class DataPlane:
             self._labels[key] = labels
         return self._labels[key]
 
-    # ---- model control ----------------------------------------------------------------------------
+    # ---- model control ---------------------------------------------------------------------
     async def load_model(self, name: str, config_json: str | None, files: dict[str, bytes]) -> None:
-        from services.core.config import parse_config_json  # noqa: PLC0415 - control path only
+        from services.core.config import parse_config_json
 
-        override = parse_config_json(config_json, f"load request for '{name}'") if config_json else None
+        override = (
+            parse_config_json(config_json, f"load request for '{name}'") if config_json else None
+        )
         if files and override is None:
             raise InvalidArgument(
-                f"load request for '{name}' carries files but no 'config' parameter; both are needed"
+                f"load request for '{name}' carries files but no 'config' parameter; "
+                "both are needed"
             )
         await self.manager.load(name, override, files or None)
 

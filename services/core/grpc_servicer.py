@@ -28,10 +28,11 @@ log = logging.getLogger(__name__)
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+Ctx = grpc.aio.ServicerContext[Any, Any]
+Handler = Callable[[Any, Req, Ctx], Awaitable[Resp]]
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> NoReturn:
+async def _abort(context: Ctx, exc: BaseException, method: str) -> NoReturn:
     if isinstance(exc, ServingError):
         await context.abort(exc.grpc_status, exc.message)
     log.error("%s failed", method, exc_info=exc)
@@ -40,7 +41,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: 
 
 def _translate(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
     @wraps(fn)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+    async def wrapper(self: Any, request: Req, context: Ctx) -> Resp:
         try:
             return await fn(self, request, context)
         except (ServingError, Exception) as exc:
@@ -51,49 +52,67 @@ def _translate(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
     return wrapper
 
 
-class InferenceServicer(pbg.GRPCInferenceServiceServicer):  # type: ignore[misc]
+class InferenceServicer(pbg.GRPCInferenceServiceServicer):
     def __init__(self, plane: DataPlane) -> None:
         self._plane = plane
 
     # ---- health & metadata ------------------------------------------------------------------
     @_translate
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:  # noqa: N802
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: Ctx
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self._plane.server_live())
 
     @_translate
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:  # noqa: N802
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: Ctx
+    ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._plane.server_ready())
 
     @_translate
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:  # noqa: N802
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: Ctx
+    ) -> pb.ModelReadyResponse:
         return pb.ModelReadyResponse(ready=self._plane.model_ready(request.name, request.version))
 
     @_translate
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:  # noqa: N802
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Ctx
+    ) -> pb.ServerMetadataResponse:
         return self._plane.server_metadata()
 
     @_translate
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:  # noqa: N802
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: Ctx
+    ) -> pb.ModelMetadataResponse:
         return self._plane.model_metadata(request.name, request.version)
 
     @_translate
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:  # noqa: N802
-        return pb.ModelConfigResponse(config=self._plane.model_config(request.name, request.version))
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: Ctx
+    ) -> pb.ModelConfigResponse:
+        return pb.ModelConfigResponse(
+            config=self._plane.model_config(request.name, request.version)
+        )
 
     @_translate
-    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:  # noqa: N802
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Ctx
+    ) -> pb.ModelStatisticsResponse:
         return self._plane.model_statistics(request.name, request.version)
 
     # ---- inference -----------------------------------------------------------------------------
     @_translate
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:  # noqa: N802
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: Ctx
+    ) -> pb.ModelInferResponse:
         arrival = time.monotonic_ns()
         req = decode_infer_request(request, self._plane.shm)
         req.arrival_ns = arrival
         return encode_infer_response(await self._plane.infer(req))
 
-    async def ModelStreamInfer(  # noqa: N802
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Ctx
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests of one stream run concurrently (so they can share batches); each response is
         written when ready, with the request's id; an error answers that request only."""
@@ -113,8 +132,12 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):  # type: ignore[misc]
                 else:
                     log.error("ModelStreamInfer request failed", exc_info=exc)
                     text = "internal error; see the server log"
-                err = pb.ModelInferResponse(model_name=msg.model_name, model_version=msg.model_version, id=msg.id)
-                await results.put(pb.ModelStreamInferResponse(error_message=text, infer_response=err))
+                err = pb.ModelInferResponse(
+                    model_name=msg.model_name, model_version=msg.model_version, id=msg.id
+                )
+                await results.put(
+                    pb.ModelStreamInferResponse(error_message=text, infer_response=err)
+                )
 
         async def reader() -> None:
             try:
@@ -140,11 +163,15 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):  # type: ignore[misc]
 
     # ---- repository -----------------------------------------------------------------------------
     @_translate
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:  # noqa: N802
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Ctx
+    ) -> pb.RepositoryIndexResponse:
         return self._plane.repository_index(request.ready)
 
     @_translate
-    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelLoadResponse:  # noqa: N802
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Ctx
+    ) -> pb.RepositoryModelLoadResponse:
         config_json: str | None = None
         files: dict[str, bytes] = {}
         for key, param in request.parameters.items():
@@ -153,61 +180,88 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):  # type: ignore[misc]
             elif key.startswith("file:"):
                 files[key.removeprefix("file:")] = param.bytes_param
             else:
-                raise InvalidArgument(f"unknown load parameter '{key}'; expected 'config' or 'file:<path>'")
+                raise InvalidArgument(
+                    f"unknown load parameter '{key}'; expected 'config' or 'file:<path>'"
+                )
         await self._plane.load_model(request.model_name, config_json, files)
         return pb.RepositoryModelLoadResponse()
 
     @_translate
-    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:  # noqa: N802
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Ctx
+    ) -> pb.RepositoryModelUnloadResponse:
         await self._plane.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     # ---- shared memory ------------------------------------------------------------------------
     @_translate
-    async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryStatusResponse:  # noqa: N802
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Ctx
+    ) -> pb.SystemSharedMemoryStatusResponse:
         resp = pb.SystemSharedMemoryStatusResponse()
         for r in self._plane.shm.status(request.name or None):
             resp.regions[r.name].CopyFrom(
-                pb.SystemSharedMemoryStatusResponse.RegionStatus(name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size)
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size
+                )
             )
         return resp
 
     @_translate
-    async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryRegisterResponse:  # noqa: N802
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Ctx
+    ) -> pb.SystemSharedMemoryRegisterResponse:
         self._plane.shm.register(request.name, request.key, request.offset, request.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
     @_translate
-    async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryUnregisterResponse:  # noqa: N802
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Ctx
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
         self._plane.shm.unregister(request.name or None)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     @_translate
-    async def CudaSharedMemoryStatus(self, request: pb.CudaSharedMemoryStatusRequest, context: grpc.aio.ServicerContext) -> pb.CudaSharedMemoryStatusResponse:  # noqa: N802
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: Ctx
+    ) -> pb.CudaSharedMemoryStatusResponse:
         self._plane.cuda_shm.status(request.name or None)
         return pb.CudaSharedMemoryStatusResponse()
 
     @_translate
-    async def CudaSharedMemoryRegister(self, request: pb.CudaSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext) -> pb.CudaSharedMemoryRegisterResponse:  # noqa: N802
-        self._plane.cuda_shm.register(request.name, request.raw_handle, request.device_id, request.byte_size)
+    async def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: Ctx
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        self._plane.cuda_shm.register(
+            request.name, request.raw_handle, request.device_id, request.byte_size
+        )
         return pb.CudaSharedMemoryRegisterResponse()
 
     @_translate
-    async def CudaSharedMemoryUnregister(self, request: pb.CudaSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext) -> pb.CudaSharedMemoryUnregisterResponse:  # noqa: N802
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: Ctx
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
         self._plane.cuda_shm.unregister(request.name or None)
         return pb.CudaSharedMemoryUnregisterResponse()
 
     # ---- trace & log settings --------------------------------------------------------------------
     @_translate
-    async def TraceSetting(self, request: pb.TraceSettingRequest, context: grpc.aio.ServicerContext) -> pb.TraceSettingResponse:  # noqa: N802
+    async def TraceSetting(
+        self, request: pb.TraceSettingRequest, context: Ctx
+    ) -> pb.TraceSettingResponse:
         if request.settings:
-            raise InvalidArgument("tracing is configured with the standard OTEL_* environment variables, not TraceSetting")
+            raise InvalidArgument(
+                "tracing is configured with the standard OTEL_* environment variables, "
+                "not with TraceSetting"
+            )
         resp = pb.TraceSettingResponse()
         resp.settings["trace_level"].value.append("OFF")
         return resp
 
     @_translate
-    async def LogSettings(self, request: pb.LogSettingsRequest, context: grpc.aio.ServicerContext) -> pb.LogSettingsResponse:  # noqa: N802
+    async def LogSettings(
+        self, request: pb.LogSettingsRequest, context: Ctx
+    ) -> pb.LogSettingsResponse:
         updates: dict[str, str | int | bool] = {}
         for key, value in request.settings.items():
             kind = value.WhichOneof("parameter_choice")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -17,9 +18,12 @@ from protos.gen.health import health_pb2_grpc as hgrpc
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 
 
-class HealthServicer(hgrpc.HealthServicer):  # type: ignore[misc]
+class HealthServicer(hgrpc.HealthServicer):
     def __init__(self) -> None:
-        self._status: dict[str, int] = {"": hpb.HealthCheckResponse.NOT_SERVING, INFERENCE_SERVICE: hpb.HealthCheckResponse.NOT_SERVING}
+        self._status: dict[str, hpb.HealthCheckResponse.ServingStatus] = {
+            "": hpb.HealthCheckResponse.NOT_SERVING,
+            INFERENCE_SERVICE: hpb.HealthCheckResponse.NOT_SERVING,
+        }
         self._changed: asyncio.Condition | None = None
         self._shutdown = False
 
@@ -41,14 +45,16 @@ class HealthServicer(hgrpc.HealthServicer):  # type: ignore[misc]
         await self.set_serving(False)
         self._shutdown = True
 
-    async def Check(self, request: hpb.HealthCheckRequest, context: grpc.aio.ServicerContext) -> hpb.HealthCheckResponse:  # noqa: N802
+    async def Check(
+        self, request: hpb.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> hpb.HealthCheckResponse:
         status = self._status.get(request.service)
         if status is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service '{request.service}'")
         return hpb.HealthCheckResponse(status=status)
 
-    async def Watch(  # noqa: N802
-        self, request: hpb.HealthCheckRequest, context: grpc.aio.ServicerContext
+    async def Watch(
+        self, request: hpb.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[hpb.HealthCheckResponse]:
         last: int | None = None
         cond = self._condition()

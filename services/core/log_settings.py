@@ -36,14 +36,20 @@ def current_settings(state: Mapping[str, SettingValue]) -> dict[str, SettingValu
     return base
 
 
-def apply_log_settings(state: dict[str, SettingValue], updates: Mapping[str, SettingValue]) -> dict[str, SettingValue]:
+def apply_log_settings(
+    state: dict[str, SettingValue], updates: Mapping[str, SettingValue]
+) -> dict[str, SettingValue]:
     """Validate ``updates``, store them in ``state``, set logger levels; return all settings."""
     for key, value in updates.items():
         expected = _TYPES.get(key)
         if expected is None:
-            raise InvalidArgument(f"unknown log setting '{key}'; known: {', '.join(sorted(_TYPES))}")
+            raise InvalidArgument(
+                f"unknown log setting '{key}'; known: {', '.join(sorted(_TYPES))}"
+            )
         if type(value) is not expected:
-            raise InvalidArgument(f"log setting '{key}' takes a {expected.__name__}, got {type(value).__name__}")
+            raise InvalidArgument(
+                f"log setting '{key}' takes a {expected.__name__}, got {type(value).__name__}"
+            )
         if key == "log_format" and value not in ("default", "ISO8601"):
             raise InvalidArgument("log_format must be 'default' or 'ISO8601'")
         if key == "log_file" and value:

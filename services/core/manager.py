@@ -20,7 +20,13 @@ from pathlib import Path
 from protos.gen.inference import model_config_pb2 as mc
 from services.core import config as cfg
 from services.core import repository as repo
-from services.core.errors import InvalidArgument, ModelLoadError, NotFound, ServingError, Unavailable
+from services.core.errors import (
+    InvalidArgument,
+    ModelLoadError,
+    NotFound,
+    ServingError,
+    Unavailable,
+)
 from services.core.model import ServedModel
 from services.core.runtime import Runtime
 from services.core.settings import ServerSettings
@@ -95,7 +101,10 @@ class ModelManager:
         v = entry.versions.get(number)
         if v is None:
             raise NotFound(f"unknown version {number} of model '{name}'")
-        raise Unavailable(f"model '{name}' version {number} is {v.state.value}" + (f": {v.reason}" if v.reason else ""))
+        raise Unavailable(
+            f"model '{name}' version {number} is {v.state.value}"
+            + (f": {v.reason}" if v.reason else "")
+        )
 
     def ready_models(self) -> list[ServedModel]:
         return list(self._ready.values())
@@ -144,24 +153,37 @@ class ModelManager:
             self._poll_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poll_task
-        await asyncio.gather(*(self._unload(e, "server shutting down") for e in list(self._models.values())))
+        await asyncio.gather(
+            *(self._unload(e, "server shutting down") for e in list(self._models.values()))
+        )
 
     # ---- explicit control ----------------------------------------------------------------------
     async def load(
-        self, name: str, override: mc.ModelConfig | None = None, files: Mapping[str, bytes] | None = None
+        self,
+        name: str,
+        override: mc.ModelConfig | None = None,
+        files: Mapping[str, bytes] | None = None,
     ) -> None:
         """RepositoryModelLoad: (re)load ``name``; raises with the reason if no version loads."""
         if self._settings.model_control_mode == "none":
-            raise Unavailable("explicit model load/unload is not allowed when model control mode is 'none'")
+            raise Unavailable(
+                "explicit model load/unload is not allowed when model control mode is 'none'"
+            )
         await self._load(name, override, files)
         entry = self._models[name]
         if not any(v.state is ModelState.READY for v in entry.versions.values()):
-            reasons = entry.reason or "; ".join(f"version {n}: {v.reason}" for n, v in entry.versions.items())
-            raise ModelLoadError(f"failed to load model '{name}': {reasons or 'no version to load'}")
+            reasons = entry.reason or "; ".join(
+                f"version {n}: {v.reason}" for n, v in entry.versions.items()
+            )
+            raise ModelLoadError(
+                f"failed to load model '{name}': {reasons or 'no version to load'}"
+            )
 
     async def unload(self, name: str) -> None:
         if self._settings.model_control_mode == "none":
-            raise Unavailable("explicit model load/unload is not allowed when model control mode is 'none'")
+            raise Unavailable(
+                "explicit model load/unload is not allowed when model control mode is 'none'"
+            )
         entry = self._models.get(name)
         if entry is None:
             if name not in repo.scan_repository(self._root):
@@ -176,7 +198,9 @@ class ModelManager:
         except ServingError as err:
             log.error("model %r: %s", name, err.message)
 
-    def _runtime_for(self, config: mc.ModelConfig, model_dir: repo.ModelDir) -> type[Runtime] | None:
+    def _runtime_for(
+        self, config: mc.ModelConfig, model_dir: repo.ModelDir
+    ) -> type[Runtime] | None:
         for rt in self._runtimes:
             if config.platform in rt.platforms or (config.backend and config.backend == rt.backend):
                 return rt
@@ -213,7 +237,9 @@ class ModelManager:
                 except ServingError:
                     raise
                 except Exception as exc:
-                    raise ModelLoadError(f"model '{name}': cannot read {model_file} to complete its config: {exc}") from exc
+                    raise ModelLoadError(
+                        f"model '{name}': cannot read {model_file} to complete its config: {exc}"
+                    ) from exc
         if not config.platform and runtime.platforms:
             config.platform = runtime.platforms[0]
         if not config.backend:
@@ -222,7 +248,9 @@ class ModelManager:
         cfg.validate_config(config, name)
         return config, runtime
 
-    async def _load(self, name: str, override: mc.ModelConfig | None, files: Mapping[str, bytes] | None) -> None:
+    async def _load(
+        self, name: str, override: mc.ModelConfig | None, files: Mapping[str, bytes] | None
+    ) -> None:
         entry = self._models.setdefault(name, ModelEntry(name))
         async with entry.lock:
             path = self._root / name
@@ -236,9 +264,11 @@ class ModelManager:
                 if temp is not None and not any(v.served for v in entry.versions.values()):
                     shutil.rmtree(temp, ignore_errors=True)
 
-    async def _load_locked(self, entry: ModelEntry, path: Path, override: mc.ModelConfig | None) -> None:
+    async def _load_locked(
+        self, entry: ModelEntry, path: Path, override: mc.ModelConfig | None
+    ) -> None:
         name = entry.name
-        if not path.is_dir():
+        if not path.is_dir():  # noqa: ASYNC240 - one stat on the control path
             if not entry.versions:
                 del self._models[name]
             raise NotFound(f"unknown model '{name}': no folder {path}")
@@ -261,17 +291,31 @@ class ModelManager:
         config_changed = entry.config is None or entry.config != config
         wanted = repo.select_versions(config.version_policy, model_dir.versions)
         if not wanted:
-            entry.state, entry.reason = ModelState.UNAVAILABLE, "no version folder matches the version policy"
+            entry.state, entry.reason = (
+                ModelState.UNAVAILABLE,
+                "no version folder matches the version policy",
+            )
         new_versions: dict[int, VersionEntry] = {}
         for number in wanted:
             vpath = model_dir.versions[number]
             vfp = repo.version_fingerprint(vpath)
             old = entry.versions.get(number)
-            if old is not None and old.served is not None and not config_changed and old.fingerprint == vfp:
+            if (
+                old is not None
+                and old.served is not None
+                and not config_changed
+                and old.fingerprint == vfp
+            ):
                 new_versions[number] = old
                 continue
-            new_versions[number] = await self._load_version(config, number, vpath, runtime, vfp, old)
-        retired = [v for n, v in entry.versions.items() if v.served is not None and new_versions.get(n) is not v]
+            new_versions[number] = await self._load_version(
+                config, number, vpath, runtime, vfp, old
+            )
+        retired = [
+            v
+            for n, v in entry.versions.items()
+            if v.served is not None and new_versions.get(n) is not v
+        ]
         entry.config, entry.versions, entry.fingerprint = config, new_versions, fingerprint
         if any(v.state is ModelState.READY for v in new_versions.values()):
             entry.state, entry.reason = ModelState.READY, ""
@@ -282,13 +326,21 @@ class ModelManager:
             log.info("model %r version %d retired", name, v.version)
 
     async def _load_version(
-        self, config: mc.ModelConfig, number: int, vpath: Path, runtime: type[Runtime], vfp: object, old: VersionEntry | None
+        self,
+        config: mc.ModelConfig,
+        number: int,
+        vpath: Path,
+        runtime: type[Runtime],
+        vfp: object,
+        old: VersionEntry | None,
     ) -> VersionEntry:
         log.info("model %r version %d: loading with %s", config.name, number, runtime.__name__)
         try:
             served = await ServedModel.load(config, number, vpath, runtime)
         except Exception as exc:
-            reason = exc.message if isinstance(exc, ServingError) else f"{type(exc).__name__}: {exc}"
+            reason = (
+                exc.message if isinstance(exc, ServingError) else f"{type(exc).__name__}: {exc}"
+            )
             log.error("model %r version %d failed to load: %s", config.name, number, reason)
             if old is not None and old.served is not None:
                 old.reason = f"reload failed, still serving the previous load: {reason}"
@@ -308,7 +360,12 @@ class ModelManager:
                     await v.served.close()
                     v.served = None
                 v.state, v.reason = ModelState.UNAVAILABLE, reason
-            entry.state, entry.reason, entry.config, entry.fingerprint = ModelState.UNAVAILABLE, reason, None, None
+            entry.state, entry.reason, entry.config, entry.fingerprint = (
+                ModelState.UNAVAILABLE,
+                reason,
+                None,
+                None,
+            )
             log.info("model %r %s", entry.name, reason)
 
     def _publish(self) -> None:

@@ -49,7 +49,11 @@ def instance_specs(config: mc.ModelConfig) -> list[InstanceSpec]:
         devices = list(group.gpus) if group.kind == mc.ModelInstanceGroup.KIND_GPU else [-1]
         for device in devices or [0]:
             for i in range(max(group.count, 1)):
-                specs.append(InstanceSpec(name=f"{name}_{i}", kind=group.kind, device_id=device, index=len(specs)))
+                specs.append(
+                    InstanceSpec(
+                        name=f"{name}_{i}", kind=group.kind, device_id=device, index=len(specs)
+                    )
+                )
     return specs or [InstanceSpec(name=f"{config.name}_0", kind=mc.ModelInstanceGroup.KIND_CPU)]
 
 
@@ -75,7 +79,9 @@ class ServedModel:
         self._executor = executor
         self._batched = config.max_batch_size > 0
         self._output_names = [o.name for o in config.output]
-        self._output_datatypes = {o.name: dtypes.triton_from_config(o.data_type) for o in config.output}
+        self._output_datatypes = {
+            o.name: dtypes.triton_from_config(o.data_type) for o in config.output
+        }
         self._input_names = [i.name for i in config.input]
         self.batcher: DynamicBatcher[InferRequest, ItemResult] = DynamicBatcher(
             batch_policy_from_config(config), self._run_batch, instances=len(self._instances)
@@ -86,9 +92,13 @@ class ServedModel:
         cls, config: mc.ModelConfig, version: int, version_path: Path, runtime_cls: type[Runtime]
     ) -> ServedModel:
         """Create every instance (in worker threads), run warmup, start the scheduler."""
-        model_file = version_path / (config.default_model_filename or runtime_cls.default_model_filename)
+        model_file = version_path / (
+            config.default_model_filename or runtime_cls.default_model_filename
+        )
         specs = instance_specs(config)
-        executor = ThreadPoolExecutor(max_workers=len(specs), thread_name_prefix=f"{config.name}-v{version}")
+        executor = ThreadPoolExecutor(
+            max_workers=len(specs), thread_name_prefix=f"{config.name}-v{version}"
+        )
         loop = asyncio.get_running_loop()
         try:
             instances = await asyncio.gather(
@@ -100,7 +110,9 @@ class ServedModel:
         model = cls(config, version, version_path, instances, executor)
         try:
             if config.model_warmup:
-                await loop.run_in_executor(executor, run_warmup, config, version_path, model._instances)
+                await loop.run_in_executor(
+                    executor, run_warmup, config, version_path, model._instances
+                )
         except BaseException:
             await model.close()
             raise
@@ -144,7 +156,9 @@ class ServedModel:
     def _elapsed(request: InferRequest) -> int:
         return time.monotonic_ns() - request.arrival_ns if request.arrival_ns else 0
 
-    async def _run_batch(self, instance: int, items: Sequence[Pending[InferRequest]]) -> list[ItemResult]:
+    async def _run_batch(
+        self, instance: int, items: Sequence[Pending[InferRequest]]
+    ) -> list[ItemResult]:
         runtime = self._instances[instance]
         loop = asyncio.get_running_loop()
         payloads = [it.payload for it in items]
@@ -173,15 +187,24 @@ class ServedModel:
         if len(payloads) == 1:
             inputs = payloads[0].inputs
         else:
-            inputs = {n: np.concatenate([p.inputs[n] for p in payloads]) for n in payloads[0].inputs}
+            inputs = {
+                n: np.concatenate([p.inputs[n] for p in payloads]) for n in payloads[0].inputs
+            }
         t1 = time.monotonic_ns()
         try:
             results = runtime.infer(inputs, self._output_names)
         except ServingError:
             raise
         except Exception as exc:
-            log.exception("model %r version %d: runtime failed on a batch of %d", self.name, self.version, sum(sizes))
-            raise InternalError(f"model '{self.name}' failed to execute the batch: {type(exc).__name__}") from exc
+            log.exception(
+                "model %r version %d: runtime failed on a batch of %d",
+                self.name,
+                self.version,
+                sum(sizes),
+            )
+            raise InternalError(
+                f"model '{self.name}' failed to execute the batch: {type(exc).__name__}"
+            ) from exc
         t2 = time.monotonic_ns()
         split = self._split(results, sizes)
         t3 = time.monotonic_ns()

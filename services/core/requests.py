@@ -5,7 +5,8 @@ numpy arrays, decoded without copying where the wire allows) and encode an Infer
 Everything between (validation, batching, execution, statistics) works on these types only.
 
 Tensor representation: a numpy array whose dtype matches the Triton datatype (see dtypes.py);
-BYTES tensors are object arrays of ``bytes``; BF16 tensors are arrays of dtype "V2" (raw bits; view as uint16).
+BYTES tensors are object arrays of ``bytes``; BF16 tensors are arrays of dtype "V2"
+(raw bits; view as uint16).
 The datatype of every tensor is the one the model config declares.
 """
 

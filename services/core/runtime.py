@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import ClassVar
 
 from protos.gen.inference import model_config_pb2 as mc
-
 from services.core.requests import Array
 
 
@@ -40,7 +39,7 @@ class Runtime(ABC):
     #: file looked for in the version directory when config.default_model_filename is empty
     default_model_filename: ClassVar[str]
 
-    @classmethod
+    @classmethod  # noqa: B027 - optional hook, empty by default
     def autocomplete(cls, config: mc.ModelConfig, model_path: Path) -> None:
         """Fill what the config leaves out (inputs, outputs, max_batch_size) from the model file.
 

@@ -25,7 +25,12 @@ from services.core.grpc_servicer import InferenceServicer
 from services.core.health import HealthServicer
 from services.core.http_app import build_http_app
 from services.core.manager import ModelManager
-from services.core.metrics import MetricsServer, ModelMetricsSource, TritonMetricsCollector, start_metrics_server
+from services.core.metrics import (
+    MetricsServer,
+    ModelMetricsSource,
+    TritonMetricsCollector,
+    start_metrics_server,
+)
 from services.core.runtime import Runtime
 from services.core.settings import ServerSettings, settings_from_args
 
@@ -66,12 +71,16 @@ class RunningServer:
 
 def _metrics_sources(manager: ModelManager) -> list[ModelMetricsSource]:
     return [
-        ModelMetricsSource(m.name, m.version_str, m.stats, m.batcher.pending, m.config.max_batch_size)
+        ModelMetricsSource(
+            m.name, m.version_str, m.stats, m.batcher.pending, m.config.max_batch_size
+        )
         for m in manager.ready_models()
     ]
 
 
-async def start_server(settings: ServerSettings, runtimes: Sequence[type[Runtime]]) -> RunningServer:
+async def start_server(
+    settings: ServerSettings, runtimes: Sequence[type[Runtime]]
+) -> RunningServer:
     manager = ModelManager(settings, runtimes)
     plane = DataPlane(manager, settings.server_name)
     health = HealthServicer()
@@ -81,8 +90,8 @@ async def start_server(settings: ServerSettings, runtimes: Sequence[type[Runtime
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(options=options)
-    pbg.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)
-    hgrpc.add_HealthServicer_to_server(health, server)
+    pbg.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)  # type: ignore[no-untyped-call]
+    hgrpc.add_HealthServicer_to_server(health, server)  # type: ignore[no-untyped-call]
     grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
     if grpc_port == 0:
         raise OSError(f"cannot bind gRPC port {settings.host}:{settings.grpc_port}")
@@ -106,9 +115,24 @@ async def start_server(settings: ServerSettings, runtimes: Sequence[type[Runtime
         metrics_port = metrics_server.port
 
     running = RunningServer(
-        settings, plane, manager, health, server, grpc_port, http_runner, http_port, metrics_server, metrics_port
+        settings,
+        plane,
+        manager,
+        health,
+        server,
+        grpc_port,
+        http_runner,
+        http_port,
+        metrics_server,
+        metrics_port,
     )
-    log.info("listening: gRPC %s:%d, HTTP :%d, metrics :%d", settings.host, grpc_port, http_port, metrics_port)
+    log.info(
+        "listening: gRPC %s:%d, HTTP :%d, metrics :%d",
+        settings.host,
+        grpc_port,
+        http_port,
+        metrics_port,
+    )
     try:
         await manager.start()
     except BaseException:

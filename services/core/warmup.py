@@ -23,7 +23,11 @@ log = logging.getLogger(__name__)
 
 
 def _sample_input(
-    config: mc.ModelConfig, sample: mc.ModelWarmup, name: str, spec: mc.ModelWarmup.Input, model_dir: Path
+    config: mc.ModelConfig,
+    sample: mc.ModelWarmup,
+    name: str,
+    spec: mc.ModelWarmup.Input,
+    model_dir: Path,
 ) -> Array:
     dtype = dtypes.numpy_from_config(spec.data_type)
     shape = [int(d) for d in spec.dims]
@@ -36,13 +40,19 @@ def _sample_input(
         try:
             raw = path.read_bytes()
         except OSError as exc:
-            raise ModelLoadError(f"warmup sample '{sample.name}': cannot read {path}: {exc}") from exc
+            raise ModelLoadError(
+                f"warmup sample '{sample.name}': cannot read {path}: {exc}"
+            ) from exc
         if dtype == np.object_:
-            one = dtypes.deserialize_bytes(raw, count // max(shape[0], 1) if shape else 1, str(path))
+            one = dtypes.deserialize_bytes(
+                raw, count // max(shape[0], 1) if shape else 1, str(path)
+            )
             return np.resize(one, shape)
         per_item = int(np.prod(spec.dims)) if len(spec.dims) else 1
         one = np.frombuffer(raw, dtype=dtype, count=per_item)
-        return np.broadcast_to(one, (*shape[:1], *spec.dims) if config.max_batch_size > 0 else shape).copy()
+        return np.broadcast_to(
+            one, (*shape[:1], *spec.dims) if config.max_batch_size > 0 else shape
+        ).copy()
     if dtype == np.object_:
         return np.full(shape, b"0" if kind != "random_data" else b"1", dtype=object)
     if kind == "random_data":
@@ -60,7 +70,9 @@ def run_warmup(config: mc.ModelConfig, version_path: Path, instances: Sequence[R
     outputs = [o.name for o in config.output]
     model_dir = version_path.parent
     for sample in config.model_warmup:
-        inputs = {n: _sample_input(config, sample, n, s, model_dir) for n, s in sample.inputs.items()}
+        inputs = {
+            n: _sample_input(config, sample, n, s, model_dir) for n, s in sample.inputs.items()
+        }
         for runtime in instances:
             for _ in range(max(sample.count, 1)):
                 try:
@@ -69,4 +81,9 @@ def run_warmup(config: mc.ModelConfig, version_path: Path, instances: Sequence[R
                     raise ModelLoadError(
                         f"model '{config.name}': warmup sample '{sample.name}' failed: {exc}"
                     ) from exc
-        log.info("model %r: warmup sample %r done on %d instance(s)", config.name, sample.name, len(instances))
+        log.info(
+            "model %r: warmup sample %r done on %d instance(s)",
+            config.name,
+            sample.name,
+            len(instances),
+        )

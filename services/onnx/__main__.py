@@ -8,11 +8,14 @@ from collections.abc import Sequence
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        from services.onnx.runtime import OnnxRuntime  # noqa: PLC0415 - heavy, optional extra
+        from services.onnx.runtime import OnnxRuntime
     except ImportError as exc:
-        print(f"onnxruntime is not installed ({exc}); install the extra: pip install '.[onnx]'", file=sys.stderr)
+        print(
+            f"onnxruntime is not installed ({exc}); install the extra: pip install '.[onnx]'",
+            file=sys.stderr,
+        )
         return 2
-    from services.core.server import run_service  # noqa: PLC0415
+    from services.core.server import run_service
 
     return run_service([OnnxRuntime], argv, prog="python -m services.onnx")
 

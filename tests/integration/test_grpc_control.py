@@ -40,7 +40,10 @@ def wait_for(predicate: object, timeout: float = 20) -> bool:
 def test_explicit_load_unload_and_override(repo_copy: Path) -> None:
     from services.onnx.runtime import OnnxRuntime
 
-    srv = ServerThread(settings_for(repo_copy, model_control_mode="explicit", startup_models=("simple",)), [OnnxRuntime]).start()
+    srv = ServerThread(
+        settings_for(repo_copy, model_control_mode="explicit", startup_models=("simple",)),
+        [OnnxRuntime],
+    ).start()
     c = grpcclient.InferenceServerClient(srv.grpc_url)
     try:
         assert c.is_model_ready("simple")
@@ -85,7 +88,9 @@ def test_explicit_load_unload_and_override(repo_copy: Path) -> None:
 def test_poll_mode_follows_versions(repo_copy: Path) -> None:
     from services.onnx.runtime import OnnxRuntime
 
-    srv = ServerThread(settings_for(repo_copy, model_control_mode="poll", repository_poll_secs=0.2), [OnnxRuntime]).start()
+    srv = ServerThread(
+        settings_for(repo_copy, model_control_mode="poll", repository_poll_secs=0.2), [OnnxRuntime]
+    ).start()
     c = grpcclient.InferenceServerClient(srv.grpc_url)
     try:
         assert c.get_model_metadata("simple", as_json=True)["versions"] == ["1"]
@@ -104,7 +109,11 @@ def test_poll_mode_follows_versions(repo_copy: Path) -> None:
         assert c.is_model_ready("simple", "1")
         # a new model appears, a model disappears
         shutil.copytree(repo_copy / "simple", repo_copy / "simple_copy")
-        cfg = (repo_copy / "simple_copy" / "config.pbtxt").read_text().replace('"simple"', '"simple_copy"')
+        cfg = (
+            (repo_copy / "simple_copy" / "config.pbtxt")
+            .read_text()
+            .replace('"simple"', '"simple_copy"')
+        )
         (repo_copy / "simple_copy" / "config.pbtxt").write_text(cfg)
         assert wait_for(lambda: c.is_model_ready("simple_copy"))
         shutil.rmtree(repo_copy / "mlp")
@@ -128,10 +137,16 @@ def test_system_shared_memory(onnx_server: ServerThread) -> None:
         c.register_system_shared_memory("out_region", "/meshserve_test_out", size * 2)
         status = c.get_system_shared_memory_status(as_json=True)["regions"]
         assert {"in_region", "out_region"} <= set(status)
-        inputs = [grpcclient.InferInput("INPUT0", [1, 16], "INT32"), grpcclient.InferInput("INPUT1", [1, 16], "INT32")]
+        inputs = [
+            grpcclient.InferInput("INPUT0", [1, 16], "INT32"),
+            grpcclient.InferInput("INPUT1", [1, 16], "INT32"),
+        ]
         inputs[0].set_shared_memory("in_region", size, 0)
         inputs[1].set_shared_memory("in_region", size, size)
-        outputs = [grpcclient.InferRequestedOutput("OUTPUT0"), grpcclient.InferRequestedOutput("OUTPUT1")]
+        outputs = [
+            grpcclient.InferRequestedOutput("OUTPUT0"),
+            grpcclient.InferRequestedOutput("OUTPUT1"),
+        ]
         outputs[0].set_shared_memory("out_region", size, 0)
         outputs[1].set_shared_memory("out_region", size, size)
         result = c.infer("simple", inputs, outputs=outputs)

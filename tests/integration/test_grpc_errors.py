@@ -57,7 +57,9 @@ def server(example_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         shutil.copytree(example_repo / "simple", root / name)
         (root / name / "config.pbtxt").write_text(text)
     shutil.copytree(example_repo / "simple", root / "broken_config")
-    (root / "broken_config" / "config.pbtxt").write_text('name: "broken_config"\nmax_batch_size: 8\ninput [ { name: "X" \n')
+    (root / "broken_config" / "config.pbtxt").write_text(
+        'name: "broken_config"\nmax_batch_size: 8\ninput [ { name: "X" \n'
+    )
     shutil.copytree(example_repo / "simple", root / "broken_model")
     (root / "broken_model" / "config.pbtxt").write_text(
         (example_repo / "simple" / "config.pbtxt").read_text().replace('"simple"', '"broken_model"')
@@ -88,7 +90,9 @@ def stub(server: ServerThread) -> Iterator[pbg.GRPCInferenceServiceStub]:
         channel.close()
 
 
-def make_inputs(shape: list[int], dtype: str = "INT32", names: tuple[str, ...] = ("INPUT0", "INPUT1")) -> list[grpcclient.InferInput]:
+def make_inputs(
+    shape: list[int], dtype: str = "INT32", names: tuple[str, ...] = ("INPUT0", "INPUT1")
+) -> list[grpcclient.InferInput]:
     np_dtype = {"INT32": np.int32, "FP32": np.float32, "INT64": np.int64}[dtype]
     out = []
     for n in names:
@@ -103,7 +107,14 @@ def assert_still_serving(client: grpcclient.InferenceServerClient, model: str = 
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.full((1, 16), 2, np.int32))
 
 
-def expect_error(client: grpcclient.InferenceServerClient, status: str, words: list[str], model: str, inputs: list[grpcclient.InferInput], **kw: object) -> None:
+def expect_error(
+    client: grpcclient.InferenceServerClient,
+    status: str,
+    words: list[str],
+    model: str,
+    inputs: list[grpcclient.InferInput],
+    **kw: object,
+) -> None:
     with pytest.raises(InferenceServerException) as info:
         client.infer(model, inputs, **kw)  # type: ignore[arg-type]
     assert info.value.status() == status, info.value
@@ -115,17 +126,72 @@ def expect_error(client: grpcclient.InferenceServerClient, status: str, words: l
 @pytest.mark.parametrize(
     ("model", "kwargs", "inputs", "status", "words"),
     [
-        ("no_such_model", {}, lambda: make_inputs([1, 16]), "StatusCode.NOT_FOUND", ["no_such_model"]),
-        ("simple", {"model_version": "9"}, lambda: make_inputs([1, 16]), "StatusCode.NOT_FOUND", ["version 9", "simple"]),
-        ("simple", {}, lambda: make_inputs([1, 16], names=("INPUT0", "WRONG")), "StatusCode.INVALID_ARGUMENT", ["WRONG"]),
-        ("simple", {}, lambda: make_inputs([1, 16], names=("INPUT0",)), "StatusCode.INVALID_ARGUMENT", ["INPUT1"]),
-        ("simple", {}, lambda: make_inputs([1, 16], names=("INPUT0", "INPUT1", "INPUT2")), "StatusCode.INVALID_ARGUMENT", ["INPUT2"]),
-        ("simple", {}, lambda: make_inputs([1, 16], dtype="FP32"), "StatusCode.INVALID_ARGUMENT", ["FP32", "INT32"]),
-        ("simple", {}, lambda: make_inputs([1, 15]), "StatusCode.INVALID_ARGUMENT", ["INPUT0", "15"]),
-        ("simple", {}, lambda: make_inputs([9, 16]), "StatusCode.INVALID_ARGUMENT", ["9", "max_batch_size", "8"]),
+        (
+            "no_such_model",
+            {},
+            lambda: make_inputs([1, 16]),
+            "StatusCode.NOT_FOUND",
+            ["no_such_model"],
+        ),
+        (
+            "simple",
+            {"model_version": "9"},
+            lambda: make_inputs([1, 16]),
+            "StatusCode.NOT_FOUND",
+            ["version 9", "simple"],
+        ),
+        (
+            "simple",
+            {},
+            lambda: make_inputs([1, 16], names=("INPUT0", "WRONG")),
+            "StatusCode.INVALID_ARGUMENT",
+            ["WRONG"],
+        ),
+        (
+            "simple",
+            {},
+            lambda: make_inputs([1, 16], names=("INPUT0",)),
+            "StatusCode.INVALID_ARGUMENT",
+            ["INPUT1"],
+        ),
+        (
+            "simple",
+            {},
+            lambda: make_inputs([1, 16], names=("INPUT0", "INPUT1", "INPUT2")),
+            "StatusCode.INVALID_ARGUMENT",
+            ["INPUT2"],
+        ),
+        (
+            "simple",
+            {},
+            lambda: make_inputs([1, 16], dtype="FP32"),
+            "StatusCode.INVALID_ARGUMENT",
+            ["FP32", "INT32"],
+        ),
+        (
+            "simple",
+            {},
+            lambda: make_inputs([1, 15]),
+            "StatusCode.INVALID_ARGUMENT",
+            ["INPUT0", "15"],
+        ),
+        (
+            "simple",
+            {},
+            lambda: make_inputs([9, 16]),
+            "StatusCode.INVALID_ARGUMENT",
+            ["9", "max_batch_size", "8"],
+        ),
     ],
 )
-def test_bad_request(client: grpcclient.InferenceServerClient, model: str, kwargs: dict[str, object], inputs: object, status: str, words: list[str]) -> None:
+def test_bad_request(
+    client: grpcclient.InferenceServerClient,
+    model: str,
+    kwargs: dict[str, object],
+    inputs: object,
+    status: str,
+    words: list[str],
+) -> None:
     expect_error(client, status, words, model, inputs(), **kwargs)  # type: ignore[operator]
 
 
@@ -138,7 +204,12 @@ def raw_request(**fields: object) -> pb.ModelInferRequest:
     return req
 
 
-def expect_raw_error(stub: pbg.GRPCInferenceServiceStub, req: pb.ModelInferRequest, code: grpc.StatusCode, words: list[str]) -> None:
+def expect_raw_error(
+    stub: pbg.GRPCInferenceServiceStub,
+    req: pb.ModelInferRequest,
+    code: grpc.StatusCode,
+    words: list[str],
+) -> None:
     with pytest.raises(grpc.RpcError) as info:
         stub.ModelInfer(req)
     assert info.value.code() == code, info.value
@@ -146,20 +217,31 @@ def expect_raw_error(stub: pbg.GRPCInferenceServiceStub, req: pb.ModelInferReque
         assert w in (info.value.details() or ""), info.value.details()
 
 
-def test_raw_byte_size_mismatch(stub: pbg.GRPCInferenceServiceStub, client: grpcclient.InferenceServerClient) -> None:
+def test_raw_byte_size_mismatch(
+    stub: pbg.GRPCInferenceServiceStub, client: grpcclient.InferenceServerClient
+) -> None:
     good = np.ones(16, np.int32).tobytes()
-    expect_raw_error(stub, raw_request(raw_input_contents=[good, good[:-4]]), grpc.StatusCode.INVALID_ARGUMENT, ["INPUT1", "60"])
+    expect_raw_error(
+        stub,
+        raw_request(raw_input_contents=[good, good[:-4]]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["INPUT1", "60"],
+    )
     assert_still_serving(client)
 
 
-def test_both_contents_and_raw(stub: pbg.GRPCInferenceServiceStub, client: grpcclient.InferenceServerClient) -> None:
+def test_both_contents_and_raw(
+    stub: pbg.GRPCInferenceServiceStub, client: grpcclient.InferenceServerClient
+) -> None:
     req = raw_request(raw_input_contents=[np.ones(16, np.int32).tobytes()] * 2)
     req.inputs[0].contents.int_contents.extend([1] * 16)
     expect_raw_error(stub, req, grpc.StatusCode.INVALID_ARGUMENT, ["raw"])
     assert_still_serving(client)
 
 
-def test_malformed_bytes_lengths(stub: pbg.GRPCInferenceServiceStub, client: grpcclient.InferenceServerClient) -> None:
+def test_malformed_bytes_lengths(
+    stub: pbg.GRPCInferenceServiceStub, client: grpcclient.InferenceServerClient
+) -> None:
     req = pb.ModelInferRequest(model_name="simple_identity_missing")
     req.inputs.add(name="INPUT0", datatype="BYTES", shape=[1, 2])
     req.raw_input_contents.append(b"\x05\x00\x00\x00abc")  # claims 5 bytes, has 3
@@ -168,11 +250,15 @@ def test_malformed_bytes_lengths(stub: pbg.GRPCInferenceServiceStub, client: grp
     assert_still_serving(client)
 
 
-def test_config_that_does_not_parse_and_invalid_model_file(client: grpcclient.InferenceServerClient) -> None:
+def test_config_that_does_not_parse_and_invalid_model_file(
+    client: grpcclient.InferenceServerClient,
+) -> None:
     index = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
     broken = index["broken_config"]
     assert broken["state"] == "UNAVAILABLE"
-    assert "config.pbtxt:" in broken["reason"] and ":3" in broken["reason"] or "line 3" in broken["reason"]
+    assert ("config.pbtxt:" in broken["reason"] and ":3" in broken["reason"]) or "line 3" in broken[
+        "reason"
+    ]
     bad_model = index["broken_model"]
     assert bad_model["state"] == "UNAVAILABLE"
     assert "model.onnx" in bad_model["reason"]
@@ -185,9 +271,13 @@ def test_config_that_does_not_parse_and_invalid_model_file(client: grpcclient.In
     assert_still_serving(client)
 
 
-def test_full_queue_is_resource_exhausted(client: grpcclient.InferenceServerClient, server: ServerThread) -> None:
+def test_full_queue_is_resource_exhausted(
+    client: grpcclient.InferenceServerClient, server: ServerThread
+) -> None:
     first: list[object] = []
-    waiting = threading.Thread(target=lambda: first.append(client.infer("slow", make_inputs([1, 16]))))
+    waiting = threading.Thread(
+        target=lambda: first.append(client.infer("slow", make_inputs([1, 16])))
+    )
     waiting.start()
     try:
         deadline = time.monotonic() + 10

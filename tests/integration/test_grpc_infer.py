@@ -95,7 +95,7 @@ def test_infer_strings_and_identity(client: grpcclient.InferenceServerClient) ->
     assert [int(x) for x in result.as_numpy("OUTPUT0")[0]] == [i + 1 for i in range(16)]
     assert [int(x) for x in result.as_numpy("OUTPUT1")[0]] == [i - 1 for i in range(16)]
 
-    data = np.array([["hello".encode(), b"", "żółw".encode()]], dtype=object)
+    data = np.array([[b"hello", b"", "żółw".encode()]], dtype=object)
     ident = grpcclient.InferInput("INPUT0", [1, 3], "BYTES")
     ident.set_data_from_numpy(data)
     out = client.infer("simple_identity", [ident]).as_numpy("OUTPUT0")
@@ -121,7 +121,9 @@ def test_mlp_and_cnn_with_classification(client: grpcclient.InferenceServerClien
     inp = grpcclient.InferInput("INPUT0", [2, 3, 64, 64], "FP32")
     inp.set_data_from_numpy(img)
     raw = client.infer("cnn", [inp]).as_numpy("OUTPUT0")
-    top = client.infer("cnn", [inp], outputs=[grpcclient.InferRequestedOutput("OUTPUT0", class_count=3)])
+    top = client.infer(
+        "cnn", [inp], outputs=[grpcclient.InferRequestedOutput("OUTPUT0", class_count=3)]
+    )
     classes = top.as_numpy("OUTPUT0")
     assert classes.shape == (2, 3)
     for row, scores in zip(classes, raw, strict=True):
@@ -138,7 +140,9 @@ def test_statistics_and_index(client: grpcclient.InferenceServerClient) -> None:
         client.infer("simple", simple_inputs(a, a))
     stats = client.get_inference_statistics("simple", "1", as_json=True)["model_stats"][0]
     assert stats["name"] == "simple" and stats["version"] == "1"
-    done = int(stats["inference_stats"]["success"]["count"]) - int(before.get("inference_stats", {}).get("success", {}).get("count", 0))
+    done = int(stats["inference_stats"]["success"]["count"]) - int(
+        before.get("inference_stats", {}).get("success", {}).get("count", 0)
+    )
     assert done == 3
     assert int(stats["inference_stats"]["compute_infer"]["ns"]) > 0
     assert stats["batch_stats"] and int(stats["batch_stats"][0]["batch_size"]) >= 1
@@ -174,7 +178,9 @@ def test_streaming(client: grpcclient.InferenceServerClient) -> None:
     assert len(errors) == 1 and "no_such_model" in str(errors[0])
 
 
-def test_concurrent_requests_are_batched(client: grpcclient.InferenceServerClient, onnx_server: ServerThread) -> None:
+def test_concurrent_requests_are_batched(
+    client: grpcclient.InferenceServerClient, onnx_server: ServerThread
+) -> None:
     """Many callers at once: the statistics show fewer executions than requests."""
     before = client.get_inference_statistics("mlp", as_json=True)["model_stats"][0]
     n_threads, per_thread = 16, 8

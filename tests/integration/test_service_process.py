@@ -35,12 +35,27 @@ def test_service_process_serves_and_drains_on_sigterm(example_repo: Path, tmp_pa
     root = tmp_path / "models"
     shutil.copytree(example_repo / "simple", root / "simple")
     shutil.copytree(example_repo / "simple", root / "slow")
-    (root / "slow" / "config.pbtxt").write_text(SLOW)  # inputs/outputs auto-completed from the model
+    (root / "slow" / "config.pbtxt").write_text(
+        SLOW
+    )  # inputs/outputs auto-completed from the model
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.onnx", "--model-repository", str(root),
-         "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "services.onnx",
+            "--model-repository",
+            str(root),
+            "--grpc-port",
+            str(grpc_port),
+            "--http-port",
+            str(http_port),
+            "--metrics-port",
+            str(metrics_port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
@@ -81,7 +96,11 @@ def test_service_process_serves_and_drains_on_sigterm(example_repo: Path, tmp_pa
         for t in threads:
             t.start()
         time.sleep(0.3)  # let them reach the queue (they wait there up to 0.7 s)
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+            .read()
+            .decode()
+        )
         assert 'nv_inference_pending_request_count{model="slow",version="1"} 3' in text
         proc.send_signal(signal.SIGTERM)
         for t in threads:
