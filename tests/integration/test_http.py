@@ -19,8 +19,6 @@ from tritonclient.utils import InferenceServerException
 
 from tests.support import ServerThread, settings_for
 
-HEADER = "Inference-Header-Content-Length"
-
 
 @pytest.fixture
 def client(onnx_server: ServerThread) -> Iterator[httpclient.InferenceServerClient]:

@@ -39,7 +39,7 @@ def _simple_json(rows: int = 1, datatype: str = "INT32", width: int = 16) -> dic
 
 async def _post(
     session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, Any]]:
+) -> tuple[int, Any]:
     async with session.post(url, data=body, headers=headers or {}) as resp:
         return resp.status, json.loads(await resp.read())
 
@@ -211,3 +211,16 @@ async def test_response_compressed_only_when_asked(
     elif expected == "deflate":
         raw = zlib.decompress(raw)
     assert json.loads(raw)["outputs"][0]["data"] == [2 * i for i in range(16)]
+
+
+async def test_repository_index_ready_filter(
+    onnx_server: ServerThread, session: aiohttp.ClientSession
+) -> None:
+    url = f"http://{onnx_server.http_url}/v2/repository/index"
+    status, entries = await _post(session, url, b'{"ready": true}')
+    assert status == 200 and entries
+    assert all(e["state"] == "READY" for e in entries)
+    status, doc = await _post(session, url, b'{"ready": "yes"}')
+    assert status == 400 and "'ready'" in doc["error"]
+    status, doc = await _post(session, url, b"")
+    assert status == 200 and {e["name"] for e in doc} >= {"simple", "cnn"}
