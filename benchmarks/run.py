@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from types import FrameType
+
+from tritonclient.utils import InferenceServerException
 
 from benchmarks.inprocess import run_in_process
 from benchmarks.perf import (
@@ -98,7 +102,12 @@ def run_target(
     try:
         with target.serve() as url, tempfile.TemporaryDirectory(prefix="meshserve-bench-") as tmp:
             for model in models:
-                data = write_input_data(url, model, Path(tmp), options.samples)
+                try:
+                    data = write_input_data(url, model, Path(tmp), options.samples)
+                except InferenceServerException as exc:
+                    errors.append(f"[{target.name}] {model}: model config: {exc}")
+                    print(f"  ERROR {model}: {exc}", file=sys.stderr)
+                    continue
                 for level in concurrency:
                     try:
                         row = run_perf_analyzer(url, target.name, model, level, options, data)
@@ -117,9 +126,15 @@ def run_target(
     return rows
 
 
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # SystemExit unwinds through the targets' context managers, so a started service is stopped.
+    sys.exit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; 0 unless nothing could be measured (or --strict and a goal failed)."""
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     concurrency, batches = _ints(args.concurrency), _ints(args.batches)
     options = PerfOptions(
