@@ -29,6 +29,9 @@ from services.core.warmup import run_warmup
 
 log = logging.getLogger(__name__)
 
+#: batches whose recent execution time (moving average) is below this run on the event loop
+INLINE_EXECUTION_NS = 150_000
+
 
 @dataclass(slots=True)
 class ItemResult:
@@ -83,6 +86,8 @@ class ServedModel:
             o.name: dtypes.triton_from_config(o.data_type) for o in config.output
         }
         self._input_names = [i.name for i in config.input]
+        #: moving average of batch execution time; starts high so the first batches use a worker
+        self._exec_ewma_ns = 10 * INLINE_EXECUTION_NS
         self.batcher: DynamicBatcher[InferRequest, ItemResult] = DynamicBatcher(
             batch_policy_from_config(config), self._run_batch, instances=len(self._instances)
         )
@@ -163,9 +168,15 @@ class ServedModel:
         loop = asyncio.get_running_loop()
         payloads = [it.payload for it in items]
         sizes = [it.batch_size for it in items]
-        t_in, t_infer, t_out, outputs = await loop.run_in_executor(
-            self._executor, self._execute, runtime, payloads, sizes
-        )
+        if self._exec_ewma_ns < INLINE_EXECUTION_NS and len(self._instances) == 1:
+            # Short executions run on the loop thread: a worker-thread round trip would cost
+            # more than the work itself (and the loop has nothing else to overlap it with).
+            t_in, t_infer, t_out, outputs = self._execute(runtime, payloads, sizes)
+        else:
+            t_in, t_infer, t_out, outputs = await loop.run_in_executor(
+                self._executor, self._execute, runtime, payloads, sizes
+            )
+        self._exec_ewma_ns += (t_in + t_infer + t_out - self._exec_ewma_ns) // 8
         total = sum(sizes) if self._batched else 1
         self.stats.record_execution(
             batch_size=total,
