@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from protos.gen.inference import model_config_pb2 as mc
@@ -28,45 +26,11 @@ from services.core.errors import (
     Unavailable,
 )
 from services.core.model import ServedModel
+from services.core.model_state import IndexEntry, ModelEntry, ModelState, VersionEntry
 from services.core.runtime import Runtime
 from services.core.settings import ServerSettings
 
 log = logging.getLogger(__name__)
-
-
-class ModelState(enum.StrEnum):
-    LOADING = "LOADING"
-    READY = "READY"
-    UNLOADING = "UNLOADING"
-    UNAVAILABLE = "UNAVAILABLE"
-
-
-@dataclass(slots=True)
-class VersionEntry:
-    version: int
-    state: ModelState
-    reason: str = ""
-    served: ServedModel | None = None
-    fingerprint: object = None
-
-
-@dataclass(slots=True)
-class ModelEntry:
-    name: str
-    state: ModelState = ModelState.UNAVAILABLE
-    reason: str = ""
-    config: mc.ModelConfig | None = None
-    versions: dict[int, VersionEntry] = field(default_factory=dict)
-    fingerprint: object = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
-@dataclass(frozen=True, slots=True)
-class IndexEntry:
-    name: str
-    version: str
-    state: str
-    reason: str
 
 
 class ModelManager:
