@@ -330,7 +330,7 @@ class ModelManager:
                 None,
                 None,
             )
-            log.info("model %r %s", entry.name, reason)
+            log.info("model %r unloaded (%s)", entry.name, reason)
 
     def _publish(self) -> None:
         """Rebuild the request-path look-up tables from the entries (cheap; on changes only)."""

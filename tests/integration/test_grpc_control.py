@@ -172,3 +172,68 @@ def test_system_shared_memory(onnx_server: ServerThread) -> None:
         shm.destroy_shared_memory_region(in_handle)
         shm.destroy_shared_memory_region(out_handle)
         c.close()
+
+
+SLOW = """
+name: "slow"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+dynamic_batching { max_queue_delay_microseconds: 600000 preferred_batch_size: [ 8 ] }
+"""
+
+
+def test_reload_and_unload_lose_nothing_in_flight(repo_copy: Path) -> None:
+    """Requests waiting in the queue when their model is reloaded or unloaded still complete."""
+    import threading
+
+    from services.onnx.runtime import OnnxRuntime
+
+    shutil.copytree(repo_copy / "simple", repo_copy / "slow")
+    (repo_copy / "slow" / "config.pbtxt").write_text(SLOW)
+    srv = ServerThread(
+        settings_for(repo_copy, model_control_mode="explicit", startup_models=("slow",)),
+        [OnnxRuntime],
+    ).start()
+    c = grpcclient.InferenceServerClient(srv.grpc_url)
+    try:
+        for action in ("reload", "unload"):
+            results: list[int] = []
+            errors: list[BaseException] = []
+
+            def one(value: int) -> None:
+                client = grpcclient.InferenceServerClient(srv.grpc_url)
+                try:
+                    results.append(
+                        int(client.infer("slow", simple_inputs(value)).as_numpy("OUTPUT0")[0, 0])
+                    )
+                except BaseException as exc:
+                    errors.append(exc)
+                finally:
+                    client.close()
+
+            threads = [threading.Thread(target=one, args=(v,)) for v in (1, 2, 3)]
+            for t in threads:
+                t.start()
+            assert wait_for(
+                lambda: (
+                    srv.running is not None
+                    and srv.running.manager.get("slow", "").batcher.pending == 3
+                )
+            )
+            if action == "reload":
+                config = c.get_model_config("slow", as_json=True)["config"]
+                config["dynamic_batching"]["max_queue_delay_microseconds"] = 700000
+                c.load_model("slow", config=json.dumps(config))
+            else:
+                c.unload_model("slow")
+            for t in threads:
+                t.join(30)
+            assert not errors, errors
+            assert sorted(results) == [2, 4, 6]
+            if action == "reload":
+                reloaded = c.get_model_config("slow", as_json=True)["config"]
+                assert reloaded["dynamic_batching"]["max_queue_delay_microseconds"] == 700000
+        assert not c.is_model_ready("slow")
+    finally:
+        c.close()
+        srv.stop()
