@@ -200,7 +200,9 @@ def test_reload_and_unload_lose_nothing_in_flight(repo_copy: Path) -> None:
             results: list[int] = []
             errors: list[BaseException] = []
 
-            def one(value: int) -> None:
+            def one(
+                value: int, results: list[int] = results, errors: list[BaseException] = errors
+            ) -> None:
                 client = grpcclient.InferenceServerClient(srv.grpc_url)
                 try:
                     results.append(
@@ -232,7 +234,7 @@ def test_reload_and_unload_lose_nothing_in_flight(repo_copy: Path) -> None:
             assert sorted(results) == [2, 4, 6]
             if action == "reload":
                 reloaded = c.get_model_config("slow", as_json=True)["config"]
-                assert reloaded["dynamic_batching"]["max_queue_delay_microseconds"] == 700000
+                assert int(reloaded["dynamic_batching"]["max_queue_delay_microseconds"]) == 700000
         assert not c.is_model_ready("slow")
     finally:
         c.close()
