@@ -20,9 +20,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from protos.gen.inference import model_config_pb2 as mc
-from services.core.errors import InvalidArgument, ModelLoadError, Unavailable
+from services.core.errors import InternalError, InvalidArgument, ModelLoadError, Unavailable
 from services.core.requests import Array
 from services.core.runtime import InstanceSpec, Runtime
 from services.onnx import autocomplete as ac
@@ -136,7 +137,18 @@ class OnnxRuntime(Runtime):
                 for name, array in feed.items()
             }
         names = list(outputs) if outputs else self._output_names
-        results = session.run(names, feed, self._run_options)
+        try:
+            results = session.run(names, feed, self._run_options)
+        except _ORT_INVALID_ARGUMENT as exc:
+            raise InvalidArgument(
+                f"model '{self.name}': onnxruntime rejected the inputs: {_ort_reason(exc)}"
+            ) from exc
+        except _ORT_FAILURES as exc:
+            # The model ran and failed on these values (e.g. a Cast of a string that is not a
+            # number): say what onnxruntime said, not only "internal error".
+            raise InternalError(
+                f"model '{self.name}' failed while running: {_ort_reason(exc)}"
+            ) from exc
         produced = dict(zip(names, results, strict=True))
         if self._text_outputs:
             for name in self._text_outputs.intersection(names):
@@ -146,6 +158,16 @@ class OnnxRuntime(Runtime):
     def unload(self) -> None:
         self._session = None
         self._run_options = None
+
+
+_ORT_INVALID_ARGUMENT = ort_state.InvalidArgument
+_ORT_FAILURES = (ort_state.RuntimeException, ort_state.Fail, ort_state.EPFail)
+
+
+def _ort_reason(exc: Exception) -> str:
+    """onnxruntime's status message without its "[ONNXRuntimeError] : 6 : CODE :" prefix."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.rsplit(" : ", 1)[-1] if text.startswith("[ONNXRuntimeError]") else text
 
 
 def _expected_shape(io: Any, batching: bool) -> list[int]:

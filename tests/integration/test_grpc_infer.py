@@ -230,3 +230,22 @@ def test_asyncio_client(onnx_server: ServerThread) -> None:
             await client.close()
 
     asyncio.run(main())
+
+
+def test_runtime_failure_is_reported_and_server_keeps_serving(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    """A string that is not a number makes the model's Cast fail: the caller learns why."""
+    bad = np.array([[b"twelve"] * 16], dtype=object)
+    i0 = grpcclient.InferInput("INPUT0", [1, 16], "BYTES")
+    i1 = grpcclient.InferInput("INPUT1", [1, 16], "BYTES")
+    i0.set_data_from_numpy(bad)
+    i1.set_data_from_numpy(bad)
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("simple_string", [i0, i1])
+    assert info.value.status() == "StatusCode.INTERNAL"
+    assert "simple_string" in info.value.message() and "Cast" in info.value.message()
+    good = np.array([[b"1"] * 16], dtype=object)
+    i0.set_data_from_numpy(good)
+    i1.set_data_from_numpy(good)
+    assert client.infer("simple_string", [i0, i1]).as_numpy("OUTPUT0")[0, 0] == b"2"
