@@ -249,3 +249,19 @@ def test_runtime_failure_is_reported_and_server_keeps_serving(
     i0.set_data_from_numpy(good)
     i1.set_data_from_numpy(good)
     assert client.infer("simple_string", [i0, i1]).as_numpy("OUTPUT0")[0, 0] == b"2"
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_messages(client: grpcclient.InferenceServerClient, algorithm: str) -> None:
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    result = client.infer("simple", simple_inputs(a, a), compression_algorithm=algorithm)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + a)
+
+
+def test_priority_and_timeout_parameters_are_accepted(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    """simple has one priority level: any priority maps to it (as in Triton)."""
+    a = np.ones((1, 16), dtype=np.int32)
+    result = client.infer("simple", simple_inputs(a, a), priority=1, timeout=10_000_000)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), np.zeros((1, 16), np.int32))
