@@ -42,6 +42,7 @@ SOURCES: tuple[ProtoSource, ...] = (
     ProtoSource("inference/model_config.proto", "model_config.proto", "inference"),
     ProtoSource("inference/grpc_service.proto", "grpc_service.proto", "inference"),
     ProtoSource("health/health.proto", "grpc_health/v1/health.proto", "health"),
+    ProtoSource("meshserve/registry.proto", "meshserve/registry.proto", "meshserve"),
 )
 
 _SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
