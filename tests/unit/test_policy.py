@@ -39,5 +39,5 @@ def test_policies_survive_a_restart(tmp_path: Path) -> None:
 def test_corrupt_policy_file_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "policies.json"
     path.write_text("{not json")
-    with pytest.raises(PolicyError, match="policies.json"):
+    with pytest.raises(PolicyError, match=r"policies\.json"):
         PolicyStore(path)
