@@ -26,6 +26,9 @@ from services.core.log_settings import apply_log_settings
 
 log = logging.getLogger(__name__)
 
+#: set by the gateway: the model version its route (or traffic split) chose for this call
+VERSION_HEADER = "meshserve-version"
+
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -52,6 +55,14 @@ def _translate(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
     return wrapper
 
 
+def _routed_version(context: Ctx) -> str:
+    """The version the gateway chose, from the ``meshserve-version`` header ("" when absent)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == VERSION_HEADER:
+            return value if isinstance(value, str) else value.decode()
+    return ""
+
+
 class InferenceServicer(pbg.GRPCInferenceServiceServicer):
     def __init__(self, plane: DataPlane) -> None:
         self._plane = plane
@@ -73,7 +84,9 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: Ctx
     ) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=self._plane.model_ready(request.name, request.version))
+        return pb.ModelReadyResponse(
+            ready=self._plane.model_ready(request.name, request.version or _routed_version(context))
+        )
 
     @_translate
     async def ServerMetadata(
@@ -85,14 +98,16 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Ctx
     ) -> pb.ModelMetadataResponse:
-        return self._plane.model_metadata(request.name, request.version)
+        return self._plane.model_metadata(request.name, request.version or _routed_version(context))
 
     @_translate
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: Ctx
     ) -> pb.ModelConfigResponse:
         return pb.ModelConfigResponse(
-            config=self._plane.model_config(request.name, request.version)
+            config=self._plane.model_config(
+                request.name, request.version or _routed_version(context)
+            )
         )
 
     @_translate
@@ -109,6 +124,8 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         arrival = time.monotonic_ns()
         req = decode_infer_request(request, self._plane.shm)
         req.arrival_ns = arrival
+        if not req.model_version:
+            req.model_version = _routed_version(context)
         return encode_infer_response(await self._plane.infer(req))
 
     async def ModelStreamInfer(
@@ -117,6 +134,7 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         """Requests of one stream run concurrently (so they can share batches); each response is
         written when ready, with the request's id; an error answers that request only."""
         results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        routed = _routed_version(context)
         tasks: set[asyncio.Task[None]] = set()
 
         async def one(msg: pb.ModelInferRequest) -> None:
@@ -124,6 +142,8 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
             try:
                 req = decode_infer_request(msg, self._plane.shm)
                 req.arrival_ns = arrival
+                if not req.model_version:
+                    req.model_version = routed
                 resp = encode_infer_response(await self._plane.infer(req))
                 await results.put(pb.ModelStreamInferResponse(infer_response=resp))
             except Exception as exc:

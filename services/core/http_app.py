@@ -31,6 +31,9 @@ from services.core.log_settings import apply_log_settings, current_settings
 
 log = logging.getLogger(__name__)
 
+#: set by the gateway: the model version its route (or traffic split) chose
+VERSION_HEADER = "meshserve-version"
+
 #: tritonclient sends whole tensors in one body; allow what gRPC allows (INT32_MAX bytes)
 MAX_BODY_BYTES = 2**31 - 1
 
@@ -101,7 +104,9 @@ def _plane(request: web.Request) -> DataPlane:
 
 
 def _model(request: web.Request) -> tuple[str, str]:
-    return request.match_info["model"], request.match_info.get("version", "")
+    # The gateway names the version it chose (traffic split) in a header when the path has none.
+    version = request.match_info.get("version", "") or request.headers.get(VERSION_HEADER, "")
+    return request.match_info["model"], version
 
 
 async def _body(request: web.Request, what: str) -> js.JsonObject:

@@ -239,3 +239,44 @@ def test_reload_and_unload_lose_nothing_in_flight(repo_copy: Path) -> None:
     finally:
         c.close()
         srv.stop()
+
+
+def test_gateway_version_header_picks_the_version(repo_copy: Path) -> None:
+    """The gateway names the version its split chose in `meshserve-version`; the body wins."""
+    import tritonclient.http as httpclient
+
+    from services.onnx.runtime import OnnxRuntime
+
+    shutil.copytree(repo_copy / "simple" / "1", repo_copy / "simple" / "2")
+    cfg = (repo_copy / "simple" / "config.pbtxt").read_text()
+    (repo_copy / "simple" / "config.pbtxt").write_text(cfg + "\nversion_policy: { all { } }\n")
+    srv = ServerThread(settings_for(repo_copy), [OnnxRuntime]).start()
+    c = grpcclient.InferenceServerClient(srv.grpc_url)
+    h = httpclient.InferenceServerClient(srv.http_url)
+    try:
+        no_header = c.infer("simple", simple_inputs()).get_response().model_version
+        assert no_header == "2"  # highest ready version
+        routed = c.infer("simple", simple_inputs(), headers={"meshserve-version": "1"})
+        assert routed.get_response().model_version == "1"
+        explicit = c.infer(
+            "simple", simple_inputs(), model_version="2", headers={"meshserve-version": "1"}
+        )
+        assert explicit.get_response().model_version == "2"
+        assert c.get_model_metadata("simple", headers={"meshserve-version": "1"}).versions == [
+            "1",
+            "2",
+        ]
+        ins = [httpclient.InferInput(n, [1, 16], "INT32") for n in ("INPUT0", "INPUT1")]
+        for i in ins:
+            i.set_data_from_numpy(np.ones((1, 16), np.int32))
+        assert (
+            h.infer("simple", ins, headers={"meshserve-version": "1"}).get_response()[
+                "model_version"
+            ]
+            == "1"
+        )
+        assert h.infer("simple", ins).get_response()["model_version"] == "2"
+    finally:
+        c.close()
+        h.close()
+        srv.stop()
