@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from protos.gen.inference import model_config_pb2 as mc
@@ -45,6 +45,8 @@ class ModelManager:
         self._latest: dict[str, ServedModel] = {}
         self._poll_task: asyncio.Task[None] | None = None
         self._closed = False
+        #: called (on the loop thread) after every change of what is served, e.g. to re-register
+        self.on_change: Callable[[], None] | None = None
 
     # ---- requests -------------------------------------------------------------------------
     def get(self, name: str, version: str) -> ServedModel:
@@ -343,6 +345,8 @@ class ModelManager:
                     ready[(name, str(number))] = v.served
                     latest[name] = v.served
         self._ready, self._latest = ready, latest
+        if self.on_change is not None:
+            self.on_change()
 
     async def poll_once(self) -> None:
         """One repository scan: load added/changed models, unload removed ones."""

@@ -1,8 +1,10 @@
 """Process assembly: model manager + data plane + gRPC, HTTP and metrics listeners + health.
 
 ``start_server`` binds everything (port 0 allowed) and returns a handle; ``serve`` runs until
-SIGINT/SIGTERM and shuts down gracefully: health turns NOT_SERVING for good, listeners stop
-taking new requests, in-flight requests finish (batchers drain), then models are unloaded.
+SIGINT/SIGTERM and shuts down gracefully: the service deregisters from the mesh (so Envoy stops
+sending), health turns NOT_SERVING for good, listeners stop taking new requests, in-flight
+requests finish (batchers drain), then models are unloaded. With ``control_plane`` or ``consul``
+set, a registrar announces the service once its models are loaded and again on every change.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from aiohttp import web
@@ -30,6 +32,13 @@ from services.core.metrics import (
     ModelMetricsSource,
     TritonMetricsCollector,
     start_metrics_server,
+)
+from services.core.registration import (
+    ConsulRegistrar,
+    Registrar,
+    RegistrationLoop,
+    manager_models,
+    service_identity,
 )
 from services.core.runtime import Runtime
 from services.core.settings import ServerSettings, settings_from_args
@@ -49,10 +58,14 @@ class RunningServer:
     http_port: int
     metrics_server: MetricsServer | None
     metrics_port: int
+    registrar: RegistrationLoop | None = field(default=None)
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop: not ready, no new requests, in-flight ones finish, models unloaded."""
         grace = self.settings.exit_timeout_secs if grace is None else grace
+        if self.registrar is not None:
+            self.manager.on_change = None
+            await self.registrar.close()
         log.info("shutting down: draining in-flight requests (up to %.0f s)", grace)
         self.plane.state.ready = False
         await self.health.enter_shutdown()
@@ -76,6 +89,32 @@ def _metrics_sources(manager: ModelManager) -> list[ModelMetricsSource]:
         )
         for m in manager.ready_models()
     ]
+
+
+def build_registrar(
+    settings: ServerSettings,
+    manager: ModelManager,
+    grpc_port: int,
+    http_port: int,
+    metrics_port: int,
+) -> RegistrationLoop | None:
+    """The registrar the settings ask for (embedded registry or Consul), or None if standalone."""
+    if not (settings.control_plane or settings.consul):
+        return None
+    if not settings.family:
+        raise ValueError(
+            "settings.family must name the service's framework family (e.g. 'onnx') to register "
+            "with the mesh; run_service() takes it from the service's __main__"
+        )
+    identity = service_identity(settings.family, settings.host, grpc_port, http_port, metrics_port)
+    if settings.control_plane:
+        return Registrar(
+            settings.control_plane,
+            identity,
+            manager_models(manager),
+            settings.registration_ttl_secs,
+        )
+    return ConsulRegistrar(settings.consul, identity, manager_models(manager))
 
 
 async def start_server(
@@ -141,6 +180,14 @@ async def start_server(
     plane.state.ready = True
     await health.set_serving(True)
     log.info("ready: %d model version(s) serving", len(manager.ready_models()))
+    try:
+        running.registrar = build_registrar(settings, manager, grpc_port, http_port, metrics_port)
+    except BaseException:
+        await running.stop(grace=0)
+        raise
+    if running.registrar is not None:
+        manager.on_change = running.registrar.notify
+        await running.registrar.start()
     return running
 
 
@@ -155,9 +202,11 @@ async def serve(settings: ServerSettings, runtimes: Sequence[type[Runtime]]) -> 
     await running.stop()
 
 
-def run_service(runtimes: Sequence[type[Runtime]], argv: Sequence[str] | None, prog: str) -> int:
-    """Entry point shared by every framework service's ``__main__``."""
-    settings = settings_from_args(argv, prog)
+def run_service(
+    runtimes: Sequence[type[Runtime]], argv: Sequence[str] | None, prog: str, family: str = ""
+) -> int:
+    """Entry point shared by every framework service's ``__main__`` (``family``: e.g. "onnx")."""
+    settings = settings_from_args(argv, prog, family)
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

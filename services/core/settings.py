@@ -42,9 +42,17 @@ class ServerSettings:
     server_name: str = "meshserve"
     #: log level name for the service's loggers
     log_level: str = "INFO"
+    #: host:port of the control plane's embedded registry to register with ("" = standalone)
+    control_plane: str = ""
+    #: host:port of the local Consul agent to register with instead ("" = no Consul)
+    consul: str = ""
+    #: framework family this service reports (onnx, torch, ...); set by each service's __main__
+    family: str = ""
+    #: lease asked of the embedded registry, in seconds (heartbeats every third of it)
+    registration_ttl_secs: float = 3.0
 
 
-def settings_from_args(argv: Sequence[str] | None, prog: str) -> ServerSettings:
+def settings_from_args(argv: Sequence[str] | None, prog: str, family: str = "") -> ServerSettings:
     """Parse a service's command line into settings (flag names follow tritonserver's)."""
     p = argparse.ArgumentParser(prog=prog, description="Serve a Triton-layout model repository.")
     p.add_argument("--model-repository", required=True, type=Path)
@@ -57,7 +65,12 @@ def settings_from_args(argv: Sequence[str] | None, prog: str) -> ServerSettings:
     p.add_argument("--repository-poll-secs", type=float, default=15.0)
     p.add_argument("--exit-timeout-secs", type=float, default=30.0)
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--control-plane", default="", help="host:port of the mesh registry")
+    p.add_argument("--consul", default="", help="host:port of the local Consul agent")
+    p.add_argument("--registration-ttl-secs", type=float, default=3.0)
     a = p.parse_args(argv)
+    if a.control_plane and a.consul:
+        p.error("register with one registry: give --control-plane or --consul, not both")
     return ServerSettings(
         model_repository=a.model_repository,
         host=a.host,
@@ -69,4 +82,8 @@ def settings_from_args(argv: Sequence[str] | None, prog: str) -> ServerSettings:
         repository_poll_secs=a.repository_poll_secs,
         exit_timeout_secs=a.exit_timeout_secs,
         log_level=a.log_level.upper(),
+        control_plane=a.control_plane,
+        consul=a.consul,
+        family=family,
+        registration_ttl_secs=a.registration_ttl_secs,
     )

@@ -17,7 +17,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from services.core.server import run_service
 
-    return run_service([OnnxRuntime], argv, prog="python -m services.onnx")
+    return run_service([OnnxRuntime], argv, prog="python -m services.onnx", family="onnx")
 
 
 if __name__ == "__main__":
