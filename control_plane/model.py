@@ -40,7 +40,7 @@ class ServiceInstance:
 
 @dataclass(frozen=True, slots=True)
 class TrafficPolicy:
-    """Weights over a model's versions for requests that name no version (e.g. {"1": 90, "2": 10})."""
+    """Weights over versions for requests that name no version, e.g. {"1": 90, "2": 10}."""
 
     model: str
     weights: Mapping[str, int] = field(default_factory=dict)
