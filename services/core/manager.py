@@ -33,6 +33,14 @@ from services.core.settings import ServerSettings
 log = logging.getLogger(__name__)
 
 
+def _check_model_name(name: str) -> None:
+    """A model name is one folder of the repository: not empty, no path separators."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise InvalidArgument(
+            f"'{name}' is not a model name; give the name of a folder of the repository"
+        )
+
+
 class ModelManager:
     """Owns every model of one service. Use from the event loop thread only."""
 
@@ -135,6 +143,7 @@ class ModelManager:
             raise Unavailable(
                 "explicit model load/unload is not allowed when model control mode is 'none'"
             )
+        _check_model_name(name)
         await self._load(name, override, files)
         entry = self._models[name]
         if not any(v.state is ModelState.READY for v in entry.versions.values()):
@@ -150,6 +159,7 @@ class ModelManager:
             raise Unavailable(
                 "explicit model load/unload is not allowed when model control mode is 'none'"
             )
+        _check_model_name(name)
         entry = self._models.get(name)
         if entry is None:
             if name not in repo.scan_repository(self._root):

@@ -1,0 +1,67 @@
+"""Control plane process: ``python -m control_plane [--control-port 8010] [--consul ADDR]``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from control_plane.app import ControlPlane, ControlPlaneSettings
+
+log = logging.getLogger("control_plane")
+
+
+def settings_from_args(argv: Sequence[str] | None) -> ControlPlaneSettings:
+    p = argparse.ArgumentParser(prog="python -m control_plane", description=__doc__)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--control-port", type=int, default=8010, help="ADS + embedded registry (gRPC)")
+    p.add_argument("--front-grpc-port", type=int, default=0)
+    p.add_argument("--front-http-port", type=int, default=0)
+    p.add_argument("--gateway-grpc-port", type=int, default=8001)
+    p.add_argument("--gateway-http-port", type=int, default=8000)
+    p.add_argument("--policy-file", type=Path, default=None, help="where traffic splits persist")
+    p.add_argument("--consul", default="", help="Consul agent address (default: embedded registry)")
+    a = p.parse_args(argv)
+    return ControlPlaneSettings(
+        host=a.host,
+        control_port=a.control_port,
+        front_grpc_port=a.front_grpc_port,
+        front_http_port=a.front_http_port,
+        gateway_grpc_port=a.gateway_grpc_port,
+        gateway_http_port=a.gateway_http_port,
+        policy_file=a.policy_file,
+        consul=a.consul,
+    )
+
+
+async def serve(settings: ControlPlaneSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    plane = ControlPlane(settings)
+    await plane.start()
+    try:
+        await stop.wait()
+    finally:
+        await plane.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(serve(settings_from_args(argv)))
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

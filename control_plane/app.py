@@ -1,0 +1,181 @@
+"""The control plane process: registry ─▶ MeshState ─▶ translate ─▶ snapshot ─▶ ADS, plus the front.
+
+One gRPC server on the control port carries ADS (for Envoy) and the embedded registry (for the
+services); the front listens on its own gRPC and HTTP ports, which the gateway routes to. Every
+registry or policy change produces a new MeshState; an inconsistent snapshot is refused (logged)
+and Envoy keeps the last good one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+from aiohttp import web
+from envoy.service.discovery.v3 import ads_pb2_grpc
+
+from control_plane.admin import add_admin_routes
+from control_plane.ads import AdsServicer
+from control_plane.consul import ConsulSource
+from control_plane.front import add_front_to_server
+from control_plane.front_core import Front
+from control_plane.front_http import build_front_app
+from control_plane.model import Address, MeshState, ServiceInstance
+from control_plane.policy import PolicyStore
+from control_plane.registry import Registry, RegistryServicer
+from control_plane.snapshot import InconsistentSnapshot, SnapshotCache, make_snapshot
+from control_plane.translate import translate
+from protos.gen.meshserve import registry_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class Source(Protocol):
+    """What the control plane reads from a registry backend (embedded or Consul)."""
+
+    @property
+    def version(self) -> int: ...
+
+    def instances(self) -> tuple[ServiceInstance, ...]: ...
+
+    async def wait_changed(self, since_version: int) -> int: ...
+
+    def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ControlPlaneSettings:
+    #: address every listener of the control plane and the gateway binds (loopback by default)
+    host: str = "127.0.0.1"
+    #: ADS + embedded registry (gRPC); services point --control-plane here
+    control_port: int = 8010
+    #: the front's own ports (the gateway routes server-level and unknown-model calls there)
+    front_grpc_port: int = 0
+    front_http_port: int = 0
+    #: the ports the gateway's listeners take (clients use these)
+    gateway_grpc_port: int = 8001
+    gateway_http_port: int = 8000
+    #: where traffic policies persist (None: memory only)
+    policy_file: Path | None = None
+    #: Consul agent address; empty = the embedded registry
+    consul: str = ""
+
+
+class ControlPlane:
+    def __init__(self, settings: ControlPlaneSettings) -> None:
+        self.settings = settings
+        self.registry: Registry | None = None if settings.consul else Registry()
+        self.source: Source = (
+            self.registry if self.registry is not None else ConsulSource(settings.consul)
+        )
+        self.policies = PolicyStore(settings.policy_file)
+        self.cache = SnapshotCache()
+        self.ads = AdsServicer(self.cache)
+        self.front = Front(self.mesh_state)
+        self.control_port = 0
+        self.front_grpc_port = 0
+        self.front_http_port = 0
+        self._control_server: grpc.aio.Server | None = None
+        self._front_server: grpc.aio.Server | None = None
+        self._http: web.AppRunner | None = None
+        self._reconcile_task: asyncio.Task[None] | None = None
+
+    def mesh_state(self) -> MeshState:
+        s = self.settings
+        return MeshState(
+            instances=self.source.instances(),
+            policies=self.policies.all(),
+            front_grpc=Address(s.host, self.front_grpc_port) if self.front_grpc_port else None,
+            front_http=Address(s.host, self.front_http_port) if self.front_http_port else None,
+        )
+
+    def publish(self) -> str | None:
+        """Translate the current state and hand the snapshot to ADS; returns its version."""
+        s = self.settings
+        resources = translate(
+            self.mesh_state(),
+            grpc_port=s.gateway_grpc_port,
+            http_port=s.gateway_http_port,
+            host=s.host,
+        )
+        snapshot = make_snapshot(resources)
+        try:
+            if self.cache.set(snapshot):
+                log.info(
+                    "xDS snapshot %s: %d cluster(s), %d endpoint set(s)",
+                    snapshot.version[:12],
+                    len(resources.clusters),
+                    len(resources.endpoints),
+                )
+        except InconsistentSnapshot as exc:
+            log.error("refused an inconsistent snapshot (Envoy keeps the last good one): %s", exc)
+            return None
+        return snapshot.version
+
+    async def start(self) -> None:
+        s = self.settings
+        control = grpc.aio.server()
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.ads, control)
+        if self.registry is not None:
+            registry_pb2_grpc.add_RegistryServicer_to_server(
+                RegistryServicer(self.registry), control
+            )  # type: ignore[no-untyped-call]
+        self.control_port = control.add_insecure_port(f"{s.host}:{s.control_port}")
+        if not self.control_port:
+            raise OSError(f"cannot bind the control port {s.host}:{s.control_port}")
+        front = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", 2**31 - 1),
+                ("grpc.max_receive_message_length", 2**31 - 1),
+            ]
+        )
+        add_front_to_server(self.front, front)
+        self.front_grpc_port = front.add_insecure_port(f"{s.host}:{s.front_grpc_port}")
+        if not self.front_grpc_port:
+            raise OSError(f"cannot bind the front's gRPC port {s.host}:{s.front_grpc_port}")
+        app = build_front_app(self.mesh_state, front=self.front)
+        add_admin_routes(app, self)
+        self._http = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._http.setup()
+        site = web.TCPSite(self._http, s.host, s.front_http_port, reuse_address=True)
+        await site.start()
+        self.front_http_port = self._http.addresses[0][1]
+        self.source.start()
+        await control.start()
+        await front.start()
+        self._control_server, self._front_server = control, front
+        self.publish()
+        self._reconcile_task = asyncio.create_task(self._reconcile(), name="reconcile")
+        log.info(
+            "control plane: ADS+registry on %s:%d, front gRPC :%d, front HTTP :%d",
+            s.host,
+            self.control_port,
+            self.front_grpc_port,
+            self.front_http_port,
+        )
+
+    async def _reconcile(self) -> None:
+        seen = self.source.version
+        while True:
+            seen = await self.source.wait_changed(seen)
+            self.publish()
+
+    async def stop(self) -> None:
+        if self._reconcile_task is not None:
+            self._reconcile_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconcile_task
+        for server in (self._front_server, self._control_server):
+            if server is not None:
+                await server.stop(1.0)
+        if self._http is not None:
+            await self._http.cleanup()
+        await self.front.close()
+        await self.source.close()

@@ -1,0 +1,386 @@
+"""The front's transport-agnostic core: registry look-ups, forwarding, fan-out and merging.
+
+Where it sits: Envoy routes each model-scoped request to its model's cluster; everything else
+(server-level RPCs, model control, shared memory) and every model-scoped request Envoy could not
+route (an unknown model, or a compressed message its body-field extraction cannot read) reaches
+the control plane's front. ``front.py`` (gRPC) and ``front_http.py`` (REST) are thin adapters
+over the ``Front`` here, which reaches the services over grpc.aio, one cached channel per
+instance address.
+
+Decisions (documented here, to be folded into DESIGN):
+
+* ServerReady: true when the registry has at least one instance and no instance reports a model
+  version LOADING (a mesh still loading is not ready, as Triton is not while it loads).
+* ServerMetadata extensions: the intersection of what every answering service advertises and
+  what the front itself can route (``FRONT_EXTENSIONS``); the front's own set when none answers.
+* RepositoryIndex: every instance asked concurrently (``fanout_timeout``); one that fails is
+  skipped and logged; entries merged by (name, version), a READY entry winning.
+* Load/Unload go to the owners (instances whose index lists the model, loaded or not); with
+  several replicas all must succeed. No owner: NOT_FOUND naming the model.
+* Shared memory (system, CUDA), log and trace settings: made on every instance (co-located
+  mesh), all must succeed; the answer (e.g. status) is the first instance's.
+* Model-scoped requests go to an instance that has the version READY in the registry (round
+  robin); failing that, to one that has it registered in another state, so the service gives its
+  own reason; otherwise NOT_FOUND "unknown model '<name>'". ModelReady answers ready=false
+  instead of an error, as Triton does. Streams are pinned by their first message.
+* ModelStatistics: asked of every instance that has the model (every instance for an empty
+  name); entries of one (name, version) from several replicas are summed.
+
+Errors are ``FrontError`` (gRPC status + message; the HTTP code comes from one table in
+front_http); a service's own error keeps its status and message. Each transport translates them
+in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from control_plane.model import Address, MeshState, ServiceInstance
+from protos.gen.inference import grpc_service_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "meshserve"
+LOADING = "LOADING"
+#: what the front can route for the whole mesh (over both transports)
+FRONT_EXTENSIONS = (
+    "classification",
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "schedule_policy",
+    "model_configuration",
+    "system_shared_memory",
+    "binary_tensor_data",
+    "parameters",
+    "statistics",
+    "logging",
+)
+#: tritonclient allows messages up to INT32_MAX; so do the services and the front
+MAX_MESSAGE_BYTES = 2**31 - 1
+_SERVICE = "/inference.GRPCInferenceService/"
+
+M = TypeVar("M", bound=Message)
+
+
+def serialize(message: Message) -> bytes:
+    """A request's wire bytes (the grpc serializer for every RPC the front sends)."""
+    return message.SerializeToString()
+
+
+def server_version() -> str:
+    """The installed meshserve version (the services report the same package's)."""
+    try:
+        return importlib.metadata.version("meshserve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+class FrontError(Exception):
+    """The front's one error type: a gRPC status and a message for the user (front_http maps
+    the status to its HTTP code)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def unknown_model(cls, name: str) -> FrontError:
+        return cls(grpc.StatusCode.NOT_FOUND, f"unknown model '{name}'")
+
+    @classmethod
+    def from_rpc(cls, exc: grpc.aio.AioRpcError, inst: ServiceInstance) -> FrontError:
+        """A service's answer keeps its status and message; a transport failure names the hop."""
+        code, details = exc.code(), exc.details() or ""
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN):
+            details = f"service '{inst.id}' ({inst.host}:{inst.grpc_port}): {details}"
+        return cls(code, details)
+
+
+class Front:
+    """Registry look-ups, forwarding and fan-out to the services; used by both transports.
+
+    ``state`` returns the current registry view (cheap, called per request). Use one Front from
+    one event loop; ``close`` closes every channel it made.
+    """
+
+    def __init__(self, state: Callable[[], MeshState], *, fanout_timeout: float = 5.0) -> None:
+        self.state = state
+        self.fanout_timeout = fanout_timeout
+        self._channels: dict[Address, grpc.aio.Channel] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self._turn = itertools.count()
+        self._closed = False
+
+    # ---- registry view -----------------------------------------------------------------------
+    def live(self) -> bool:
+        return not self._closed
+
+    def ready(self) -> bool:
+        instances = self.state().instances
+        return (
+            not self._closed
+            and bool(instances)
+            and all(m.state != LOADING for i in instances for m in i.models)
+        )
+
+    def instances_of(self, model: str, version: str = "") -> list[ServiceInstance]:
+        """Instances with the version READY (any version when ``version`` is empty); failing
+        that, those that have it registered in another state (the service says why)."""
+        registered = [
+            i
+            for i in self.state().instances
+            if any(m.name == model and version in ("", m.version) for m in i.models)
+        ]
+        ready = [
+            i
+            for i in registered
+            if any(m.name == model and version in ("", m.version) for m in i.ready_versions())
+        ]
+        return ready or registered
+
+    def route(self, model: str, version: str) -> ServiceInstance:
+        """One instance for a model-scoped request (round robin), or NOT_FOUND."""
+        candidates = self.instances_of(model, version)
+        if not candidates:
+            raise FrontError.unknown_model(model)
+        return candidates[next(self._turn) % len(candidates)]
+
+    # ---- transport ---------------------------------------------------------------------------
+    def channel(self, inst: ServiceInstance) -> grpc.aio.Channel:
+        address = Address(inst.host, inst.grpc_port)
+        channel = self._channels.get(address)
+        if channel is None:
+            self._prune()
+            channel = grpc.aio.insecure_channel(
+                f"{inst.host}:{inst.grpc_port}",
+                options=[
+                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ],
+            )
+            self._channels[address] = channel
+        return channel
+
+    def _prune(self) -> None:
+        """Close the channels of addresses that left the registry (kept tasks, awaited on close)."""
+        current = {Address(i.host, i.grpc_port) for i in self.state().instances}
+        for address in [a for a in self._channels if a not in current]:
+            task = asyncio.create_task(self._channels.pop(address).close(None))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def call(
+        self,
+        inst: ServiceInstance,
+        method: str,
+        request: Message,
+        response_type: type[M],
+        *,
+        rpc_timeout: float | None = None,
+        metadata: Sequence[tuple[str, str | bytes]] = (),
+    ) -> M:
+        """One unary RPC of inference.GRPCInferenceService on ``inst``."""
+        stub = self.channel(inst).unary_unary(
+            _SERVICE + method,
+            request_serializer=serialize,
+            response_deserializer=response_type.FromString,
+        )
+        try:
+            response: M = await stub(request, timeout=rpc_timeout, metadata=tuple(metadata))
+        except grpc.aio.AioRpcError as exc:
+            raise FrontError.from_rpc(exc, inst) from None
+        return response
+
+    async def gather(
+        self,
+        instances: Sequence[ServiceInstance],
+        method: str,
+        request: Message,
+        response_type: type[M],
+        rpc_timeout: float | None,
+    ) -> list[tuple[ServiceInstance, M | FrontError]]:
+        """The same RPC on every instance concurrently; each answer or error, in order."""
+
+        async def one(inst: ServiceInstance) -> M | FrontError:
+            try:
+                return await self.call(
+                    inst, method, request, response_type, rpc_timeout=rpc_timeout
+                )
+            except FrontError as exc:
+                return exc
+
+        answers = await asyncio.gather(*(one(i) for i in instances))
+        return list(zip(instances, answers, strict=True))
+
+    async def everywhere(
+        self, method: str, request: Message, response_type: type[M], rpc_timeout: float | None
+    ) -> M:
+        """The RPC on every registered instance; all must succeed; the first one's answer."""
+        instances = self.state().instances
+        if not instances:
+            raise FrontError(grpc.StatusCode.UNAVAILABLE, "no service is registered")
+        answers = await self.gather(instances, method, request, response_type, rpc_timeout)
+        return _all_or_raise(answers)[0]
+
+    async def close(self) -> None:
+        self._closed = True
+        channels, self._channels = list(self._channels.values()), {}
+        await asyncio.gather(*(c.close(None) for c in channels), *self._closing)
+
+    # ---- server-level answers ----------------------------------------------------------------
+    async def metadata(self) -> pb.ServerMetadataResponse:
+        answers = await self.gather(
+            self.state().instances,
+            "ServerMetadata",
+            pb.ServerMetadataRequest(),
+            pb.ServerMetadataResponse,
+            self.fanout_timeout,
+        )
+        extensions = set(FRONT_EXTENSIONS)
+        for answer in _answered(answers, "ServerMetadata"):
+            extensions &= set(answer.extensions)
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME,
+            version=server_version(),
+            extensions=[e for e in FRONT_EXTENSIONS if e in extensions],
+        )
+
+    async def index_by_instance(
+        self, ready_only: bool
+    ) -> list[tuple[ServiceInstance, pb.RepositoryIndexResponse | FrontError]]:
+        request = pb.RepositoryIndexRequest(ready=ready_only)
+        return await self.gather(
+            self.state().instances,
+            "RepositoryIndex",
+            request,
+            pb.RepositoryIndexResponse,
+            self.fanout_timeout,
+        )
+
+    async def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:
+        merged: dict[tuple[str, str], pb.RepositoryIndexResponse.ModelIndex] = {}
+        for answer in _answered(await self.index_by_instance(ready_only), "RepositoryIndex"):
+            for entry in answer.models:
+                key = (entry.name, entry.version)
+                if key not in merged or entry.state == "READY":
+                    merged[key] = entry
+        return pb.RepositoryIndexResponse(models=[merged[k] for k in sorted(merged)])
+
+    async def owners(self, model: str) -> list[ServiceInstance]:
+        """Instances whose repository index lists ``model`` (loaded or not), or NOT_FOUND."""
+        answers = await self.index_by_instance(False)
+        owners = [
+            inst
+            for inst, answer in answers
+            if not isinstance(answer, FrontError) and any(m.name == model for m in answer.models)
+        ]
+        if not owners:
+            silent = [i.id for i, a in answers if isinstance(a, FrontError)]
+            if silent:
+                raise FrontError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"no service that answered knows model '{model}'; "
+                    f"{', '.join(silent)} did not answer",
+                )
+            raise FrontError.unknown_model(model)
+        return owners
+
+    async def control(
+        self,
+        method: str,
+        request: Message,
+        response_type: type[Message],
+        model: str,
+        rpc_timeout: float | None,
+    ) -> None:
+        """RepositoryModelLoad / RepositoryModelUnload on every owner of ``model``."""
+        owners = await self.owners(model)
+        _all_or_raise(await self.gather(owners, method, request, response_type, rpc_timeout))
+
+    async def statistics(
+        self, name: str, version: str, rpc_timeout: float | None
+    ) -> pb.ModelStatisticsResponse:
+        instances = self.instances_of(name, version) if name else list(self.state().instances)
+        if name and not instances:
+            raise FrontError.unknown_model(name)
+        request = pb.ModelStatisticsRequest(name=name, version=version)
+        answers = await self.gather(
+            instances, "ModelStatistics", request, pb.ModelStatisticsResponse, rpc_timeout
+        )
+        answered = _answered(answers, "ModelStatistics")
+        if name and not answered:
+            _all_or_raise(answers)
+        return merge_statistics(answered)
+
+
+def _answered(answers: list[tuple[ServiceInstance, M | FrontError]], what: str) -> list[M]:
+    """The answers of those that answered; the others are logged and skipped."""
+    out: list[M] = []
+    for inst, answer in answers:
+        if isinstance(answer, FrontError):
+            log.warning("%s: skipped %s", what, _naming(inst, answer.message))
+        else:
+            out.append(answer)
+    return out
+
+
+def _naming(inst: ServiceInstance, message: str) -> str:
+    prefix = f"service '{inst.id}'"
+    return message if message.startswith(prefix) else f"{prefix}: {message}"
+
+
+def _all_or_raise(answers: list[tuple[ServiceInstance, M | FrontError]]) -> list[M]:
+    for inst, answer in answers:
+        if isinstance(answer, FrontError):
+            if len(answers) > 1:
+                raise FrontError(answer.code, _naming(inst, answer.message))
+            raise answer
+    return [a for _, a in answers if not isinstance(a, FrontError)]
+
+
+def merge_statistics(
+    responses: Sequence[pb.ModelStatisticsResponse],
+) -> pb.ModelStatisticsResponse:
+    """All entries sorted by (name, version); replicas of one version summed (last_inference:
+    the latest; batch_stats by batch size; response_stats by key; memory_usage listed)."""
+    merged: dict[tuple[str, str], pb.ModelStatistics] = {}
+    for response in responses:
+        for stats in response.model_stats:
+            key = (stats.name, stats.version)
+            if key not in merged:
+                merged[key] = pb.ModelStatistics()
+                merged[key].CopyFrom(stats)
+                continue
+            into = merged[key]
+            into.last_inference = max(into.last_inference, stats.last_inference)
+            into.inference_count += stats.inference_count
+            into.execution_count += stats.execution_count
+            _add_durations(into.inference_stats, stats.inference_stats)
+            sizes = {b.batch_size: b for b in into.batch_stats}
+            for batch in stats.batch_stats:
+                if batch.batch_size in sizes:
+                    _add_durations(sizes[batch.batch_size], batch)
+                else:
+                    into.batch_stats.add().CopyFrom(batch)
+            into.memory_usage.extend(stats.memory_usage)
+            for rkey, rstats in stats.response_stats.items():
+                _add_durations(into.response_stats[rkey], rstats)
+    return pb.ModelStatisticsResponse(model_stats=[merged[k] for k in sorted(merged)])
+
+
+def _add_durations(into: Message, other: Message) -> None:
+    """Add every StatisticDuration field of ``other`` to ``into`` (same message type)."""
+    for field in into.DESCRIPTOR.fields:
+        if field.message_type is pb.StatisticDuration.DESCRIPTOR:
+            dst, src = getattr(into, field.name), getattr(other, field.name)
+            dst.count += src.count
+            dst.ns += src.ns

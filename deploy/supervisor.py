@@ -1,0 +1,234 @@
+"""`meshserve up`: start the whole mesh on one machine and stop it cleanly.
+
+Order: control plane (ADS + registry + front) ─▶ Envoy gateway (configured over ADS) ─▶ one
+service per framework family found in the repository, each registering with the control plane.
+Readiness is read from the control plane's status API through the gateway. Stop: services first
+(they deregister, then drain), then the gateway, then the control plane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import logging
+import signal
+import sys
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.launcher import Gateway
+from services.core.config import load_config_file
+from services.core.repository import scan_repository
+
+log = logging.getLogger(__name__)
+
+#: Triton platform/backend names → our framework families (services/<family>)
+FAMILY_OF = {
+    "onnxruntime_onnx": "onnx",
+    "onnxruntime": "onnx",
+    "pytorch_libtorch": "torch",
+    "pytorch": "torch",
+    "tensorflow_savedmodel": "tensorflow",
+    "tensorflow_graphdef": "tensorflow",
+    "tensorflow": "tensorflow",
+    "tensorrt_plan": "tensorrt",
+    "tensorrt": "tensorrt",
+    "python": "python",
+    "ensemble": "ensemble",
+}
+#: model files that identify a family when a model has no config
+FILE_FAMILY = {
+    "model.onnx": "onnx",
+    "model.pt": "torch",
+    "model.savedmodel": "tensorflow",
+    "model.plan": "tensorrt",
+    "model.py": "python",
+}
+
+
+def families_in(repository: Path) -> dict[str, list[str]]:
+    """Family → model names, from each model's config (platform/backend) or its files."""
+    found: dict[str, list[str]] = {}
+    for name, model in sorted(scan_repository(repository).items()):
+        family = ""
+        cfg = model.path / "config.pbtxt"
+        if cfg.exists():
+            try:
+                config = load_config_file(cfg)
+                family = FAMILY_OF.get(config.platform) or FAMILY_OF.get(config.backend, "")
+            except Exception as exc:
+                log.warning("model %r: %s", name, exc)
+        if not family:
+            files = {p.name for v in model.versions.values() for p in v.iterdir()}
+            family = next((f for fn, f in FILE_FAMILY.items() if fn in files), "")
+        if family:
+            found.setdefault(family, []).append(name)
+        else:
+            log.warning("model %r: cannot tell its framework family; skipped", name)
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class MeshSettings:
+    repository: Path
+    host: str = "127.0.0.1"
+    grpc_port: int = 8001
+    http_port: int = 8000
+    control_port: int = 8010
+    policy_file: Path | None = None
+    model_control_mode: str = "none"
+    python: str = sys.executable
+
+
+class Mesh:
+    def __init__(self, settings: MeshSettings) -> None:
+        self.settings = settings
+        self.control: asyncio.subprocess.Process | None = None
+        self.gateway: Gateway | None = None
+        self.services: dict[str, asyncio.subprocess.Process] = {}
+
+    @property
+    def status_url(self) -> str:
+        return f"http://{self.settings.host}:{self.settings.http_port}/meshserve/v1/status"
+
+    async def status(self) -> dict[str, Any] | None:
+        """The control plane's status document through the gateway (None while unreachable)."""
+
+        def fetch() -> dict[str, Any] | None:
+            try:
+                with urllib.request.urlopen(self.status_url, timeout=2) as r:
+                    doc: dict[str, Any] = json.loads(r.read())
+                    return doc
+            except (OSError, ValueError):
+                return None
+
+        return await asyncio.to_thread(fetch)
+
+    async def start(
+        self, progress: Callable[[str], None] = log.info, ready_within_s: float = 180
+    ) -> None:
+        s = self.settings
+        fams = families_in(s.repository)
+        runnable = {
+            f: m for f, m in fams.items() if importlib.util.find_spec(f"services.{f}") is not None
+        }
+        for fam in sorted(set(fams) - set(runnable)):
+            progress(
+                f"no service for framework family '{fam}' yet; not serving {', '.join(fams[fam])}"
+            )
+        policy = ["--policy-file", str(s.policy_file)] if s.policy_file else []
+        self.control = await asyncio.create_subprocess_exec(
+            s.python,
+            "-m",
+            "control_plane",
+            "--host",
+            s.host,
+            "--control-port",
+            str(s.control_port),
+            "--gateway-grpc-port",
+            str(s.grpc_port),
+            "--gateway-http-port",
+            str(s.http_port),
+            *policy,
+        )
+        progress(f"control plane starting (ADS + registry on {s.host}:{s.control_port})")
+        self.gateway = Gateway(s.host, s.control_port)
+        await self.gateway.start(timeout=30)
+        progress(f"gateway ready: gRPC {s.host}:{s.grpc_port}, HTTP {s.host}:{s.http_port}")
+        for fam in sorted(runnable):
+            self.services[fam] = await asyncio.create_subprocess_exec(
+                s.python,
+                "-m",
+                f"services.{fam}",
+                "--model-repository",
+                str(s.repository),
+                "--host",
+                s.host,
+                "--grpc-port",
+                "0",
+                "--http-port",
+                "0",
+                "--metrics-port",
+                "0",
+                "--model-control-mode",
+                s.model_control_mode,
+                "--control-plane",
+                f"{s.host}:{s.control_port}",
+            )
+            progress(f"service '{fam}' starting for {len(runnable[fam])} model(s)")
+        await self._wait_ready(set(runnable), progress, ready_within_s)
+
+    async def _wait_ready(
+        self, families: set[str], progress: Callable[[str], None], within_s: float
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        last = ""
+        while loop.time() < deadline:
+            for fam, proc in self.services.items():
+                if proc.returncode is not None:
+                    raise RuntimeError(
+                        f"service '{fam}' exited with {proc.returncode}; see its log above"
+                    )
+            doc = await self.status()
+            if doc is not None:
+                seen = {i["family"] for i in doc["instances"]}
+                models = [m for i in doc["instances"] for m in i["models"]]
+                ready = sum(m["state"] == "READY" for m in models)
+                line = (
+                    f"models ready: {ready}/{len(models)}; "
+                    f"services registered: {len(seen)}/{len(families)}"
+                )
+                if line != last:
+                    progress(line)
+                    last = line
+                if seen >= families and all(m["state"] != "LOADING" for m in models):
+                    return
+            await asyncio.sleep(0.3)
+        raise TimeoutError(f"the mesh did not become ready within {within_s:.0f} s")
+
+    async def stop(self) -> None:
+        for proc in self.services.values():
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        for fam, proc in self.services.items():
+            try:
+                await asyncio.wait_for(proc.wait(), 40)
+            except TimeoutError:
+                log.warning("service '%s' did not stop in time; killing it", fam)
+                proc.kill()
+                await proc.wait()
+        if self.gateway is not None:
+            await self.gateway.stop()
+        if self.control is not None and self.control.returncode is None:
+            self.control.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.control.wait(), 10)
+            except TimeoutError:
+                self.control.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    await self.control.wait()
+
+
+async def run_until_signal(settings: MeshSettings) -> None:
+    mesh = Mesh(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await mesh.start(progress=lambda line: print(f"meshserve: {line}", flush=True))
+        print(
+            f"meshserve: up. gRPC {settings.host}:{settings.grpc_port}, "
+            f"HTTP {settings.host}:{settings.http_port} (Ctrl-C stops and drains)",
+            flush=True,
+        )
+        await stop.wait()
+        print("meshserve: draining and stopping", flush=True)
+    finally:
+        await mesh.stop()
