@@ -19,9 +19,9 @@ $(STAMP): pyproject.toml
 models: $(STAMP)
 	$(PY) -m examples.build_repository $(MODELS)
 
-# Until the gateway exists, `run` serves the example repository from the ONNX service directly.
+# The whole mesh on loopback: gateway gRPC :8001, HTTP :8000, metrics :8002 (Ctrl-C drains).
 run: models
-	$(PY) -m services.onnx --model-repository $(MODELS) --grpc-port 8001 --http-port 8000 --metrics-port 8002
+	$(VENV)/bin/meshserve up --model-repository $(MODELS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests/unit

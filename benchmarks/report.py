@@ -146,6 +146,45 @@ def format_table(rows: Sequence[Measurement]) -> str:
     return "\n".join(out)
 
 
+def format_gateway_table(rows: Sequence[Measurement], direct: str, gateway: str) -> str:
+    """Per model and concurrency: what the gateway adds over direct ("" if no pair measured).
+
+    added p50/p99 = gateway minus direct latency (ms); ratio = gateway infer/s over direct infer/s.
+    """
+    header = ("model", "conc", "direct p50", "gw p50", "+p50 ms", "direct p99", "gw p99")
+    header += ("+p99 ms", "direct inf/s", "gw inf/s", "gw/direct")
+    lines = [header]
+    for g in rows:
+        d = find(rows, direct, g.model, g.load) if g.scenario == gateway else None
+        if d is None:
+            continue
+        ratio = g.infer_per_s / d.infer_per_s if d.infer_per_s > 0 else math.nan
+        lines.append(
+            (
+                g.model,
+                f"c{g.load}",
+                f"{d.p50_ms:.3f}",
+                f"{g.p50_ms:.3f}",
+                f"{g.p50_ms - d.p50_ms:+.3f}",
+                f"{d.p99_ms:.3f}",
+                f"{g.p99_ms:.3f}",
+                f"{g.p99_ms - d.p99_ms:+.3f}",
+                f"{d.infer_per_s:,.0f}",
+                f"{g.infer_per_s:,.0f}",
+                f"{ratio:.2f}",
+            )
+        )
+    if len(lines) == 1:
+        return ""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = [
+        "  ".join(c.ljust(widths[i]) if i < 2 else c.rjust(widths[i]) for i, c in enumerate(line))
+        for line in lines
+    ]
+    out.insert(0, f"gateway overhead ({gateway} vs {direct}, same perf_analyzer settings)")
+    return "\n".join(line.rstrip() for line in out)
+
+
 def format_goals(results: Sequence[GoalResult]) -> str:
     """One PASS/FAIL/SKIP line per goal and scenario."""
     return "\n".join(f"{g.status:4}  [{g.scenario}] {g.goal}: {g.detail}" for g in results)

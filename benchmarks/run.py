@@ -1,9 +1,10 @@
 """`python -m benchmarks.run` (`make bench`): served throughput and latency beside in-process ORT.
 
 In one run: onnxruntime in this process on the repository's model files (the ceiling), then each
-served target (by default the ONNX service, started on free ports and always stopped) driven by
-perf_analyzer over gRPC. Prints one table and PASS/FAIL for the issue's goals, and saves
-everything as JSON under benchmarks/results/. Needs perf_analyzer from
+served target driven by perf_analyzer over gRPC: `direct` (the ONNX service on free ports) and
+`gateway` (the whole mesh, load through Envoy), each started and always stopped. Prints one table,
+the gateway's overhead over direct, and PASS/FAIL for the issue's goals, and saves everything as
+JSON under benchmarks/results/. Needs perf_analyzer from
 benchmarks/setup_perf_analyzer.sh and the example models from `python -m examples.build_repository`.
 """
 
@@ -29,11 +30,18 @@ from benchmarks.perf import (
     run_perf_analyzer,
     write_input_data,
 )
-from benchmarks.report import check_goals, format_goals, format_table, save_json
+from benchmarks.report import (
+    check_goals,
+    format_gateway_table,
+    format_goals,
+    format_table,
+    save_json,
+)
 from benchmarks.results import Measurement
 from benchmarks.targets import (
     DEFAULT_SERVICE_CMD,
     ExistingTarget,
+    GatewayTarget,
     ServiceTarget,
     Target,
     TargetError,
@@ -41,16 +49,34 @@ from benchmarks.targets import (
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+IN_PROCESS_SCENARIO, DIRECT, GATEWAY = "in-process", "direct", "gateway"
+SCENARIOS = (IN_PROCESS_SCENARIO, DIRECT, GATEWAY)
 
 
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def _scenarios(text: str) -> list[str]:
+    chosen = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = sorted(set(chosen) - set(SCENARIOS))
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"unknown scenario(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(SCENARIOS)}"
+        )
+    return chosen
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated model names")
+    parser.add_argument(
+        "--scenarios",
+        type=_scenarios,
+        default=list(SCENARIOS),
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)",
+    )
     parser.add_argument(
         "--duration",
         type=float,
@@ -66,7 +92,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="service command template; placeholders {python} {repository} {grpc_port} "
         "{http_port} {metrics_port}",
     )
-    parser.add_argument("--url", help="benchmark this running server (host:port, gRPC) instead")
+    parser.add_argument(
+        "--url",
+        help="benchmark this running server (host:port, gRPC) instead of direct/gateway",
+    )
     parser.add_argument("--intra-op-threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--perf-analyzer", type=Path, default=PerfOptions().binary)
     parser.add_argument("--no-in-process", action="store_true", help="skip the in-process rows")
@@ -77,17 +106,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def build_targets(args: argparse.Namespace, models: Sequence[str], stamp: str) -> list[Target]:
-    """The served scenarios, in the order they run. Add the gateway scenario here."""
+    """The served scenarios chosen by --scenarios, in the order they run (direct, then gateway)."""
     if args.url:
         return [ExistingTarget(url=args.url, models=models)]
-    return [
-        ServiceTarget(
-            repository=args.repository,
-            models=models,
-            log_path=args.results_dir / f"service-{stamp}.log",
-            command_template=args.service_cmd,
+    targets: list[Target] = []
+    if DIRECT in args.scenarios:
+        targets.append(
+            ServiceTarget(
+                repository=args.repository,
+                models=models,
+                log_path=args.results_dir / f"service-{stamp}.log",
+                command_template=args.service_cmd,
+                name=DIRECT,
+            )
         )
-    ]
+    if GATEWAY in args.scenarios:
+        targets.append(
+            GatewayTarget(
+                repository=args.repository,
+                models=models,
+                log_path=args.results_dir / f"mesh-{stamp}.log",
+                name=GATEWAY,
+            )
+        )
+    return targets
 
 
 def run_target(
@@ -146,13 +188,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[Measurement] = []
     errors: list[str] = []
 
-    if not args.no_in_process:
+    if args.no_in_process:
+        args.scenarios = [s for s in args.scenarios if s != IN_PROCESS_SCENARIO]
+    if args.no_served:
+        args.scenarios = [s for s in args.scenarios if s == IN_PROCESS_SCENARIO]
+    served = [s for s in args.scenarios if s != IN_PROCESS_SCENARIO]
+    if args.url and GATEWAY in served:
+        print("--url: the gateway scenario needs a mesh it starts itself; skipped", file=sys.stderr)
+
+    if IN_PROCESS_SCENARIO in args.scenarios:
         threads = args.intra_op_threads
         print(f"in-process onnxruntime (intra_op {threads}, {args.duration:g} s each)")
         rows += run_in_process(
             args.repository, models, batches, args.duration, args.intra_op_threads
         )
-    if not args.no_served:
+    if served:
         if not args.perf_analyzer.exists():
             sys.exit(f"{args.perf_analyzer} missing: run bash benchmarks/setup_perf_analyzer.sh")
         for target in build_targets(args, models, stamp):
@@ -162,10 +212,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     goals = check_goals(rows)
     print()
     print(format_table(rows))
+    overhead = format_gateway_table(rows, DIRECT, GATEWAY)
+    if overhead:
+        print()
+        print(overhead)
     print()
     print(format_goals(goals) if goals else "goals: no served rows, nothing checked")
     settings = {
         "models": models,
+        "scenarios": args.scenarios,
         "concurrency": concurrency,
         "batches": batches,
         "duration_s": args.duration,

@@ -2,26 +2,34 @@
 
 A target is a named context manager that yields a gRPC `host:port` which is ready to serve the
 benchmarked models, and cleans up after itself. `ServiceTarget` starts the ONNX service on free
-ports; `ExistingTarget` uses a server somebody else runs. A later "through the gateway" scenario
-is one more class here (start service + control plane + Envoy, yield Envoy's gRPC address) and one
-more entry in the list `benchmarks.run` builds.
+ports and is hit directly; `GatewayTarget` starts the whole mesh (control plane, Envoy gateway,
+services) with `deploy.supervisor.Mesh` on free ports and yields Envoy's gRPC address;
+`ExistingTarget` uses a server somebody else runs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+import os
 import shlex
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 import tritonclient.grpc as grpcclient
+
+from deploy.supervisor import Mesh, MeshSettings
+
+_T = TypeVar("_T")
 
 DEFAULT_SERVICE_CMD = (
     "{python} -m services.onnx --model-repository {repository} "
@@ -99,7 +107,7 @@ class ServiceTarget:
     log_path: Path
     command_template: str = DEFAULT_SERVICE_CMD
     ready_timeout_s: float = 180.0
-    name: str = "service"
+    name: str = "direct"
     ports: dict[str, int] = field(default_factory=dict)
 
     def command(self) -> list[str]:
@@ -129,6 +137,143 @@ class ServiceTarget:
                 raise TargetError(f"{exc}\n--- {self.log_path} ---\n" + "\n".join(tail)) from exc
             finally:
                 stop_process(process)
+
+
+class _LoopThread:
+    """An asyncio event loop running in a daemon thread for as long as the mesh lives.
+
+    `Mesh` owns asyncio subprocesses and a task that reads Envoy's stderr, so its loop must keep
+    running while perf_analyzer (a blocking subprocess in the main thread) drives the load.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="mesh-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Run `coro` on the loop and wait for it; cancel it if the wait is interrupted."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def close(self) -> None:
+        """Stop the loop, join its thread and close it."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+@contextlib.contextmanager
+def _output_to(log: BinaryIO) -> Iterator[None]:
+    """Point file descriptors 1 and 2 at `log` while children are spawned (they inherit them).
+
+    `Mesh` starts the control plane and the services with this process's stdout/stderr; without
+    this their logs would interleave with the benchmark's progress lines.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in zip((1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+@contextlib.contextmanager
+def _loggers_to(path: Path, names: Sequence[str]) -> Iterator[None]:
+    """Send the named loggers (Envoy's stderr goes through `gateway.launcher`) to `path` only."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved: list[tuple[logging.Logger, bool, int]] = []
+    for name in names:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.propagate, logger.level))
+        logger.addHandler(handler)
+        logger.propagate = False
+        if logger.level == logging.NOTSET or logger.level > logging.INFO:
+            logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for logger, propagate, level in saved:
+            logger.removeHandler(handler)
+            logger.propagate = propagate
+            logger.setLevel(level)
+        handler.close()
+
+
+@dataclass
+class GatewayTarget:
+    """The whole mesh (`deploy.supervisor.Mesh`) on free ports; load goes through Envoy's gRPC port.
+
+    Control plane, Envoy and one service per framework family in `repository` run as children of
+    this process (their output and Envoy's log lines go to `log_path`); `serve()` always stops them
+    (services drain and deregister first, then Envoy, then the control plane).
+    """
+
+    repository: Path
+    models: Sequence[str]
+    log_path: Path
+    ready_timeout_s: float = 180.0
+    name: str = "gateway"
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def settings(self) -> MeshSettings:
+        """Mesh settings with free gateway gRPC/HTTP and control-plane ports."""
+        self.ports = {k: free_port() for k in ("grpc_port", "http_port", "control_port")}
+        return MeshSettings(
+            repository=self.repository,
+            host="127.0.0.1",
+            grpc_port=self.ports["grpc_port"],
+            http_port=self.ports["http_port"],
+            control_port=self.ports["control_port"],
+        )
+
+    @contextlib.contextmanager
+    def serve(self) -> Iterator[str]:
+        """Start the mesh, wait until the models answer through Envoy, yield its gRPC address."""
+        settings = self.settings()
+        url = f"{settings.host}:{settings.grpc_port}"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        print(
+            f"  starting {self.name}: mesh with gateway gRPC {url}, HTTP {settings.http_port}, "
+            f"control {settings.control_port} (log: {self.log_path})"
+        )
+        names = ("gateway", "deploy", "control_plane")
+        with self.log_path.open("ab") as log, _loggers_to(self.log_path, names):
+            mesh = Mesh(settings)
+            runner = _LoopThread()
+
+            def progress(line: str) -> None:
+                logging.getLogger("deploy.supervisor").info("mesh: %s", line)
+
+            try:
+                try:
+                    with _output_to(log):
+                        runner.run(mesh.start(progress, self.ready_timeout_s))
+                    wait_ready(url, self.models, 30.0)
+                except (RuntimeError, TimeoutError, OSError) as exc:
+                    tail = self.log_path.read_text(errors="replace").strip().splitlines()[-20:]
+                    raise TargetError(
+                        f"mesh not ready: {exc}\n--- {self.log_path} ---\n" + "\n".join(tail)
+                    ) from exc
+                yield url
+            finally:
+                try:
+                    runner.run(mesh.stop())
+                finally:
+                    runner.close()
 
 
 @dataclass

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
+from deploy.mesh_metrics import mesh_metrics_app
 from gateway.launcher import Gateway
 from services.core.config import load_config_file
 from services.core.repository import scan_repository
@@ -80,6 +83,8 @@ class MeshSettings:
     grpc_port: int = 8001
     http_port: int = 8000
     control_port: int = 8010
+    #: the whole mesh's metrics (every service + Envoy); -1 = none
+    metrics_port: int = 8002
     policy_file: Path | None = None
     model_control_mode: str = "none"
     python: str = sys.executable
@@ -91,6 +96,7 @@ class Mesh:
         self.control: asyncio.subprocess.Process | None = None
         self.gateway: Gateway | None = None
         self.services: dict[str, asyncio.subprocess.Process] = {}
+        self.metrics: web.AppRunner | None = None
 
     @property
     def status_url(self) -> str:
@@ -140,6 +146,12 @@ class Mesh:
         self.gateway = Gateway(s.host, s.control_port)
         await self.gateway.start(timeout=30)
         progress(f"gateway ready: gRPC {s.host}:{s.grpc_port}, HTTP {s.host}:{s.http_port}")
+        if s.metrics_port >= 0:
+            gateway = self.gateway
+            self.metrics = web.AppRunner(mesh_metrics_app(self.status, lambda: gateway.admin_url))
+            await self.metrics.setup()
+            await web.TCPSite(self.metrics, s.host, s.metrics_port, reuse_address=True).start()
+            progress(f"metrics of the whole mesh on http://{s.host}:{s.metrics_port}/metrics")
         for fam in sorted(runnable):
             self.services[fam] = await asyncio.create_subprocess_exec(
                 s.python,
@@ -203,6 +215,8 @@ class Mesh:
                 log.warning("service '%s' did not stop in time; killing it", fam)
                 proc.kill()
                 await proc.wait()
+        if self.metrics is not None:
+            await self.metrics.cleanup()
         if self.gateway is not None:
             await self.gateway.stop()
         if self.control is not None and self.control.returncode is None:

@@ -1,0 +1,145 @@
+"""`meshserve` — the command line: up, status, models, load, unload, split.
+
+Every command but ``up`` talks to a running mesh through its gateway's HTTP port (default
+127.0.0.1:8000): the control plane's front answers /v2/repository/* and /meshserve/v1/*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from deploy.supervisor import MeshSettings, run_until_signal
+
+
+def _call(url: str, method: str = "GET", body: dict[str, Any] | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            text = r.read()
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        with contextlib.suppress(ValueError, AttributeError):
+            detail = json.loads(detail).get("error", detail)
+        raise SystemExit(f"meshserve: {method} {url}: {exc.code}: {detail}") from None
+    except OSError as exc:
+        raise SystemExit(
+            f"meshserve: cannot reach the mesh at {url}: {exc}; is `meshserve up` running?"
+        ) from None
+    return json.loads(text) if text else None
+
+
+def _status(base: str) -> int:
+    doc = _call(f"{base}/meshserve/v1/status")
+    print(f"snapshot {doc['snapshot_version'] or '-'}")
+    for node, types in doc["gateways"].items():
+        acked = ", ".join(
+            f"{t}={st['acked_version'][:8] or '-'}" for t, st in sorted(types.items())
+        )
+        errors = [f"{t}: {st['error']}" for t, st in types.items() if st.get("error")]
+        print(f"gateway {node}: {acked}" + (f"  REJECTED {'; '.join(errors)}" if errors else ""))
+    for inst in doc["instances"]:
+        print(f"service {inst['id']} ({inst['family']}) at {inst['address']}")
+        for m in inst["models"]:
+            reason = f"  ({m['reason']})" if m.get("reason") else ""
+            print(f"  {m['name']:24s} v{m['version'] or '-':4s} {m['state']}{reason}")
+    for model, weights in doc["splits"].items():
+        print(f"split {model}: " + " ".join(f"{v}={w}" for v, w in weights.items()))
+    return 0
+
+
+def _models(base: str) -> int:
+    for m in _call(f"{base}/v2/repository/index", "POST", {}):
+        version = m.get("version", "") or "-"
+        print(f"{m['name']:24s} {version:4s} {m.get('state', '')} {m.get('reason', '')}")
+    return 0
+
+
+def _split(base: str, model: str, weights: Sequence[str], clear: bool) -> int:
+    if clear:
+        _call(f"{base}/meshserve/v1/splits/{model}", "DELETE")
+        print(
+            f"split of {model} cleared: requests without a version go to the highest ready version"
+        )
+        return 0
+    parsed: dict[str, int] = {}
+    for item in weights:
+        version, sep, weight = item.partition("=")
+        if not sep or not weight.isdigit():
+            raise SystemExit(f"meshserve: '{item}' is not VERSION=WEIGHT (e.g. 1=90 2=10)")
+        parsed[version] = int(weight)
+    doc = _call(f"{base}/meshserve/v1/splits/{model}", "PUT", {"weights": parsed})
+    print(f"split {model}: " + " ".join(f"{v}={w}" for v, w in doc["weights"].items()))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="meshserve", description="Serve models as a mesh behind one gateway."
+    )
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway's HTTP address")
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser(
+        "up", help="start control plane, gateway and services; Ctrl-C drains and stops"
+    )
+    up.add_argument("--model-repository", type=Path, default=Path("examples/models"))
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--grpc-port", type=int, default=8001)
+    up.add_argument("--http-port", type=int, default=8000)
+    up.add_argument("--metrics-port", type=int, default=8002)
+    up.add_argument("--control-port", type=int, default=8010)
+    up.add_argument("--policy-file", type=Path, default=Path(".meshserve/policies.json"))
+    up.add_argument("--model-control-mode", choices=("none", "poll", "explicit"), default="none")
+    sub.add_parser("status", help="services, their models, splits, gateway config state")
+    sub.add_parser("models", help="every model of the repository with its state")
+    for name in ("load", "unload"):
+        sub.add_parser(
+            name, help=f"{name} a model on the service of its framework family"
+        ).add_argument("model")
+    split = sub.add_parser(
+        "split", help="weights over a model's versions, e.g. `split simple 1=90 2=10`"
+    )
+    split.add_argument("model")
+    split.add_argument("weights", nargs="*")
+    split.add_argument("--clear", action="store_true")
+    a = p.parse_args(argv)
+    base = a.url.rstrip("/")
+    if a.command == "up":
+        if not a.model_repository.is_dir():
+            raise SystemExit(f"meshserve: model repository {a.model_repository} is not a folder")
+        settings = MeshSettings(
+            repository=a.model_repository.resolve(),
+            host=a.host,
+            grpc_port=a.grpc_port,
+            http_port=a.http_port,
+            metrics_port=a.metrics_port,
+            control_port=a.control_port,
+            policy_file=a.policy_file.resolve(),
+            model_control_mode=a.model_control_mode,
+        )
+        asyncio.run(run_until_signal(settings))
+        return 0
+    if a.command == "status":
+        return _status(base)
+    if a.command == "models":
+        return _models(base)
+    if a.command in ("load", "unload"):
+        _call(f"{base}/v2/repository/models/{a.model}/{a.command}", "POST", {})
+        print(f"{a.command}ed {a.model}")
+        return 0
+    return _split(base, a.model, a.weights, a.clear)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
