@@ -151,8 +151,8 @@ def format_gateway_table(rows: Sequence[Measurement], direct: str, gateway: str)
 
     added p50/p99 = gateway minus direct latency (ms); ratio = gateway infer/s over direct infer/s.
     """
-    header = ("model", "conc", "direct p50", "gw p50", "+p50 ms", "direct p99", "gw p99")
-    header += ("+p99 ms", "direct inf/s", "gw inf/s", "gw/direct")
+    header: tuple[str, ...] = ("model", "conc", "direct p50", "gw p50", "+p50 ms")
+    header += ("direct p99", "gw p99", "+p99 ms", "direct inf/s", "gw inf/s", "gw/direct")
     lines = [header]
     for g in rows:
         d = find(rows, direct, g.model, g.load) if g.scenario == gateway else None

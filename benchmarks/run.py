@@ -62,7 +62,8 @@ def _scenarios(text: str) -> list[str]:
     unknown = sorted(set(chosen) - set(SCENARIOS))
     if unknown or not chosen:
         raise argparse.ArgumentTypeError(
-            f"unknown scenario(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(SCENARIOS)}"
+            f"unknown scenario(s) {', '.join(unknown) or '(none)'}; "
+            f"choose from {', '.join(SCENARIOS)}"
         )
     return chosen
 

@@ -230,7 +230,7 @@ class GatewayTarget:
     ports: dict[str, int] = field(default_factory=dict)
 
     def settings(self) -> MeshSettings:
-        """Mesh settings with free gateway gRPC/HTTP and control-plane ports."""
+        """Mesh settings with free gateway gRPC/HTTP and control-plane ports, no metrics port."""
         self.ports = {k: free_port() for k in ("grpc_port", "http_port", "control_port")}
         return MeshSettings(
             repository=self.repository,
@@ -238,6 +238,7 @@ class GatewayTarget:
             grpc_port=self.ports["grpc_port"],
             http_port=self.ports["http_port"],
             control_port=self.ports["control_port"],
+            metrics_port=-1,  # the mesh-wide metrics server is not measured; 8002 may be taken
         )
 
     @contextlib.contextmanager

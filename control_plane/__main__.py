@@ -25,6 +25,12 @@ def settings_from_args(argv: Sequence[str] | None) -> ControlPlaneSettings:
     p.add_argument("--gateway-http-port", type=int, default=8000)
     p.add_argument("--policy-file", type=Path, default=None, help="where traffic splits persist")
     p.add_argument("--consul", default="", help="Consul agent address (default: embedded registry)")
+    p.add_argument(
+        "--warmup-secs",
+        type=float,
+        default=3.0,
+        help="after a restart, wait this long for services to re-register before configuring Envoy",
+    )
     a = p.parse_args(argv)
     return ControlPlaneSettings(
         host=a.host,
@@ -35,6 +41,7 @@ def settings_from_args(argv: Sequence[str] | None) -> ControlPlaneSettings:
         gateway_http_port=a.gateway_http_port,
         policy_file=a.policy_file,
         consul=a.consul,
+        warmup_secs=a.warmup_secs,
     )
 
 

@@ -66,6 +66,11 @@ class ControlPlaneSettings:
     policy_file: Path | None = None
     #: Consul agent address; empty = the embedded registry
     consul: str = ""
+    #: after a (re)start, wait this long before the first snapshot, so services re-register
+    #: first: an Envoy that reconnects keeps its last config until then instead of taking an
+    #: empty one. One lease TTL covers a heartbeat and a reconnect backoff. 0 = publish at once
+    #: (a fresh `meshserve up`, where no service exists yet).
+    warmup_secs: float = 3.0
 
 
 class ControlPlane:
@@ -86,6 +91,7 @@ class ControlPlane:
         self._front_server: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
         self._reconcile_task: asyncio.Task[None] | None = None
+        self._warm = settings.warmup_secs <= 0
 
     def mesh_state(self) -> MeshState:
         s = self.settings
@@ -97,7 +103,13 @@ class ControlPlane:
         )
 
     def publish(self) -> str | None:
-        """Translate the current state and hand the snapshot to ADS; returns its version."""
+        """Translate the current state and hand the snapshot to ADS; returns its version.
+
+        During the start-up warm-up nothing is published (the reconcile task publishes at its
+        end); a bad state is logged and the last good snapshot stays.
+        """
+        if not self._warm:
+            return None
         s = self.settings
         resources = translate(
             self.mesh_state(),
@@ -105,8 +117,8 @@ class ControlPlane:
             http_port=s.gateway_http_port,
             host=s.host,
         )
-        snapshot = make_snapshot(resources)
         try:
+            snapshot = make_snapshot(resources)
             if self.cache.set(snapshot):
                 log.info(
                     "xDS snapshot %s: %d cluster(s), %d endpoint set(s)",
@@ -116,6 +128,9 @@ class ControlPlane:
                 )
         except InconsistentSnapshot as exc:
             log.error("refused an inconsistent snapshot (Envoy keeps the last good one): %s", exc)
+            return None
+        except ValueError as exc:
+            log.error("cannot translate the mesh state (Envoy keeps the last good config): %s", exc)
             return None
         return snapshot.version
 
@@ -162,6 +177,13 @@ class ControlPlane:
         )
 
     async def _reconcile(self) -> None:
+        if not self._warm:
+            log.info(
+                "warming up %.1f s: waiting for services to re-register", self.settings.warmup_secs
+            )
+            await asyncio.sleep(self.settings.warmup_secs)
+            self._warm = True
+            self.publish()
         seen = self.source.version
         while True:
             seen = await self.source.wait_changed(seen)

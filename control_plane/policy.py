@@ -20,6 +20,10 @@ from control_plane.model import TrafficPolicy
 log = logging.getLogger(__name__)
 
 
+#: Envoy's weighted clusters take uint32 weights whose sum must fit in a uint32
+MAX_TOTAL_WEIGHT = 2**32 - 1
+
+
 class PolicyError(ValueError):
     """A policy that cannot be applied; the message says what to fix."""
 
@@ -40,8 +44,14 @@ def parse_weights(model: str, weights: Mapping[str, object]) -> dict[str, int]:
                 f"got {weight!r}"
             )
         out[str(int(str(version)))] = weight
-    if sum(out.values()) <= 0:
+    total = sum(out.values())
+    if total <= 0:
         raise PolicyError(f"split for model '{model}': weights add up to 0; give at least one > 0")
+    if total > MAX_TOTAL_WEIGHT:
+        raise PolicyError(
+            f"split for model '{model}': weights add up to {total}, more than Envoy accepts "
+            f"({MAX_TOTAL_WEIGHT}); use small numbers such as percentages"
+        )
     return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
 

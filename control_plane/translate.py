@@ -182,8 +182,8 @@ def _model_cluster(name: str, *, http2: bool) -> cluster_pb2.Cluster:
             thresholds=[
                 circuit_breaker_pb2.CircuitBreakers.Thresholds(
                     retry_budget=circuit_breaker_pb2.CircuitBreakers.Thresholds.RetryBudget(
-                        budget_percent=percent_pb2.Percent(value=20.0),
-                        min_retry_concurrency=wrappers_pb2.UInt32Value(value=3),
+                        budget_percent=percent_pb2.Percent(value=25.0),
+                        min_retry_concurrency=wrappers_pb2.UInt32Value(value=32),
                     )
                 )
             ]

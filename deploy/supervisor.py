@@ -141,6 +141,8 @@ class Mesh:
             "--gateway-http-port",
             str(s.http_port),
             *policy,
+            "--warmup-secs",
+            "0",  # a fresh mesh: no service to wait for before configuring Envoy
         )
         progress(f"control plane starting (ADS + registry on {s.host}:{s.control_port})")
         self.gateway = Gateway(s.host, s.control_port)

@@ -41,3 +41,11 @@ def test_corrupt_policy_file_is_a_clear_error(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(PolicyError, match=r"policies\.json"):
         PolicyStore(path)
+
+
+def test_weights_beyond_what_envoy_takes_are_refused() -> None:
+    with pytest.raises(PolicyError, match="more than Envoy accepts"):
+        parse_weights("m", {"1": 2**32, "2": 1})
+    with pytest.raises(PolicyError, match="more than Envoy accepts"):
+        parse_weights("m", {"1": 2**32 - 1, "2": 1})
+    assert parse_weights("m", {"1": 2**32 - 2, "2": 1}) == {"1": 2**32 - 2, "2": 1}

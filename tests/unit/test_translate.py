@@ -120,7 +120,9 @@ def test_model_clusters_are_health_checked_and_retry_budgeted() -> None:
     (cluster,) = [c for c in resources(mesh()).clusters if c.name == "model:simple:1"]
     assert cluster.health_checks[0].HasField("grpc_health_check")
     assert cluster.outlier_detection.consecutive_gateway_failure.value == 2
-    assert cluster.circuit_breakers.thresholds[0].retry_budget.budget_percent.value == 20.0
+    budget = cluster.circuit_breakers.thresholds[0].retry_budget
+    assert budget.budget_percent.value == 25.0
+    assert budget.min_retry_concurrency.value == 32  # a dead replica's burst of retries fits
 
 
 def default_route(res: Resources, model: str) -> rc.Route:

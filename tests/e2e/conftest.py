@@ -1,0 +1,414 @@
+"""The whole mesh on loopback for end-to-end tests: control plane, Envoy, services, all real.
+
+``deploy.supervisor.Mesh`` runs on its own event loop in a background thread (``MeshHandle``), so
+test bodies stay plain blocking code using tritonclient exactly as a user would. Extra services
+(a second family of models, a second replica) are ``python -m services.onnx`` subprocesses
+(``ServiceProcess``) pointed at the mesh's control port. Every port is a free loopback port, every
+wait is bounded, and every fixture stops what it started in ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Coroutine, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from deploy.supervisor import Mesh, MeshSettings
+from gateway.launcher import GatewayError, find_envoy
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _envoy_missing() -> str:
+    try:
+        find_envoy()
+    except GatewayError as exc:
+        return str(exc)
+    return ""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    reason = _envoy_missing()
+    if reason:
+        for item in items:
+            if "tests/e2e/" in str(item.path).replace(os.sep, "/"):
+                item.add_marker(pytest.mark.skip(reason=f"no Envoy binary: {reason}"))
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], T], within_s: float, what: str, every_s: float = 0.1) -> T:
+    """Poll ``condition`` until it returns something truthy; TimeoutError naming ``what``."""
+    deadline = time.monotonic() + within_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what}: not within {within_s} s")
+        time.sleep(every_s)
+
+
+# ---- repositories ----------------------------------------------------------------------------
+def make_repository(
+    example_repo: Path, dst: Path, models: Iterable[str], simple_versions: int = 1
+) -> Path:
+    """A repository with some of the example models; ``simple`` gets versions 1..N (copies of
+    version 1) and ``version_policy: { all { } }`` when N > 1, so splits have versions to pick."""
+    dst.mkdir(parents=True)
+    for name in models:
+        shutil.copytree(example_repo / name, dst / name)
+    if "simple" in models and simple_versions > 1:
+        for v in range(2, simple_versions + 1):
+            shutil.copytree(dst / "simple" / "1", dst / "simple" / str(v))
+        cfg = dst / "simple" / "config.pbtxt"
+        cfg.write_text(cfg.read_text() + "version_policy: { all { } }\n")
+    return dst
+
+
+# ---- the mesh --------------------------------------------------------------------------------
+class LoopThread:
+    """An asyncio event loop running forever in a daemon thread; ``run`` submits a coroutine."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="e2e-mesh", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+def control_plane_command(s: MeshSettings) -> list[str]:
+    """The control plane's command line as a process manager restarting it would run it: as
+    ``Mesh.start`` builds it, but with the default warm-up (a restart, not a fresh mesh)."""
+    policy = ["--policy-file", str(s.policy_file)] if s.policy_file else []
+    return [
+        s.python,
+        "-m",
+        "control_plane",
+        "--host",
+        s.host,
+        "--control-port",
+        str(s.control_port),
+        "--gateway-grpc-port",
+        str(s.grpc_port),
+        "--gateway-http-port",
+        str(s.http_port),
+        *policy,
+    ]
+
+
+class MeshHandle:
+    """A started ``Mesh`` plus the blocking helpers the tests use (status, splits, restarts)."""
+
+    def __init__(self, settings: MeshSettings) -> None:
+        self.settings = settings
+        self.mesh = Mesh(settings)
+        self._loop = LoopThread()
+
+    # lifecycle
+    def start(self) -> MeshHandle:
+        self._loop.run(self.mesh.start(progress=log.info, ready_within_s=60), timeout=90)
+        return self
+
+    def stop(self) -> None:
+        try:
+            self._loop.run(self.mesh.stop(), timeout=60)
+        except BaseException:
+            log.exception("the mesh did not stop cleanly; killing what is left")
+            self._kill_all()
+        finally:
+            self._loop.close()
+
+    def _kill_all(self) -> None:
+        procs = [self.mesh.control, *self.mesh.services.values()]
+        pids = [p.pid for p in procs if p is not None and p.returncode is None]
+        if self.mesh.gateway is not None and self.mesh.gateway.pid is not None:
+            pids.append(self.mesh.gateway.pid)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    # addresses
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.settings.host}:{self.settings.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.settings.host}:{self.settings.http_port}"
+
+    @property
+    def admin_url(self) -> str:
+        assert self.mesh.gateway is not None
+        return self.mesh.gateway.admin_url
+
+    # the control plane's API, through the gateway
+    def status(self) -> dict[str, Any] | None:
+        return self._loop.run(self.mesh.status(), timeout=10)
+
+    def api(self, method: str, path: str, body: Any = None) -> tuple[int, dict[str, Any]]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            f"http://{self.http_url}/meshserve/v1/{path}", data=data, method=method
+        )
+        req.add_header("content-type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+
+    def set_split(self, model: str, weights: dict[str, int], within_s: float = 10) -> str:
+        """PUT a split and wait until the gateway ACKed the snapshot that carries it."""
+        code, doc = self.api("PUT", f"splits/{model}", {"weights": weights})
+        assert code == 200, doc
+        self.wait_acked(doc["snapshot_version"], within_s)
+        return str(doc["snapshot_version"])
+
+    def clear_split(self, model: str, within_s: float = 10) -> None:
+        code, doc = self.api("DELETE", f"splits/{model}")
+        assert code == 200, doc
+        self.wait_acked(doc["snapshot_version"], within_s)
+
+    def acked(self, version: str) -> bool:
+        doc = self.status()
+        if doc is None or not doc["gateways"]:
+            return False
+        return all(
+            t["acked_version"] == version for g in doc["gateways"].values() for t in g.values()
+        )
+
+    def wait_acked(self, version: str, within_s: float = 10) -> None:
+        wait_for(lambda: self.acked(version), within_s, f"gateway ACK of snapshot {version}")
+
+    def instance_ids(self) -> set[str]:
+        doc = self.status()
+        return {i["id"] for i in doc["instances"]} if doc is not None else set()
+
+    # the control plane process
+    def kill_control_plane(self) -> None:
+        assert self.mesh.control is not None
+        self._loop.run(self._kill(self.mesh.control), timeout=10)
+
+    def restart_control_plane(self) -> None:
+        """Start the control plane again with the supervisor's arguments (``mesh.stop`` stops it)."""
+        self.mesh.control = self._loop.run(
+            asyncio.create_subprocess_exec(*control_plane_command(self.settings)), timeout=10
+        )
+
+    @staticmethod
+    async def _kill(proc: asyncio.subprocess.Process) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+@contextlib.contextmanager
+def running_mesh(
+    repository: Path, tmp: Path, model_control_mode: str = "none"
+) -> Iterator[MeshHandle]:
+    settings = MeshSettings(
+        repository=repository,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        control_port=free_port(),
+        metrics_port=free_port(),
+        policy_file=tmp / "policy.json",
+        model_control_mode=model_control_mode,
+    )
+    handle = MeshHandle(settings)
+    try:
+        yield handle.start()
+    finally:
+        handle.stop()
+
+
+# ---- extra service processes -----------------------------------------------------------------
+@dataclass
+class ServiceProcess:
+    """``python -m services.onnx`` over ``repository``, registered with the mesh's control plane."""
+
+    repository: Path
+    control: str
+    log_path: Path
+    extra_args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def id(self) -> str:
+        assert self.proc is not None
+        return f"onnx-{socket.gethostname()}-{self.proc.pid}"
+
+    def start(self) -> ServiceProcess:
+        cmd = [
+            sys.executable,
+            "-m",
+            "services.onnx",
+            "--model-repository",
+            str(self.repository),
+            "--grpc-port",
+            "0",
+            "--http-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--exit-timeout-secs",
+            "5",
+            "--control-plane",
+            self.control,
+            *self.extra_args,
+        ]
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        return self
+
+    def wait_ready(self, mesh: MeshHandle, models: int, within_s: float = 60) -> None:
+        """Until the mesh lists this instance with ``models`` READY versions."""
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service exited with {self.proc.returncode}: {self.log_tail()}")
+            doc = mesh.status() or {"instances": []}
+            mine = [i for i in doc["instances"] if i["id"] == self.id]
+            return bool(mine) and sum(m["state"] == "READY" for m in mine[0]["models"]) >= models
+
+        wait_for(ready, within_s, f"service {self.id} registered with {models} READY model(s)")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+
+@contextlib.contextmanager
+def running_service(
+    repository: Path, mesh: MeshHandle, tmp: Path, models: int, extra_args: Iterable[str] = ()
+) -> Iterator[ServiceProcess]:
+    service = ServiceProcess(
+        repository, f"127.0.0.1:{mesh.settings.control_port}", tmp / "service.log", list(extra_args)
+    )
+    try:
+        service.start().wait_ready(mesh, models)
+        yield service
+    finally:
+        service.stop()
+
+
+# ---- requests --------------------------------------------------------------------------------
+def simple_inputs(value: int = 1) -> tuple[list[grpcclient.InferInput], np.ndarray]:
+    """INPUT0 = 0..15, INPUT1 = ``value``: OUTPUT0 is their sum."""
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    b = np.full((1, 16), value, dtype=np.int32)
+    inputs = [grpcclient.InferInput(n, [1, 16], "INT32") for n in ("INPUT0", "INPUT1")]
+    inputs[0].set_data_from_numpy(a)
+    inputs[1].set_data_from_numpy(b)
+    return inputs, a + b
+
+
+@dataclass
+class LoadResult:
+    """What a load run saw: (monotonic time, version or error text) per request."""
+
+    ok: list[tuple[float, str]] = field(default_factory=list)
+    failed: list[tuple[float, str]] = field(default_factory=list)
+
+
+class Load:
+    """``threads`` callers sending ``simple`` infers (no version) through the gateway until
+    stopped; ``with Load(...) as load:`` starts and always stops them."""
+
+    def __init__(self, grpc_url: str, threads: int = 8, model: str = "simple") -> None:
+        self.grpc_url = grpc_url
+        self.model = model
+        self.result = LoadResult()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._caller, name=f"e2e-load-{n}", daemon=True)
+            for n in range(threads)
+        ]
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(15)
+
+    def _caller(self) -> None:
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        try:
+            inputs, expected = simple_inputs(3)
+            while not self._stop.is_set():
+                try:
+                    r = client.infer(self.model, inputs, client_timeout=10)
+                    assert np.array_equal(r.as_numpy("OUTPUT0"), expected)
+                    outcome, ok = str(r.get_response().model_version), True
+                except Exception as exc:
+                    outcome, ok = f"{type(exc).__name__}: {exc}", False
+                with self._lock:
+                    (self.result.ok if ok else self.result.failed).append(
+                        (time.monotonic(), outcome)
+                    )
+        finally:
+            client.close()
+
+    def snapshot(self) -> LoadResult:
+        with self._lock:
+            return LoadResult(list(self.result.ok), list(self.result.failed))
