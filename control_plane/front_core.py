@@ -148,11 +148,34 @@ class Front:
         return ready or registered
 
     def route(self, model: str, version: str) -> ServiceInstance:
-        """One instance for a model-scoped request (round robin), or NOT_FOUND."""
+        """One instance with the model READY for a model-scoped request (round robin).
+
+        Through the gateway a model with no READY version is NOT_FOUND (its route is gone),
+        whether no service knows it or it was unloaded; the message carries the registry's
+        state and reason.
+        """
         candidates = self.instances_of(model, version)
         if not candidates:
             raise FrontError.unknown_model(model)
-        return candidates[next(self._turn) % len(candidates)]
+        ready = [
+            i
+            for i in candidates
+            if any(m.name == model and version in ("", m.version) for m in i.ready_versions())
+        ]
+        if not ready:
+            states = sorted(
+                {
+                    f"version {m.version or '-'} {m.state}" + (f": {m.reason}" if m.reason else "")
+                    for i in candidates
+                    for m in i.models
+                    if m.name == model and version in ("", m.version)
+                }
+            )
+            raise FrontError(
+                grpc.StatusCode.NOT_FOUND,
+                f"model '{model}' is not loaded ({'; '.join(states)}); load it first",
+            )
+        return ready[next(self._turn) % len(ready)]
 
     # ---- transport ---------------------------------------------------------------------------
     def channel(self, inst: ServiceInstance) -> grpc.aio.Channel:

@@ -342,6 +342,7 @@ class ModelManager:
                 None,
                 None,
             )
+            self._publish()  # announce the final state (the registry shows the reason)
             log.info("model %r unloaded (%s)", entry.name, reason)
 
     def _publish(self) -> None:

@@ -84,18 +84,15 @@ def test_load_adds_the_route_and_unload_removes_it(example_repo: Path, tmp_path:
 
             c.unload_model("simple")
             wait_for(lambda: "model:simple:1" not in envoy_clusters(mesh), 5, "route removed")
-            # The route is gone; the request falls to the front, which (control_plane/front_core.py)
-            # sends a model the registry still lists in another state to its service, "so the
-            # service gives its own reason": UNAVAILABLE / 503 "... no ready version: unloaded".
-            # (Issue 3's test list says NOT_FOUND here; a model no service lists at all is
-            # NOT_FOUND, see test_mesh_routing.py.)
+            # The route is gone; the request falls to the front, which answers NOT_FOUND with the
+            # registry's state and reason (the service itself would say UNAVAILABLE, as Triton).
             after = _infer_error(c)
-            assert after is not None and after.status() == "StatusCode.UNAVAILABLE", after
+            assert after is not None and after.status() == "StatusCode.NOT_FOUND", after
             assert "'simple'" in after.message() and "unloaded" in after.message()
             assert not c.is_model_ready("simple")
             with pytest.raises(InferenceServerException) as info:
                 h.get_model_metadata("simple")
-            assert info.value.status() == "503", info.value
+            assert info.value.status() == "404", info.value
             assert "unloaded" in info.value.message()
         finally:
             c.close()
