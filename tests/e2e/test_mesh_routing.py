@@ -206,21 +206,21 @@ def test_weights_change_under_load_without_failures(mesh: MeshHandle, no_split: 
     assert set(seen[2]) == {"1", "2"}, seen
 
 
-def test_40_mib_request_passes_the_gateway(
+def test_64_mib_request_passes_the_gateway(
     second_service: ServiceProcess,
     grpc_client: grpcclient.InferenceServerClient,
     http_client: httpclient.InferenceServerClient,
 ) -> None:
-    payload = np.array([[b"x" * (40 * 1024 * 1024)]], dtype=object)
+    payload = np.array([[b"x" * (64 * 1024 * 1024)]], dtype=object)
     g_input = grpcclient.InferInput("INPUT0", [1, 1], "BYTES")
     g_input.set_data_from_numpy(payload)
     out = grpc_client.infer("simple_identity", [g_input], client_timeout=60).as_numpy("OUTPUT0")
-    assert out.shape == (1, 1) and len(out[0][0]) == 40 * 1024 * 1024
+    assert out.shape == (1, 1) and len(out[0][0]) == 64 * 1024 * 1024
 
     h_input = httpclient.InferInput("INPUT0", [1, 1], "BYTES")
     h_input.set_data_from_numpy(payload, binary_data=True)
     out = http_client.infer("simple_identity", [h_input]).as_numpy("OUTPUT0")
-    assert out.shape == (1, 1) and len(out[0][0]) == 40 * 1024 * 1024
+    assert out.shape == (1, 1) and len(out[0][0]) == 64 * 1024 * 1024
 
 
 def test_gzip_compressed_grpc_reaches_its_model(
