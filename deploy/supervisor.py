@@ -90,6 +90,28 @@ class MeshSettings:
     python: str = sys.executable
 
 
+def control_plane_command(s: MeshSettings, *, fresh: bool) -> list[str]:
+    """The control plane's command line. ``fresh``: a new mesh, where no service exists yet, so
+    Envoy is configured at once; otherwise (a restart) it waits for services to re-register."""
+    policy = ["--policy-file", str(s.policy_file)] if s.policy_file else []
+    warmup = ["--warmup-secs", "0"] if fresh else []
+    return [
+        s.python,
+        "-m",
+        "control_plane",
+        "--host",
+        s.host,
+        "--control-port",
+        str(s.control_port),
+        "--gateway-grpc-port",
+        str(s.grpc_port),
+        "--gateway-http-port",
+        str(s.http_port),
+        *policy,
+        *warmup,
+    ]
+
+
 class Mesh:
     def __init__(self, settings: MeshSettings) -> None:
         self.settings = settings
@@ -127,23 +149,7 @@ class Mesh:
             progress(
                 f"no service for framework family '{fam}' yet; not serving {', '.join(fams[fam])}"
             )
-        policy = ["--policy-file", str(s.policy_file)] if s.policy_file else []
-        self.control = await asyncio.create_subprocess_exec(
-            s.python,
-            "-m",
-            "control_plane",
-            "--host",
-            s.host,
-            "--control-port",
-            str(s.control_port),
-            "--gateway-grpc-port",
-            str(s.grpc_port),
-            "--gateway-http-port",
-            str(s.http_port),
-            *policy,
-            "--warmup-secs",
-            "0",  # a fresh mesh: no service to wait for before configuring Envoy
-        )
+        self.control = await asyncio.create_subprocess_exec(*control_plane_command(s, fresh=True))
         progress(f"control plane starting (ADS + registry on {s.host}:{s.control_port})")
         self.gateway = Gateway(s.host, s.control_port)
         await self.gateway.start(timeout=30)

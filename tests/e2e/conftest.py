@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from deploy.supervisor import Mesh, MeshSettings
+from deploy.supervisor import Mesh, MeshSettings, control_plane_command
 from gateway.launcher import GatewayError, find_envoy
 
 log = logging.getLogger(__name__)
@@ -114,26 +114,6 @@ class LoopThread:
         self._thread.join(10)
         if not self._thread.is_alive():
             self.loop.close()
-
-
-def control_plane_command(s: MeshSettings) -> list[str]:
-    """The control plane's command line as a process manager restarting it would run it: as
-    ``Mesh.start`` builds it, but with the default warm-up (a restart, not a fresh mesh)."""
-    policy = ["--policy-file", str(s.policy_file)] if s.policy_file else []
-    return [
-        s.python,
-        "-m",
-        "control_plane",
-        "--host",
-        s.host,
-        "--control-port",
-        str(s.control_port),
-        "--gateway-grpc-port",
-        str(s.grpc_port),
-        "--gateway-http-port",
-        str(s.http_port),
-        *policy,
-    ]
 
 
 class MeshHandle:
@@ -232,7 +212,8 @@ class MeshHandle:
     def restart_control_plane(self) -> None:
         """Start the control plane again with the supervisor's arguments (``mesh.stop`` stops it)."""
         self.mesh.control = self._loop.run(
-            asyncio.create_subprocess_exec(*control_plane_command(self.settings)), timeout=10
+            asyncio.create_subprocess_exec(*control_plane_command(self.settings, fresh=False)),
+            timeout=10,
         )
 
     @staticmethod

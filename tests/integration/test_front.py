@@ -30,9 +30,10 @@ from aiohttp import web
 from tritonclient.utils import InferenceServerException
 
 from control_plane.front import add_front_to_server
-from control_plane.front_core import Front, merge_statistics
+from control_plane.front_core import Front
 from control_plane.front_http import build_front_app
 from control_plane.model import READY, MeshState, ModelVersion, ServiceInstance
+from control_plane.stats_merge import merge_statistics
 from protos.gen.inference import grpc_service_pb2 as pb
 from tests.support import ServerThread, settings_for
 
