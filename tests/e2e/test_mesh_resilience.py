@@ -75,15 +75,25 @@ def test_load_adds_the_route_and_unload_removes_it(example_repo: Path, tmp_path:
 
             start = time.monotonic()
             c.load_model("simple")
-            wait_for(lambda: "model:simple:1" in envoy_clusters(mesh), 5, "route of 'simple'")
+            wait_for(lambda: "model:simple:1" in envoy_clusters(mesh), 15, "route of 'simple'")
             assert c.is_model_ready("simple")
             assert h.is_model_ready("simple")
             inputs, expected = simple_inputs()
             assert np.array_equal(c.infer("simple", inputs).as_numpy("OUTPUT0"), expected)
-            assert time.monotonic() - start < 5
+            assert time.monotonic() - start < 15
 
             c.unload_model("simple")
-            wait_for(lambda: "model:simple:1" not in envoy_clusters(mesh), 5, "route removed")
+            wait_for(lambda: "model:simple:1" not in envoy_clusters(mesh), 15, "route removed")
+            # the registry gets UNLOADING first, then the final state with its reason
+            wait_for(
+                lambda: any(
+                    m["name"] == "simple" and m["state"] == "UNAVAILABLE"
+                    for i in (mesh.status() or {"instances": []})["instances"]
+                    for m in i["models"]
+                ),
+                15,
+                "'simple' UNAVAILABLE in the registry",
+            )
             # The route is gone; the request falls to the front, which answers NOT_FOUND with the
             # registry's state and reason (the service itself would say UNAVAILABLE, as Triton).
             after = _infer_error(c)
