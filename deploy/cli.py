@@ -101,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     up.add_argument("--control-port", type=int, default=8010)
     up.add_argument("--policy-file", type=Path, default=Path(".meshserve/policies.json"))
     up.add_argument("--model-control-mode", choices=("none", "poll", "explicit"), default="none")
+    up.add_argument(
+        "--gateway-workers", type=int, default=0, help="Envoy worker threads (0: one per core)"
+    )
     sub.add_parser("status", help="services, their models, splits, gateway config state")
     sub.add_parser("models", help="every model of the repository with its state")
     for name in ("load", "unload"):
@@ -127,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             control_port=a.control_port,
             policy_file=a.policy_file.resolve(),
             model_control_mode=a.model_control_mode,
+            gateway_workers=a.gateway_workers,
         )
         asyncio.run(run_until_signal(settings))
         return 0

@@ -87,6 +87,8 @@ class MeshSettings:
     metrics_port: int = 8002
     policy_file: Path | None = None
     model_control_mode: str = "none"
+    #: Envoy worker threads (0: one per core)
+    gateway_workers: int = 0
     python: str = sys.executable
 
 
@@ -151,7 +153,7 @@ class Mesh:
             )
         self.control = await asyncio.create_subprocess_exec(*control_plane_command(s, fresh=True))
         progress(f"control plane starting (ADS + registry on {s.host}:{s.control_port})")
-        self.gateway = Gateway(s.host, s.control_port)
+        self.gateway = Gateway(s.host, s.control_port, workers=s.gateway_workers)
         await self.gateway.start(timeout=30)
         progress(f"gateway ready: gRPC {s.host}:{s.grpc_port}, HTTP {s.host}:{s.http_port}")
         if s.metrics_port >= 0:

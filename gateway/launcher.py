@@ -84,11 +84,14 @@ class Gateway:
         cluster: str = "meshserve",
         log_level: str = "warning",
         envoy: Path | None = None,
+        workers: int = 0,
     ) -> None:
         if log_level not in _LEVELS:
             raise GatewayError(f"log level '{log_level}' is not one of {sorted(_LEVELS)}")
         self.config = bootstrap(ads_host, ads_port, admin_port, node_id=node_id, cluster=cluster)
         self.log_level = log_level
+        #: Envoy worker threads (0: Envoy's default, one per core)
+        self.workers = workers
         self._envoy = envoy
         self._proc: asyncio.subprocess.Process | None = None
         self._stderr_task: asyncio.Task[None] | None = None
@@ -126,6 +129,7 @@ class Gateway:
             self.log_level,
             "--admin-address-path",
             str(address_path),
+            *(["--concurrency", str(self.workers)] if self.workers > 0 else []),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
