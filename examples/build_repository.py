@@ -341,10 +341,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=sorted(BUILDERS),
         help="build only this model (repeatable); default: all",
     )
+    parser.add_argument(
+        "--onnx-only",
+        action="store_true",
+        help="skip the other families' examples (PyTorch, Python backend)",
+    )
     args = parser.parse_args(argv)
     build_repository(args.root, args.models)
-    print(f"example repository ready at {args.root}: {', '.join(args.models or BUILDERS)}")
+    built = list(args.models or BUILDERS)
+    if not args.models and not args.onnx_only:
+        built += _other_families(args.root)
+    print(f"example repository ready at {args.root}: {', '.join(built)}")
     return 0
+
+
+def _other_families(root: Path) -> list[str]:
+    """The PyTorch and Python-backend examples, where their framework is installed."""
+    built: list[str] = []
+    from examples.build_python import build_python_repository
+
+    python_models = ["add_sub_python", "identity_python"]  # not the deliberately broken ones
+    build_python_repository(root, python_models)
+    built += python_models
+    try:
+        from examples.build_torch import BUILDERS as TORCH_BUILDERS
+        from examples.build_torch import build_torch_repository
+    except ImportError as exc:
+        print(f"skipping the PyTorch examples: {exc} (install the extra: pip install '.[torch]')")
+        return built
+    build_torch_repository(root)
+    return built + sorted(TORCH_BUILDERS)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -28,6 +29,9 @@ from services.core.validation import RequestValidator
 from services.core.warmup import run_warmup
 
 log = logging.getLogger(__name__)
+
+A = TypeVar("A")
+R = TypeVar("R")
 
 #: batches whose recent execution time (moving average) is below this run on the event loop
 INLINE_EXECUTION_NS = 150_000
@@ -163,7 +167,7 @@ class ServedModel:
 
     async def _run_batch(
         self, instance: int, items: Sequence[Pending[InferRequest]]
-    ) -> list[ItemResult]:
+    ) -> list[ItemResult | ServingError]:
         runtime = self._instances[instance]
         loop = asyncio.get_running_loop()
         payloads = [it.payload for it in items]
@@ -186,15 +190,25 @@ class ServedModel:
             compute_output_ns=t_out,
         )
         return [
-            ItemResult(out, it.start_ns - it.enqueue_ns, t_in, t_infer, t_out)
+            out
+            if isinstance(out, ServingError)
+            else ItemResult(out, it.start_ns - it.enqueue_ns, t_in, t_infer, t_out)
             for it, out in zip(items, outputs, strict=True)
         ]
 
     def _execute(
         self, runtime: Runtime, payloads: list[InferRequest], sizes: list[int]
-    ) -> tuple[int, int, int, list[dict[str, Array]]]:
+    ) -> tuple[int, int, int, list[dict[str, Array] | ServingError]]:
         """Runs in the instance's worker thread: gather inputs, run, scatter outputs."""
         t0 = time.monotonic_ns()
+        if runtime.takes_request_list:
+            per_request = self._guarded(runtime.infer_requests, payloads, sizes)
+            if len(per_request) != len(payloads):
+                raise InternalError(
+                    f"model '{self.name}' returned {len(per_request)} results for "
+                    f"{len(payloads)} requests"
+                )
+            return 0, time.monotonic_ns() - t0, 0, per_request
         if len(payloads) == 1:
             inputs = payloads[0].inputs
         else:
@@ -202,8 +216,16 @@ class ServedModel:
                 n: np.concatenate([p.inputs[n] for p in payloads]) for n in payloads[0].inputs
             }
         t1 = time.monotonic_ns()
+        results = self._guarded(runtime.infer, inputs, sizes)
+        t2 = time.monotonic_ns()
+        split: list[dict[str, Array] | ServingError] = list(self._split(results, sizes))
+        t3 = time.monotonic_ns()
+        return t1 - t0, t2 - t1, t3 - t2, split
+
+    def _guarded(self, run: Callable[[A, Sequence[str]], R], arg: A, sizes: list[int]) -> R:
+        """Call the runtime; a non-ServingError becomes a generic INTERNAL error (logged)."""
         try:
-            results = runtime.infer(inputs, self._output_names)
+            return run(arg, self._output_names)
         except ServingError:
             raise
         except Exception as exc:
@@ -216,10 +238,6 @@ class ServedModel:
             raise InternalError(
                 f"model '{self.name}' failed to execute the batch: {type(exc).__name__}"
             ) from exc
-        t2 = time.monotonic_ns()
-        split = self._split(results, sizes)
-        t3 = time.monotonic_ns()
-        return t1 - t0, t2 - t1, t3 - t2, split
 
     def _split(self, results: dict[str, Array], sizes: list[int]) -> list[dict[str, Array]]:
         missing = [n for n in self._output_names if n not in results]

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from protos.gen.inference import model_config_pb2 as mc
-from services.core.requests import Array
+from services.core.errors import ServingError
+from services.core.requests import Array, InferRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,20 @@ class Runtime(ABC):
 
         Must return every name in ``outputs`` with the batch dimension first.
         """
+
+    #: True: the scheduler calls ``infer_requests`` with the batch's requests kept apart,
+    #: instead of ``infer`` with their inputs concatenated (Triton's Python backend needs this)
+    takes_request_list: ClassVar[bool] = False
+
+    def infer_requests(
+        self, requests: Sequence[InferRequest], outputs: Sequence[str]
+    ) -> list[dict[str, Array] | ServingError]:
+        """Run one batch given as its requests; one result per request, in order.
+
+        A ServingError in a request's place fails only that request. Called instead of
+        ``infer`` when ``takes_request_list`` is True.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not take request lists")
 
     def unload(self) -> None:  # noqa: B027 - optional hook
         """Release resources. Called once, after the last infer returns."""

@@ -1,0 +1,180 @@
+"""Build the Python-backend example models: Triton ``model.py`` files as a Triton user writes them.
+
+``python -m examples.build_python <dir>`` writes ``<dir>/<model>/config.pbtxt`` and
+``<dir>/<model>/1/model.py`` (``backend: "python"``), served by services/python:
+
+- ``add_sub_python``: Triton's classic add_sub example (FP32 INPUT0, INPUT1 [4] → OUTPUT0 sum,
+  OUTPUT1 difference), written the way Triton's example is, with ``pb_utils`` helpers;
+- ``identity_python``: BYTES in, the same BYTES out (batched, dynamic batching);
+- ``failing_python``: ``execute`` raises ValueError("boom"): the error reaches the client;
+- ``bad_init_python``: ``initialize`` raises: the model is UNAVAILABLE with that reason.
+
+Rebuilding is idempotent, as for examples/build_repository.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+ADD_SUB_CONFIG = """name: "add_sub_python"
+backend: "python"
+input [
+  { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] },
+  { name: "INPUT1" data_type: TYPE_FP32 dims: [ 4 ] }
+]
+output [
+  { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] },
+  { name: "OUTPUT1" data_type: TYPE_FP32 dims: [ 4 ] }
+]
+instance_group [ { kind: KIND_CPU } ]
+"""
+
+ADD_SUB_MODEL = '''"""Triton's add_sub example.
+
+OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1.
+"""
+
+import json
+
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.model_config = model_config = json.loads(args["model_config"])
+        output0_config = pb_utils.get_output_config_by_name(model_config, "OUTPUT0")
+        output1_config = pb_utils.get_output_config_by_name(model_config, "OUTPUT1")
+        self.output0_dtype = pb_utils.triton_string_to_numpy(output0_config["data_type"])
+        self.output1_dtype = pb_utils.triton_string_to_numpy(output1_config["data_type"])
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            in_0 = pb_utils.get_input_tensor_by_name(request, "INPUT0")
+            in_1 = pb_utils.get_input_tensor_by_name(request, "INPUT1")
+            out_0 = in_0.as_numpy() + in_1.as_numpy()
+            out_1 = in_0.as_numpy() - in_1.as_numpy()
+            out_tensor_0 = pb_utils.Tensor("OUTPUT0", out_0.astype(self.output0_dtype))
+            out_tensor_1 = pb_utils.Tensor("OUTPUT1", out_1.astype(self.output1_dtype))
+            inference_response = pb_utils.InferenceResponse(
+                output_tensors=[out_tensor_0, out_tensor_1]
+            )
+            responses.append(inference_response)
+        return responses
+
+    def finalize(self):
+        print("Cleaning up...")
+'''
+
+IDENTITY_CONFIG = """name: "identity_python"
+backend: "python"
+max_batch_size: 8
+input [ { name: "INPUT0" data_type: TYPE_STRING dims: [ -1 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_STRING dims: [ -1 ] } ]
+dynamic_batching { }
+"""
+
+IDENTITY_MODEL = '''"""Returns its BYTES input unchanged, one response per request."""
+
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            data = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", data)]))
+        return responses
+'''
+
+FAILING_CONFIG = """name: "failing_python"
+backend: "python"
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
+"""
+
+FAILING_MODEL = '''"""A model whose execute always raises, to show the error reaching the client."""
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        raise ValueError("boom")
+'''
+
+BAD_INIT_CONFIG = """name: "bad_init_python"
+backend: "python"
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
+"""
+
+BAD_INIT_MODEL = '''"""A model whose initialize raises, so it never becomes ready."""
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        raise RuntimeError("weights file missing: cannot initialize")
+
+    def execute(self, requests):
+        return []
+'''
+
+#: model name → (config.pbtxt, 1/model.py)
+EXAMPLES: dict[str, tuple[str, str]] = {
+    "add_sub_python": (ADD_SUB_CONFIG, ADD_SUB_MODEL),
+    "identity_python": (IDENTITY_CONFIG, IDENTITY_MODEL),
+    "failing_python": (FAILING_CONFIG, FAILING_MODEL),
+    "bad_init_python": (BAD_INIT_CONFIG, BAD_INIT_MODEL),
+}
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write atomically, and only when the text differs (keeps rebuilds cheap, mtimes stable)."""
+    data = text.encode()
+    if path.is_file() and path.read_bytes() == data:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def build_python_repository(root: Path, names: Iterable[str] | None = None) -> None:
+    """Write the named Python example models (all when ``names`` is None) under ``root``."""
+    wanted = list(EXAMPLES) if names is None else list(names)
+    unknown = [n for n in wanted if n not in EXAMPLES]
+    if unknown:
+        raise ValueError(
+            f"unknown Python example model(s) {unknown}; choose from {sorted(EXAMPLES)}"
+        )
+    for name in wanted:
+        config, model = EXAMPLES[name]
+        _write_if_changed(root / name / "config.pbtxt", config)
+        _write_if_changed(root / name / "1" / "model.py", model)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: build the Python examples into a repository directory."""
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.build_python",
+        description="Build the Python-backend example models (Triton model.py files).",
+    )
+    parser.add_argument("root", type=Path, help="repository directory (created if missing)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        choices=sorted(EXAMPLES),
+        help="build only this model (repeatable); default: all",
+    )
+    args = parser.parse_args(argv)
+    build_python_repository(args.root, args.models)
+    print(f"Python example models ready at {args.root}: {', '.join(args.models or EXAMPLES)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""Triton's ``triton_python_backend_utils`` (``pb_utils``) for models served by meshserve.
+
+A user's Triton ``model.py`` does ``import triton_python_backend_utils as pb_utils``; the Python
+runtime (services/python/runtime.py) makes that name resolve to this module before it imports the
+model, then hands ``execute`` a list of :class:`InferenceRequest` and expects one
+:class:`InferenceResponse` per request back. Names and signatures follow Triton's Python backend;
+tensors live in the same process, so a :class:`Tensor` wraps its numpy array without copying.
+
+Not offered yet: BLS (``InferenceRequest.exec`` / ``async_exec`` raise), decoupled response
+senders, GPU tensors (every tensor is on the CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "InferenceRequest",
+    "InferenceResponse",
+    "Logger",
+    "Tensor",
+    "TritonError",
+    "TritonModelException",
+    "get_input_config_by_name",
+    "get_input_tensor_by_name",
+    "get_output_config_by_name",
+    "get_output_tensor_by_name",
+    "numpy_to_triton_type",
+    "triton_string_to_numpy",
+    "triton_to_numpy_type",
+    "using_decoupled_model_transaction_policy",
+]
+
+NDArray = npt.NDArray[Any]
+
+#: Triton's ``inference.DataType`` enum values (model_config.proto)
+TYPE_INVALID, TYPE_BOOL, TYPE_UINT8, TYPE_UINT16, TYPE_UINT32, TYPE_UINT64 = range(6)
+TYPE_INT8, TYPE_INT16, TYPE_INT32, TYPE_INT64, TYPE_FP16, TYPE_FP32 = range(6, 12)
+TYPE_FP64, TYPE_STRING, TYPE_BF16 = range(12, 15)
+
+_NUMPY_BY_TRITON: dict[int, type[np.generic]] = {
+    TYPE_BOOL: np.bool_,
+    TYPE_UINT8: np.uint8,
+    TYPE_UINT16: np.uint16,
+    TYPE_UINT32: np.uint32,
+    TYPE_UINT64: np.uint64,
+    TYPE_INT8: np.int8,
+    TYPE_INT16: np.int16,
+    TYPE_INT32: np.int32,
+    TYPE_INT64: np.int64,
+    TYPE_FP16: np.float16,
+    TYPE_FP32: np.float32,
+    TYPE_FP64: np.float64,
+    TYPE_STRING: np.object_,
+}
+_TRITON_BY_NAME: dict[str, int] = {
+    "TYPE_BOOL": TYPE_BOOL,
+    "TYPE_UINT8": TYPE_UINT8,
+    "TYPE_UINT16": TYPE_UINT16,
+    "TYPE_UINT32": TYPE_UINT32,
+    "TYPE_UINT64": TYPE_UINT64,
+    "TYPE_INT8": TYPE_INT8,
+    "TYPE_INT16": TYPE_INT16,
+    "TYPE_INT32": TYPE_INT32,
+    "TYPE_INT64": TYPE_INT64,
+    "TYPE_FP16": TYPE_FP16,
+    "TYPE_FP32": TYPE_FP32,
+    "TYPE_FP64": TYPE_FP64,
+    "TYPE_STRING": TYPE_STRING,
+}
+
+
+class TritonModelException(Exception):
+    """Raised by pb_utils calls that fail; a model may raise it too (the client sees its text)."""
+
+
+class TritonError:
+    """An error attached to one :class:`InferenceResponse`: fails that request only."""
+
+    UNKNOWN: ClassVar[int] = 0
+    INTERNAL: ClassVar[int] = 1
+    NOT_FOUND: ClassVar[int] = 2
+    INVALID_ARG: ClassVar[int] = 3
+    UNAVAILABLE: ClassVar[int] = 4
+    UNSUPPORTED: ClassVar[int] = 5
+    ALREADY_EXISTS: ClassVar[int] = 6
+    CANCELLED: ClassVar[int] = 7
+
+    def __init__(self, message: str, code: int = INTERNAL) -> None:
+        self._message = str(message)
+        self._code = int(code)
+
+    def message(self) -> str:
+        """The text the client sees."""
+        return self._message
+
+    def code(self) -> int:
+        """One of the class constants (INTERNAL when not given)."""
+        return self._code
+
+    def __repr__(self) -> str:
+        return f"TritonError({self._message!r}, code={self._code})"
+
+
+class Tensor:
+    """A named tensor backed by a numpy array (always on the CPU here)."""
+
+    def __init__(self, name: str, tensor: NDArray) -> None:
+        if not isinstance(tensor, np.ndarray):
+            raise TritonModelException(
+                f"pb_utils.Tensor '{name}' needs a numpy array, got {type(tensor).__name__}; "
+                "wrap the value with numpy.asarray(...)"
+            )
+        self._name = name
+        self._array = tensor
+
+    def name(self) -> str:
+        """The tensor's name (an input or output name of the model config)."""
+        return self._name
+
+    def as_numpy(self) -> NDArray:
+        """The tensor as a numpy array (no copy); BYTES tensors are object arrays."""
+        return self._array
+
+    def is_cpu(self) -> bool:
+        """Always True: this server keeps Python-model tensors in host memory."""
+        return True
+
+    def shape(self) -> tuple[int, ...]:
+        """The tensor's shape."""
+        return tuple(int(d) for d in self._array.shape)
+
+    def to_dlpack(self) -> Any:
+        """A DLPack capsule of the tensor (not for BYTES tensors)."""
+        if self._array.dtype == np.object_:
+            raise TritonModelException(f"BYTES tensor '{self._name}' has no DLPack form")
+        return self._array.__dlpack__()
+
+    @staticmethod
+    def from_dlpack(name: str, capsule: Any) -> Tensor:
+        """A tensor from a DLPack capsule, or any CPU object implementing ``__dlpack__``."""
+        source = capsule if hasattr(capsule, "__dlpack__") else _Capsule(capsule)
+        return Tensor(name, np.from_dlpack(source))
+
+    def __repr__(self) -> str:
+        return f"Tensor({self._name!r}, shape={list(self._array.shape)}, dtype={self._array.dtype})"
+
+
+class _Capsule:
+    """Lets numpy read a bare DLPack capsule (numpy only takes objects with ``__dlpack__``)."""
+
+    def __init__(self, capsule: Any) -> None:
+        self._capsule = capsule
+
+    def __dlpack__(self, **_: Any) -> Any:
+        return self._capsule
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (1, 0)  # kDLCPU, device 0
+
+
+class InferenceRequest:
+    """One request as ``execute`` receives it (Triton's server-side request object)."""
+
+    def __init__(
+        self,
+        model_name: str = "",
+        inputs: Sequence[Tensor] = (),
+        requested_output_names: Sequence[str] = (),
+        request_id: str = "",
+        correlation_id: int = 0,
+        flags: int = 0,
+        parameters: Mapping[str, Any] | str | None = None,
+        model_version: int = -1,
+    ) -> None:
+        self._model_name = model_name
+        self._inputs = list(inputs)
+        self._requested = list(requested_output_names)
+        self._request_id = request_id
+        self._correlation_id = correlation_id
+        self._flags = flags
+        if parameters is None:
+            parameters = {}
+        self._parameters = parameters if isinstance(parameters, str) else json.dumps(parameters)
+        self._model_version = model_version
+
+    def inputs(self) -> list[Tensor]:
+        """Every input tensor of the request."""
+        return list(self._inputs)
+
+    def requested_output_names(self) -> list[str]:
+        """The outputs the client asked for (every model output when it named none)."""
+        return list(self._requested)
+
+    def request_id(self) -> str:
+        """The client's request id ("" when it gave none)."""
+        return self._request_id
+
+    def correlation_id(self) -> int:
+        """The sequence correlation id (0: not part of a sequence)."""
+        return self._correlation_id
+
+    def flags(self) -> int:
+        """Sequence flags (0 here)."""
+        return self._flags
+
+    def parameters(self) -> str:
+        """The request's parameters as a JSON object string, as in Triton."""
+        return self._parameters
+
+    def model_name(self) -> str:
+        """The name of the model this request is for."""
+        return self._model_name
+
+    def is_cancelled(self) -> bool:
+        """Whether the client cancelled the request (never observed here yet)."""
+        return False
+
+    def exec(self, decoupled: bool = False) -> InferenceResponse:
+        """BLS: not supported by this server yet."""
+        raise TritonModelException(
+            "BLS (InferenceRequest.exec) is not supported by meshserve's Python service yet; "
+            "call the other model with tritonclient instead"
+        )
+
+    async def async_exec(self, decoupled: bool = False) -> InferenceResponse:
+        """BLS: not supported by this server yet."""
+        return self.exec(decoupled)
+
+
+class InferenceResponse:
+    """What ``execute`` returns for one request: output tensors, or an error."""
+
+    def __init__(
+        self,
+        output_tensors: Sequence[Tensor] = (),
+        error: TritonError | None = None,
+        parameters: Mapping[str, Any] | str | None = None,
+    ) -> None:
+        if error is not None and not isinstance(error, TritonError):
+            raise TritonModelException(
+                "InferenceResponse error must be a pb_utils.TritonError, got "
+                f"{type(error).__name__}"
+            )
+        self._outputs = list(output_tensors)
+        self._error = error
+        if parameters is None:
+            parameters = {}
+        self._parameters = parameters if isinstance(parameters, str) else json.dumps(parameters)
+
+    def output_tensors(self) -> list[Tensor]:
+        """The response's output tensors."""
+        return list(self._outputs)
+
+    def has_error(self) -> bool:
+        """Whether the response carries an error."""
+        return self._error is not None
+
+    def error(self) -> TritonError | None:
+        """The response's error, if any."""
+        return self._error
+
+    def parameters(self) -> str:
+        """The response's parameters as a JSON object string."""
+        return self._parameters
+
+
+class Logger:
+    """Triton's ``pb_utils.Logger``: messages go to the server's log."""
+
+    _log: ClassVar[logging.Logger] = logging.getLogger("triton_python_backend_utils")
+
+    @classmethod
+    def log_info(cls, message: str) -> None:
+        cls._log.info("%s", message)
+
+    @classmethod
+    def log_warn(cls, message: str) -> None:
+        cls._log.warning("%s", message)
+
+    @classmethod
+    def log_error(cls, message: str) -> None:
+        cls._log.error("%s", message)
+
+    @classmethod
+    def log_verbose(cls, message: str) -> None:
+        cls._log.debug("%s", message)
+
+
+def _by_name(tensors: Sequence[Tensor], name: str) -> Tensor | None:
+    for tensor in tensors:
+        if tensor.name() == name:
+            return tensor
+    return None
+
+
+def get_input_tensor_by_name(inference_request: InferenceRequest, name: str) -> Tensor | None:
+    """The request's input ``name``, or None when the request has no such input."""
+    return _by_name(inference_request.inputs(), name)
+
+
+def get_output_tensor_by_name(inference_response: InferenceResponse, name: str) -> Tensor | None:
+    """The response's output ``name``, or None."""
+    return _by_name(inference_response.output_tensors(), name)
+
+
+def _config_by_name(model_config: Mapping[str, Any], key: str, name: str) -> dict[str, Any] | None:
+    for entry in model_config.get(key, ()):
+        if entry.get("name") == name:
+            return dict(entry)
+    return None
+
+
+def get_input_config_by_name(model_config: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+    """The config entry of input ``name`` in ``json.loads(args["model_config"])``, or None."""
+    return _config_by_name(model_config, "input", name)
+
+
+def get_output_config_by_name(model_config: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+    """The config entry of output ``name`` in ``json.loads(args["model_config"])``, or None."""
+    return _config_by_name(model_config, "output", name)
+
+
+def using_decoupled_model_transaction_policy(model_config: Mapping[str, Any]) -> bool:
+    """Whether the config asks for a decoupled model (not served by this server yet)."""
+    policy = model_config.get("model_transaction_policy") or {}
+    return bool(policy.get("decoupled", False))
+
+
+def triton_to_numpy_type(data_type: int) -> type[np.generic] | None:
+    """numpy type of a config DataType enum value (TYPE_FP32 → np.float32); None if none."""
+    return _NUMPY_BY_TRITON.get(data_type)
+
+
+def numpy_to_triton_type(data_type: Any) -> int | None:
+    """Config DataType enum value of a numpy type (np.float32 → TYPE_FP32); None if none."""
+    dtype = np.dtype(data_type)
+    if dtype.kind in "OSU":
+        return TYPE_STRING
+    for triton_type, numpy_type in _NUMPY_BY_TRITON.items():
+        if dtype == np.dtype(numpy_type):
+            return triton_type
+    return None
+
+
+def triton_string_to_numpy(triton_type_string: str) -> type[np.generic] | None:
+    """numpy type of a config data_type string ("TYPE_FP32" → np.float32); None if unknown."""
+    triton_type = _TRITON_BY_NAME.get(triton_type_string)
+    return None if triton_type is None else _NUMPY_BY_TRITON[triton_type]
