@@ -31,7 +31,14 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-from control_plane.snapshot import PUSH_ORDER, WILDCARD_TYPES, Snapshot, SnapshotCache
+from control_plane.snapshot import (
+    CLUSTER,
+    PUSH_ORDER,
+    ROUTE,
+    WILDCARD_TYPES,
+    Snapshot,
+    SnapshotCache,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +67,8 @@ class _End:
 
 
 _Event = Any  # a DiscoveryRequest, a Snapshot or an _End
+#: version suffix of a cluster set that still holds clusters the routes may name
+_KEEP = "+keep"
 
 
 class _Stream:
@@ -70,6 +79,8 @@ class _Stream:
         self._peer = peer
         self._types: dict[str, _TypeState] = {}
         self._nonces = itertools.count(1)
+        #: the clusters Envoy last received, by name (to keep removed ones until routes moved)
+        self._sent_clusters: dict[str, Any] = {}
         self.node_id = ""
 
     def on_request(self, request: Any, snapshot: Snapshot | None) -> list[Any]:
@@ -104,7 +115,7 @@ class _Stream:
         if snapshot is None or snapshot.version == state.nacked_version:
             return []
         if snapshot.version != state.sent_version or names_changed:
-            return [self._respond(type_url, state, snapshot)]
+            return self._respond_all(type_url, state, snapshot)
         return []
 
     def on_snapshot(self, snapshot: Snapshot) -> list[Any]:
@@ -113,20 +124,58 @@ class _Stream:
             state = self._types.get(type_url)
             if state is None or snapshot.version in (state.sent_version, state.nacked_version):
                 continue
-            responses.append(self._respond(type_url, state, snapshot))
+            responses.extend(self._respond_all(type_url, state, snapshot))
         return responses
+
+    # -- make before break ------------------------------------------------------------------
+    # Envoy applies each response as it arrives. Routes must never name a cluster Envoy does not
+    # have: so routes are preceded by the clusters they name, and a cluster leaves only after the
+    # routes that no longer name it were sent (until then it is kept in a "+keep" cluster set).
+
+    def _respond_all(self, type_url: str, state: _TypeState, snapshot: Snapshot) -> list[Any]:
+        if type_url == CLUSTER:
+            return [self._respond_clusters(state, snapshot)]
+        if type_url != ROUTE:
+            return [self._respond(type_url, state, snapshot)]
+        out: list[Any] = []
+        cds = self._types.get(CLUSTER)
+        new_clusters = not snapshot.names(CLUSTER) <= set(self._sent_clusters)
+        stale = cds is not None and snapshot.version not in (cds.sent_version, cds.nacked_version)
+        if cds is not None and stale and new_clusters:
+            out.append(self._respond_clusters(cds, snapshot))  # new clusters first
+        out.append(self._respond(ROUTE, state, snapshot))
+        if cds is not None and cds.sent_version == f"{snapshot.version}{_KEEP}":
+            out.append(self._respond_clusters(cds, snapshot))  # now the removed ones may go
+        return out
+
+    def _respond_clusters(self, state: _TypeState, snapshot: Snapshot) -> Any:
+        names = sorted(snapshot.names(CLUSTER))
+        packed = dict(zip(names, snapshot.packed_for(CLUSTER), strict=True))
+        removed = set(self._sent_clusters) - set(names)
+        rds = self._types.get(ROUTE)
+        if removed and rds is not None and rds.sent_version != snapshot.version:
+            packed.update({n: self._sent_clusters[n] for n in removed})
+            self._sent_clusters = packed
+            resources = [packed[n] for n in sorted(packed)]
+            return self._respond_with(CLUSTER, state, f"{snapshot.version}{_KEEP}", resources)
+        self._sent_clusters = packed
+        return self._respond_with(CLUSTER, state, snapshot.version, [packed[n] for n in names])
 
     def _respond(self, type_url: str, state: _TypeState, snapshot: Snapshot) -> Any:
         wanted: Iterable[str] = () if type_url in WILDCARD_TYPES else state.names
-        if snapshot.version != state.nacked_version:
+        return self._respond_with(
+            type_url, state, snapshot.version, snapshot.packed_for(type_url, wanted)
+        )
+
+    def _respond_with(
+        self, type_url: str, state: _TypeState, version: str, resources: list[Any]
+    ) -> Any:
+        if version != state.nacked_version:
             state.nacked_version = None  # only the version last rejected is held back
-        state.sent_version = snapshot.version
+        state.sent_version = version
         state.nonce = str(next(self._nonces))
         return discovery_pb2.DiscoveryResponse(
-            version_info=snapshot.version,
-            type_url=type_url,
-            nonce=state.nonce,
-            resources=snapshot.packed_for(type_url, wanted),
+            version_info=version, type_url=type_url, nonce=state.nonce, resources=resources
         )
 
 

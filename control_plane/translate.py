@@ -170,10 +170,16 @@ def _model_cluster(name: str, *, http2: bool) -> cluster_pb2.Cluster:
         connect_timeout=_seconds(1),
         lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,
         typed_extension_protocol_options=_protocol_options(http2),
+        # Eject a replica for connection-level failures only (refused, reset, timed out: it is
+        # down). A model's own answers (e.g. UNAVAILABLE while it unloads, which gRPC maps to 503)
+        # say nothing about the host and must not eject it from the cluster.
         outlier_detection=outlier_detection_pb2.OutlierDetection(
-            consecutive_5xx=wrappers_pb2.UInt32Value(value=3),
-            consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=2),
-            enforcing_consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=100),
+            split_external_local_origin_errors=True,
+            consecutive_local_origin_failure=wrappers_pb2.UInt32Value(value=2),
+            enforcing_consecutive_local_origin_failure=wrappers_pb2.UInt32Value(value=100),
+            enforcing_consecutive_5xx=wrappers_pb2.UInt32Value(value=0),
+            enforcing_consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=0),
+            enforcing_success_rate=wrappers_pb2.UInt32Value(value=0),
             interval=_seconds(1),
             base_ejection_time=_seconds(5),
             max_ejection_percent=wrappers_pb2.UInt32Value(value=50),

@@ -131,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             policy_file=a.policy_file.resolve(),
             model_control_mode=a.model_control_mode,
             gateway_workers=a.gateway_workers,
+            load_models=tuple(a.load_model),
         )
         asyncio.run(run_until_signal(settings))
         return 0

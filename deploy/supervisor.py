@@ -87,6 +87,8 @@ class MeshSettings:
     metrics_port: int = 8002
     policy_file: Path | None = None
     model_control_mode: str = "none"
+    #: in explicit mode, models each service loads at start ("*" = all)
+    load_models: tuple[str, ...] = ()
     #: Envoy worker threads (0: one per core)
     gateway_workers: int = 0
     python: str = sys.executable
@@ -181,6 +183,7 @@ class Mesh:
                 s.model_control_mode,
                 "--control-plane",
                 f"{s.host}:{s.control_port}",
+                *(arg for name in s.load_models for arg in ("--load-model", name)),
             )
             progress(f"service '{fam}' starting for {len(runnable[fam])} model(s)")
         await self._wait_ready(set(runnable), progress, ready_within_s)

@@ -344,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--onnx-only",
         action="store_true",
-        help="skip the other families' examples (PyTorch, Python backend)",
+        help="skip the other families' examples (PyTorch, TensorFlow, Python backend)",
     )
     args = parser.parse_args(argv)
     build_repository(args.root, args.models)
@@ -356,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _other_families(root: Path) -> list[str]:
-    """The PyTorch and Python-backend examples, where their framework is installed."""
+    """The PyTorch, TensorFlow and Python-backend examples, where their framework is installed."""
     built: list[str] = []
     from examples.build_python import build_python_repository
 
@@ -370,7 +370,18 @@ def _other_families(root: Path) -> list[str]:
         print(f"skipping the PyTorch examples: {exc} (install the extra: pip install '.[torch]')")
         return built
     build_torch_repository(root)
-    return built + sorted(TORCH_BUILDERS)
+    built += sorted(TORCH_BUILDERS)
+    try:
+        from examples.build_tensorflow import BUILDERS as TF_BUILDERS
+        from examples.build_tensorflow import build_tensorflow_repository
+    except ImportError as exc:
+        print(
+            f"skipping the TensorFlow examples: {exc} "
+            "(install the extra: pip install '.[tensorflow]')"
+        )
+        return built
+    build_tensorflow_repository(root)
+    return built + sorted(TF_BUILDERS)
 
 
 if __name__ == "__main__":

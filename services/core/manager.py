@@ -92,7 +92,8 @@ class ModelManager:
         names = set(self._models)
         if not ready_only and self._root.is_dir():
             with contextlib.suppress(OSError):
-                names |= set(repo.scan_repository(self._root))
+                found = repo.scan_repository(self._root)
+                names |= {n for n, d in found.items() if n in self._models or self._serves(d)}
         for name in sorted(names):
             entry = self._models.get(name)
             if entry is None or not entry.versions:
@@ -145,7 +146,12 @@ class ModelManager:
             )
         _check_model_name(name)
         await self._load(name, override, files)
-        entry = self._models[name]
+        entry = self._models.get(name)
+        if entry is None:
+            raise NotFound(
+                f"model '{name}' belongs to another framework family; this service serves "
+                f"{', '.join(rt.backend for rt in self._runtimes)} models"
+            )
         if not any(v.state is ModelState.READY for v in entry.versions.values()):
             reasons = entry.reason or "; ".join(
                 f"version {n}: {v.reason}" for n, v in entry.versions.items()
@@ -173,6 +179,16 @@ class ModelManager:
             await self._load(name, None, None)
         except ServingError as err:
             log.error("model %r: %s", name, err.message)
+
+    def _serves(self, model_dir: repo.ModelDir) -> bool:
+        """Whether a repository folder holds a model of this service's family (a config that
+        does not parse counts as ours, so its error is reported)."""
+        path = model_dir.path / "config.pbtxt"
+        try:
+            config = cfg.load_config_file(path) if path.exists() else mc.ModelConfig()
+        except ServingError:
+            return True
+        return self._runtime_for(config, model_dir) is not None
 
     def _runtime_for(
         self, config: mc.ModelConfig, model_dir: repo.ModelDir

@@ -225,7 +225,10 @@ class MeshHandle:
 
 @contextlib.contextmanager
 def running_mesh(
-    repository: Path, tmp: Path, model_control_mode: str = "none"
+    repository: Path,
+    tmp: Path,
+    model_control_mode: str = "none",
+    load_models: tuple[str, ...] = (),
 ) -> Iterator[MeshHandle]:
     settings = MeshSettings(
         repository=repository,
@@ -235,6 +238,7 @@ def running_mesh(
         metrics_port=free_port(),
         policy_file=tmp / "policy.json",
         model_control_mode=model_control_mode,
+        load_models=load_models,
     )
     handle = MeshHandle(settings)
     try:

@@ -216,3 +216,41 @@ async def test_delta_ads_is_unimplemented(ads: Harness) -> None:
         await read(call)
     assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "state-of-the-world" in (raised.value.details() or "")
+
+
+def cluster_names(resp: Any) -> list[str]:
+    names = []
+    for packed in resp.resources:
+        cluster = cluster_pb2.Cluster()
+        assert packed.Unpack(cluster)
+        names.append(cluster.name)
+    return names
+
+
+async def test_removing_a_cluster_is_make_before_break(ads: Harness) -> None:
+    """Routes stop naming a cluster before the cluster goes: clusters (removed one kept), the
+    routes, then the final clusters."""
+    first = snapshot(clusters=TWO)
+    ads.cache.set(first)
+    call = ads.stub.StreamAggregatedResources()
+    cds = await answered(call, request(CLUSTER))
+    await call.write(request(CLUSTER, cds.version_info, cds.nonce))
+    rds = await answered(call, request(ROUTE, names=(xr.ROUTE_NAME,)))
+    await call.write(request(ROUTE, rds.version_info, rds.nonce, names=(xr.ROUTE_NAME,)))
+
+    second = snapshot(clusters=TWO[:1])
+    ads.cache.set(second)
+    pushed = []
+    while not (
+        pushed and pushed[-1].type_url == CLUSTER and pushed[-1].version_info == second.version
+    ):
+        pushed.append(await read(call))
+    routes_moved = [
+        i for i, r in enumerate(pushed) if r.type_url == ROUTE and r.version_info == second.version
+    ]
+    dropped = [
+        i for i, r in enumerate(pushed) if r.type_url == CLUSTER and TWO[1] not in cluster_names(r)
+    ]
+    assert routes_moved and dropped, [(r.type_url, r.version_info) for r in pushed]
+    assert routes_moved[0] < dropped[0]  # the cluster left only after the routes stopped naming it
+    assert cluster_names(pushed[-1]) == [TWO[0]]

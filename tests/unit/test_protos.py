@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from google.protobuf import descriptor_pb2
@@ -16,6 +18,7 @@ from protos.gen.inference import grpc_service_pb2 as pb
 from protos.gen.inference import grpc_service_pb2_grpc, model_config_pb2
 
 GEN_DIR = Path(build.__file__).resolve().parent / "gen"
+ROOT = GEN_DIR.parents[1]
 
 
 def _file_proto(fd: FileDescriptor) -> descriptor_pb2.FileDescriptorProto:
@@ -108,7 +111,15 @@ def test_model_config_response_round_trips() -> None:
 
 def test_regeneration_reproduces_committed_bytes(tmp_path: Path) -> None:
     out = tmp_path / "gen"
-    build.generate(out)
+    # protoc runs as its own process, as `make protos` does: in this process TensorFlow and
+    # torch (imported by other test modules) bring their own protobuf runtimes, and the
+    # in-process compiler crashes next to them.
+    subprocess.run(
+        [sys.executable, "-m", "protos.build", "--out", str(out)],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
     fresh = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     committed = {
         p.relative_to(GEN_DIR): p.read_bytes()

@@ -119,7 +119,11 @@ def test_endpoints_list_every_replica_sorted_by_id() -> None:
 def test_model_clusters_are_health_checked_and_retry_budgeted() -> None:
     (cluster,) = [c for c in resources(mesh()).clusters if c.name == "model:simple:1"]
     assert cluster.health_checks[0].HasField("grpc_health_check")
-    assert cluster.outlier_detection.consecutive_gateway_failure.value == 2
+    outlier = cluster.outlier_detection
+    assert outlier.split_external_local_origin_errors  # only connection-level failures eject
+    assert outlier.consecutive_local_origin_failure.value == 2
+    assert outlier.enforcing_consecutive_5xx.value == 0
+    assert outlier.enforcing_consecutive_gateway_failure.value == 0
     budget = cluster.circuit_breakers.thresholds[0].retry_budget
     assert budget.budget_percent.value == 25.0
     assert budget.min_retry_concurrency.value == 32  # a dead replica's burst of retries fits

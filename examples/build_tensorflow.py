@@ -1,0 +1,205 @@
+"""Build the TensorFlow example models from code: SavedModel twins of the ONNX and torch ones.
+
+``python -m examples.build_tensorflow <dir>`` writes Triton-layout models served by
+services/tensorflow (``<dir>/<name>/1/model.savedmodel/``):
+
+- ``simple_tf``: INT32 INPUT0/INPUT1 [16] → OUTPUT0 sum, OUTPUT1 difference (Triton's ``simple``);
+  a second signature ``swapped`` gives OUTPUT1 = INPUT1 - INPUT0, chosen with the
+  ``TF_SIGNATURE_DEF`` parameter;
+- ``mlp_tf``: FP32 INPUT0 [256] → 1024 → 1024 → 10 OUTPUT0, ReLU between, max_batch_size 64 with
+  dynamic batching;
+- ``simple_tf_auto``: the ``simple_tf`` SavedModel with NO config.pbtxt, so the service
+  auto-completes its config from the signature (max_batch_size 4, dynamic batching).
+
+Weights come from fixed seeds (numpy), so every build computes the same numbers; ``mlp_weights()``
+returns them for tests to compare against. A model directory is written next to its final place
+and swapped in, so a reader never sees half a SavedModel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tensorflow as tf  # type: ignore[import-untyped]  # no py.typed
+
+SEED = 20261121
+MAX_BATCH = 64
+SAVEDMODEL_DIR = "model.savedmodel"
+MLP_SIZES = (256, 1024, 1024, 10)
+#: one dense layer: kernel [in, out] and bias [out]
+Layer = tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]
+
+#: writes a SavedModel into the given directory and returns the model's config.pbtxt (or None)
+Builder = Callable[[Path], "str | None"]
+
+
+def mlp_weights(seed: int = SEED) -> list[Layer]:
+    """(kernel [in, out], bias [out]) per layer, FP32, He-style scale, from a fixed seed."""
+    rng = np.random.default_rng(seed)
+    layers: list[Layer] = []
+    for n_in, n_out in itertools.pairwise(MLP_SIZES):
+        kernel = (rng.standard_normal((n_in, n_out)) * np.sqrt(2.0 / n_in)).astype(np.float32)
+        bias = (rng.standard_normal(n_out) * 0.01).astype(np.float32)
+        layers.append((kernel, bias))
+    return layers
+
+
+def mlp_reference(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """The MLP in numpy (float64 accumulation), for tests to compare the served model against."""
+    h = x.astype(np.float64)
+    layers = mlp_weights()
+    for i, (kernel, bias) in enumerate(layers):
+        h = h @ kernel + bias
+        if i < len(layers) - 1:
+            h = np.maximum(h, 0.0)
+    return h.astype(np.float32)
+
+
+class _Mlp(tf.Module):  # type: ignore[misc]  # tf.Module is untyped (Any)
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = [(tf.Variable(k), tf.Variable(b)) for k, b in mlp_weights()]
+
+    _spec = tf.TensorSpec([None, MLP_SIZES[0]], tf.float32)
+
+    @tf.function(input_signature=[_spec])  # type: ignore[untyped-decorator]  # untyped in TF
+    def serve(self, INPUT0: Any) -> dict[str, Any]:  # noqa: N803 - the signature key
+        h = INPUT0
+        for i, (kernel, bias) in enumerate(self.layers):
+            h = tf.matmul(h, kernel) + bias
+            if i < len(self.layers) - 1:
+                h = tf.nn.relu(h)
+        return {"OUTPUT0": h}
+
+
+class _Simple(tf.Module):  # type: ignore[misc]  # tf.Module is untyped (Any)
+    _spec = tf.TensorSpec([None, 16], tf.int32)
+
+    @tf.function(input_signature=[_spec, _spec])  # type: ignore[untyped-decorator]  # untyped in TF
+    def serve(self, INPUT0: Any, INPUT1: Any) -> dict[str, Any]:  # noqa: N803 - signature keys
+        return {"OUTPUT0": INPUT0 + INPUT1, "OUTPUT1": INPUT0 - INPUT1}
+
+    @tf.function(input_signature=[_spec, _spec])  # type: ignore[untyped-decorator]  # untyped in TF
+    def swapped(self, INPUT0: Any, INPUT1: Any) -> dict[str, Any]:  # noqa: N803
+        return {"OUTPUT0": INPUT0 + INPUT1, "OUTPUT1": INPUT1 - INPUT0}
+
+
+def _io(name: str, type_name: str, dims: Sequence[int]) -> str:
+    dim_text = ", ".join(str(d) for d in dims)
+    return f'  {{\n    name: "{name}"\n    data_type: {type_name}\n    dims: [ {dim_text} ]\n  }}'
+
+
+def _config(
+    name: str, inputs: Sequence[str], outputs: Sequence[str], max_batch: int, delay_us: int
+) -> str:
+    return (
+        f'name: "{name}"\nplatform: "tensorflow_savedmodel"\nmax_batch_size: {max_batch}\n'
+        "input [\n" + ",\n".join(inputs) + "\n]\n"
+        "output [\n" + ",\n".join(outputs) + "\n]\n"
+        "instance_group [\n  {\n    kind: KIND_CPU\n    count: 1\n  }\n]\n"
+        f"dynamic_batching {{\n  max_queue_delay_microseconds: {delay_us}\n}}\n"
+    )
+
+
+def _save_simple(path: Path) -> None:
+    module = _Simple()
+    signatures = {"serving_default": module.serve, "swapped": module.swapped}
+    tf.saved_model.save(module, str(path), signatures=signatures)
+
+
+def build_simple(path: Path) -> str:
+    """INT32 INPUT0/INPUT1 [16] → OUTPUT0 = sum, OUTPUT1 = difference; returns its config."""
+    _save_simple(path)
+    inputs = [_io(f"INPUT{i}", "TYPE_INT32", [16]) for i in range(2)]
+    outputs = [_io(f"OUTPUT{i}", "TYPE_INT32", [16]) for i in range(2)]
+    return _config("simple_tf", inputs, outputs, 8, 0)
+
+
+def build_simple_auto(path: Path) -> None:
+    """The simple SavedModel without a config: the service auto-completes it."""
+    _save_simple(path)
+
+
+def build_mlp(path: Path) -> str:
+    """The MLP with a dynamic batch dimension; returns its config (max_batch_size 64)."""
+    module = _Mlp()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    inputs = [_io("INPUT0", "TYPE_FP32", [MLP_SIZES[0]])]
+    outputs = [_io("OUTPUT0", "TYPE_FP32", [MLP_SIZES[-1]])]
+    return _config("mlp_tf", inputs, outputs, MAX_BATCH, 100)
+
+
+BUILDERS: dict[str, Builder] = {
+    "simple_tf": build_simple,
+    "mlp_tf": build_mlp,
+    "simple_tf_auto": build_simple_auto,
+}
+
+
+def write_model(root: Path, name: str, builder: Builder) -> None:
+    """Write one model directory (config.pbtxt when the builder gives one, 1/model.savedmodel/).
+
+    The new directory is built beside the old one and swapped in with renames.
+    """
+    model_dir = root / name
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    try:
+        config = builder(staging / "1" / SAVEDMODEL_DIR)
+        if config is not None:
+            (staging / "config.pbtxt").write_text(config)
+        old = root / f".{name}.old"
+        if model_dir.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            model_dir.rename(old)
+        staging.rename(model_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def build_tensorflow_repository(root: Path, names: Iterable[str] | None = None) -> None:
+    """Build the named TensorFlow example models (all when ``names`` is None) under ``root``."""
+    wanted = list(BUILDERS) if names is None else list(names)
+    unknown = [n for n in wanted if n not in BUILDERS]
+    if unknown:
+        raise ValueError(
+            f"unknown tensorflow example model(s) {unknown}; choose from {sorted(BUILDERS)}"
+        )
+    for name in wanted:
+        write_model(root, name, BUILDERS[name])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.build_tensorflow",
+        description="Build the TensorFlow example models (SavedModel).",
+    )
+    parser.add_argument("root", type=Path, help="repository directory (created if missing)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        choices=sorted(BUILDERS),
+        help="build only this model (repeatable); default: all",
+    )
+    args = parser.parse_args(argv)
+    build_tensorflow_repository(args.root, args.models)
+    print(f"tensorflow example models ready at {args.root}: {', '.join(args.models or BUILDERS)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
