@@ -62,6 +62,10 @@ class SignatureTensor:
         """True when the first dimension is dynamic (None in the signature)."""
         return bool(self.shape) and self.shape is not None and self.shape[0] < 0
 
+    @property
+    def rank(self) -> int | None:
+        return None if self.shape is None else len(self.shape)
+
     def dims(self, batching: bool) -> list[int]:
         shape = list(self.shape or ())
         return shape[1:] if batching else shape
