@@ -13,6 +13,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import os
 import signal
 import sys
 import urllib.request
@@ -184,6 +185,8 @@ class Mesh:
                 "--control-plane",
                 f"{s.host}:{s.control_port}",
                 *(arg for name in s.load_models for arg in ("--load-model", name)),
+                # BLS calls from Python models go through the gateway (services/python/bls.py)
+                env={**os.environ, "MESHSERVE_GATEWAY": f"{s.host}:{s.grpc_port}"},
             )
             progress(f"service '{fam}' starting for {len(runnable[fam])} model(s)")
         await self._wait_ready(set(runnable), progress, ready_within_s)

@@ -7,7 +7,11 @@
   OUTPUT1 difference), written the way Triton's example is, with ``pb_utils`` helpers;
 - ``identity_python``: BYTES in, the same BYTES out (batched, dynamic batching);
 - ``failing_python``: ``execute`` raises ValueError("boom"): the error reaches the client;
-- ``bad_init_python``: ``initialize`` raises: the model is UNAVAILABLE with that reason.
+- ``bad_init_python``: ``initialize`` raises: the model is UNAVAILABLE with that reason;
+- ``bls_python``: BLS: ``execute`` calls ``simple`` (the ONNX add/sub model of
+  examples/build_repository.py, INT32 INPUT0/INPUT1 [16]) through the gateway and returns its
+  OUTPUT0 doubled; a request parameter ``bls_model`` names another model to call instead, and
+  when that call fails (e.g. an unknown model) the client gets the BLS error's text.
 
 Rebuilding is idempotent, as for examples/build_repository.py.
 """
@@ -122,12 +126,62 @@ class TritonPythonModel:
         return []
 '''
 
+BLS_CONFIG = """name: "bls_python"
+backend: "python"
+max_batch_size: 8
+input [
+  { name: "INPUT0" data_type: TYPE_INT32 dims: [ 16 ] },
+  { name: "INPUT1" data_type: TYPE_INT32 dims: [ 16 ] }
+]
+output [ { name: "OUTPUT0" data_type: TYPE_INT32 dims: [ 16 ] } ]
+instance_group [ { kind: KIND_CPU } ]
+"""
+
+BLS_MODEL = '''"""BLS: OUTPUT0 = 2 * (INPUT0 + INPUT1), the sum computed by the model ``simple``.
+
+The request parameter ``bls_model`` names the model to call instead of ``simple``; when the call
+fails, the response carries the BLS error's text.
+"""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            target = json.loads(request.parameters()).get("bls_model", "simple")
+            bls_request = pb_utils.InferenceRequest(
+                model_name=target,
+                requested_output_names=["OUTPUT0"],
+                inputs=[
+                    pb_utils.get_input_tensor_by_name(request, "INPUT0"),
+                    pb_utils.get_input_tensor_by_name(request, "INPUT1"),
+                ],
+            )
+            bls_response = bls_request.exec()
+            if bls_response.has_error():
+                error = pb_utils.TritonError(
+                    f"BLS call to '{target}' failed: {bls_response.error().message()}"
+                )
+                responses.append(pb_utils.InferenceResponse(error=error))
+                continue
+            total = pb_utils.get_output_tensor_by_name(bls_response, "OUTPUT0").as_numpy()
+            doubled = pb_utils.Tensor("OUTPUT0", (total * 2).astype(np.int32))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[doubled]))
+        return responses
+'''
+
 #: model name → (config.pbtxt, 1/model.py)
 EXAMPLES: dict[str, tuple[str, str]] = {
     "add_sub_python": (ADD_SUB_CONFIG, ADD_SUB_MODEL),
     "identity_python": (IDENTITY_CONFIG, IDENTITY_MODEL),
     "failing_python": (FAILING_CONFIG, FAILING_MODEL),
     "bad_init_python": (BAD_INIT_CONFIG, BAD_INIT_MODEL),
+    "bls_python": (BLS_CONFIG, BLS_MODEL),
 }
 
 

@@ -360,7 +360,8 @@ def _other_families(root: Path) -> list[str]:
     built: list[str] = []
     from examples.build_python import build_python_repository
 
-    python_models = ["add_sub_python", "identity_python"]  # not the deliberately broken ones
+    # not the deliberately broken ones
+    python_models = ["add_sub_python", "identity_python", "bls_python"]
     build_python_repository(root, python_models)
     built += python_models
     try:

@@ -13,13 +13,18 @@ time per instance:
 - ``infer(inputs, outputs)`` with one concatenated batch, handed to ``execute`` as one request
   (what the kit calls when it does not ask for the request list).
 
+``execute`` may be ``async def`` (as in Triton, to await BLS ``async_exec`` calls): it then runs
+to completion on an event loop of its own in the calling worker thread.
+
 Tensors are shared with the model without copying: numpy arrays in, numpy arrays out; BYTES are
 object arrays of ``bytes`` both ways (``str`` elements in outputs are UTF-8 encoded).
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import inspect
 import itertools
 import json
 import logging
@@ -238,6 +243,8 @@ class PythonRuntime(Runtime):
             raise Unavailable(f"model '{self.name}' instance is unloaded")
         try:
             responses = model.execute(requests)
+            if inspect.iscoroutine(responses):  # ``async def execute`` (awaits BLS async_exec)
+                responses = asyncio.run(responses)
         except Exception as exc:
             logger.exception("model %r: execute raised", self.name)
             raise InternalError(

@@ -6,8 +6,9 @@ model, then hands ``execute`` a list of :class:`InferenceRequest` and expects on
 :class:`InferenceResponse` per request back. Names and signatures follow Triton's Python backend;
 tensors live in the same process, so a :class:`Tensor` wraps its numpy array without copying.
 
-Not offered yet: BLS (``InferenceRequest.exec`` / ``async_exec`` raise), decoupled response
-senders, GPU tensors (every tensor is on the CPU).
+BLS (``InferenceRequest(...).exec()`` / ``await ....async_exec()``) calls other models through
+the mesh's gateway (services/python/bls.py). Not offered yet: decoupled models and decoupled BLS,
+GPU tensors (every tensor is on the CPU).
 """
 
 from __future__ import annotations
@@ -178,6 +179,9 @@ class InferenceRequest:
         flags: int = 0,
         parameters: Mapping[str, Any] | str | None = None,
         model_version: int = -1,
+        timeout: int = 0,
+        preferred_memory: Any = None,
+        trace: Any = None,
     ) -> None:
         self._model_name = model_name
         self._inputs = list(inputs)
@@ -189,6 +193,8 @@ class InferenceRequest:
             parameters = {}
         self._parameters = parameters if isinstance(parameters, str) else json.dumps(parameters)
         self._model_version = model_version
+        self._timeout = timeout
+        del preferred_memory, trace  # accepted for Triton compatibility; tensors stay on the CPU
 
     def inputs(self) -> list[Tensor]:
         """Every input tensor of the request."""
@@ -222,16 +228,28 @@ class InferenceRequest:
         """Whether the client cancelled the request (never observed here yet)."""
         return False
 
+    def model_version(self) -> int:
+        """The version a BLS call asks for (-1: the version the server picks)."""
+        return self._model_version
+
+    def timeout(self) -> int:
+        """A BLS call's timeout in microseconds (0: the default)."""
+        return self._timeout
+
     def exec(self, decoupled: bool = False) -> InferenceResponse:
-        """BLS: not supported by this server yet."""
-        raise TritonModelException(
-            "BLS (InferenceRequest.exec) is not supported by meshserve's Python service yet; "
-            "call the other model with tritonclient instead"
-        )
+        """BLS: run this request on ``model_name`` through the gateway, blocking until done.
+
+        A failure does not raise: check ``has_error()`` on the response, as in Triton.
+        """
+        from services.python import bls
+
+        return bls.execute(self, decoupled)
 
     async def async_exec(self, decoupled: bool = False) -> InferenceResponse:
-        """BLS: not supported by this server yet."""
-        return self.exec(decoupled)
+        """BLS: as :meth:`exec`, awaitable (for ``async def execute``)."""
+        from services.python import bls
+
+        return await bls.execute_async(self, decoupled)
 
 
 class InferenceResponse:

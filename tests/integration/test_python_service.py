@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -13,9 +14,12 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from examples.build_python import build_python_repository
+from protos.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from services.core.runtime import Runtime
+from services.python import bls
 from services.python.runtime import PythonRuntime
 from tests.support import ServerThread, settings_for
+from tests.unit.test_python_backend import FakeGateway
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +184,33 @@ def test_batched_requests_reach_execute_apart(tmp_path: Path) -> None:
             assert result == "StatusCode.INVALID_ARGUMENT: rejected by the model"
         else:
             assert isinstance(result, float) and result > 1  # batched with others, yet apart
+
+
+@pytest.fixture
+def fake_gateway(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGateway]:
+    """A gRPC server on port 0 answering ModelInfer for ``simple`` in place of the mesh."""
+    fake = FakeGateway()
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(fake, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    monkeypatch.setenv(bls.GATEWAY_ENV, f"127.0.0.1:{port}")
+    try:
+        yield fake
+    finally:
+        server.stop(None)
+
+
+def test_bls_model_calls_through_the_gateway(
+    python_server: ServerThread, fake_gateway: FakeGateway
+) -> None:
+    a = np.arange(32, dtype=np.int32).reshape(2, 16)
+    inputs = [grpcclient.InferInput(n, [2, 16], "INT32") for n in ("INPUT0", "INPUT1")]
+    for item in inputs:
+        item.set_data_from_numpy(a)
+    with grpcclient.InferenceServerClient(python_server.grpc_url) as client:
+        result = client.infer("bls_python", inputs)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), 4 * a)
+        with pytest.raises(InferenceServerException, match="unknown model: 'gone'"):
+            client.infer("bls_python", inputs, parameters={"bls_model": "gone"})
+    assert [r.model_name for r in fake_gateway.requests] == ["simple", "gone"]

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import textwrap
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from google.protobuf import text_format
 
 from examples.build_python import build_python_repository
+from protos.gen.inference import grpc_service_pb2 as pb
+from protos.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.gen.inference import model_config_pb2 as mc
 from services.core.errors import InternalError, InvalidArgument, ModelLoadError, ServingError
 from services.core.requests import InferRequest, RequestedOutput
 from services.core.runtime import InstanceSpec
+from services.python import bls
 from services.python import triton_python_backend_utils as pb_utils
 from services.python.runtime import PythonRuntime
 
@@ -122,8 +130,7 @@ def test_request_response_accessors() -> None:
     error = failed.error()
     assert error is not None and error.message() == "no"
     assert error.code() == pb_utils.TritonError.INTERNAL
-    with pytest.raises(pb_utils.TritonModelException, match="BLS"):
-        request.exec()
+    assert request.model_version() == -1 and request.timeout() == 0
 
 
 def test_config_and_type_helpers() -> None:
@@ -278,3 +285,114 @@ def test_add_sub_example_runs(tmp_path: Path) -> None:
     np.testing.assert_array_equal(out["OUTPUT0"], a + b)
     np.testing.assert_array_equal(out["OUTPUT1"], a - b)
     runtime.unload()
+
+
+class FakeGateway(pb_grpc.GRPCInferenceServiceServicer):
+    """BLS tests' stand-in for the gateway: ``simple`` adds/subtracts INT32, ``echo`` echoes."""
+
+    def __init__(self) -> None:
+        self.requests: list[pb.ModelInferRequest] = []
+
+    def ModelInfer(  # noqa: N802 (the generated servicer's method name)
+        self, request: pb.ModelInferRequest, context: grpc.ServicerContext
+    ) -> pb.ModelInferResponse:
+        self.requests.append(request)
+        reply = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+        if request.model_name == "echo":
+            for t in request.inputs:
+                reply.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+            reply.raw_output_contents.extend(request.raw_input_contents)
+            return reply
+        if request.model_name != "simple":
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model: '{request.model_name}'")
+        a, b = (np.frombuffer(raw, np.int32) for raw in request.raw_input_contents)
+        results = {"OUTPUT0": a + b, "OUTPUT1": a - b}
+        for name in [o.name for o in request.outputs] or list(results):
+            reply.outputs.add(name=name, datatype="INT32", shape=request.inputs[0].shape)
+            reply.raw_output_contents.append(results[name].tobytes())
+        return reply
+
+
+@pytest.fixture
+def gateway(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGateway]:
+    fake = FakeGateway()
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(fake, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    monkeypatch.setenv(bls.GATEWAY_ENV, f"127.0.0.1:{port}")
+    yield fake
+    server.stop(None)
+
+
+def _simple_request(model: str = "simple", **kwargs: Any) -> pb_utils.InferenceRequest:
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    tensors = [pb_utils.Tensor("INPUT0", a), pb_utils.Tensor("INPUT1", np.ones_like(a))]
+    return pb_utils.InferenceRequest(model, tensors, ["OUTPUT0"], **kwargs)
+
+
+def test_bls_exec_calls_the_gateway(gateway: FakeGateway) -> None:
+    response = _simple_request(model_version=2, parameters={"k": 1, "flag": True}).exec()
+    out = pb_utils.get_output_tensor_by_name(response, "OUTPUT0")
+    assert out is not None
+    np.testing.assert_array_equal(out.as_numpy(), np.arange(1, 17, dtype=np.int32)[None])
+    (sent,) = gateway.requests
+    assert (sent.model_name, sent.model_version) == ("simple", "2")
+    assert [o.name for o in sent.outputs] == ["OUTPUT0"]
+    assert sent.parameters["k"].int64_param == 1 and sent.parameters["flag"].bool_param
+
+
+NUMERIC = ["?", "u1", "u2", "u4", "u8", "i1", "i2", "i4", "i8", "f2", "f4", "f8"]
+
+
+@pytest.mark.parametrize(
+    "array",
+    [np.arange(6).astype(t).reshape(2, 3) for t in NUMERIC]
+    + [np.array([b"a", b"", "\u00e9".encode()], dtype=object)],
+)
+def test_bls_datatypes_travel_raw(gateway: FakeGateway, array: np.ndarray) -> None:
+    request = pb_utils.InferenceRequest("echo", [pb_utils.Tensor("X", array)], ["X"])
+    out = pb_utils.get_output_tensor_by_name(request.exec(), "X")
+    assert out is not None and out.as_numpy().dtype == array.dtype
+    np.testing.assert_array_equal(out.as_numpy(), array)
+    assert not gateway.requests[0].inputs[0].HasField("contents")
+
+
+def test_bls_errors_returned(gateway: FakeGateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    response = _simple_request("nope").exec()
+    error = response.error()
+    assert response.has_error() and error is not None
+    assert error.code() == pb_utils.TritonError.NOT_FOUND
+    assert "unknown model: 'nope'" in error.message()
+    bad = pb_utils.InferenceRequest("echo", [pb_utils.Tensor("X", np.zeros(2, "c8"))], ["X"])
+    assert "complex64" in str(bad.exec().error())
+    monkeypatch.setenv(bls.GATEWAY_ENV, "127.0.0.1:1")
+    down = _simple_request(timeout=2_000_000).exec().error()
+    assert down is not None and down.code() == pb_utils.TritonError.UNAVAILABLE
+
+
+def test_bls_async_exec(gateway: FakeGateway) -> None:
+    async def both() -> list[pb_utils.InferenceResponse]:
+        requests = [_simple_request(), _simple_request("x")]
+        return list(await asyncio.gather(*(r.async_exec() for r in requests)))
+
+    ok, failed = asyncio.run(both())
+    assert not ok.has_error() and failed.has_error()
+    assert len(gateway.requests) == 2
+
+
+def test_async_execute_awaits_bls(gateway: FakeGateway, tmp_path: Path) -> None:
+    model = """
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        async def execute(self, requests):
+            x = pb_utils.get_input_tensor_by_name(requests[0], "X")
+            reply = await pb_utils.InferenceRequest("echo", [x], ["X"]).async_exec()
+            y = pb_utils.get_output_tensor_by_name(reply, "X").as_numpy() * 2
+            return [pb_utils.InferenceResponse([pb_utils.Tensor("Y", y)])]
+    """
+    runtime = PythonRuntime(_config(), _write(tmp_path, model), CPU)
+    out = runtime.infer({"X": np.ones((1, 2), np.float32)}, ["Y"])
+    np.testing.assert_array_equal(out["Y"], np.full((1, 2), 2, np.float32))
+    assert gateway.requests[0].model_name == "echo"

@@ -1,0 +1,218 @@
+"""BLS (business logic scripting): a Python model calling other models through the gateway.
+
+``pb_utils.InferenceRequest(...).exec()`` / ``async_exec()`` land here. The request becomes a
+KServe v2 ``ModelInferRequest`` (every tensor in ``raw_input_contents``: numeric types as raw
+little-endian bytes, BYTES length-prefixed) and goes over gRPC to the mesh's gateway, so splits,
+routing and every other mesh rule apply exactly as to a client's call. The gateway address comes
+from ``MESHSERVE_GATEWAY`` (``host:port``; the supervisor sets it, default ``127.0.0.1:8001``).
+
+One channel per process and gateway address, created on first use and reused by every instance
+and thread. Following Triton's Python backend, a failed call does not raise: the returned
+``InferenceResponse`` carries a ``TritonError`` (``has_error()`` / ``error()``) whose code is the
+gRPC status translated to Triton's error codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import threading
+from typing import Any
+
+import grpc
+import numpy as np
+
+from protos.gen.inference import grpc_service_pb2 as pb
+from protos.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from services.core import dtypes
+from services.core.errors import ServingError
+from services.python import triton_python_backend_utils as pb_utils
+
+#: environment variable naming the gateway's gRPC address (``host:port``)
+GATEWAY_ENV = "MESHSERVE_GATEWAY"
+#: where BLS calls go when the environment names no gateway
+DEFAULT_GATEWAY = "127.0.0.1:8001"
+#: deadline of a BLS call whose request sets no ``timeout``
+DEFAULT_TIMEOUT_S = 60.0
+#: gRPC message size limit for BLS calls (matches tensors a client could send)
+MAX_MESSAGE_BYTES = 1 << 30
+
+_CODE_BY_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.NOT_FOUND: pb_utils.TritonError.NOT_FOUND,
+    grpc.StatusCode.INVALID_ARGUMENT: pb_utils.TritonError.INVALID_ARG,
+    grpc.StatusCode.UNAVAILABLE: pb_utils.TritonError.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: pb_utils.TritonError.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: pb_utils.TritonError.UNAVAILABLE,
+    grpc.StatusCode.UNIMPLEMENTED: pb_utils.TritonError.UNSUPPORTED,
+    grpc.StatusCode.ALREADY_EXISTS: pb_utils.TritonError.ALREADY_EXISTS,
+    grpc.StatusCode.CANCELLED: pb_utils.TritonError.CANCELLED,
+}
+
+_stubs: dict[str, pb_grpc.GRPCInferenceServiceStub] = {}
+_stubs_lock = threading.Lock()
+
+
+def gateway_address() -> str:
+    """The gateway's gRPC address BLS calls go to."""
+    return os.environ.get(GATEWAY_ENV, "").strip() or DEFAULT_GATEWAY
+
+
+def _stub() -> pb_grpc.GRPCInferenceServiceStub:
+    """The process's stub for the current gateway address (channel created once, then reused)."""
+    address = gateway_address()
+    with _stubs_lock:
+        stub = _stubs.get(address)
+        if stub is None:
+            channel = grpc.insecure_channel(
+                address,
+                options=[
+                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ],
+            )
+            stub = _stubs[address] = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        return stub
+
+
+def _set_parameter(param: pb.InferParameter, value: object) -> None:
+    if isinstance(value, bool):
+        param.bool_param = value
+    elif isinstance(value, int):
+        param.int64_param = value
+    elif isinstance(value, float):
+        param.double_param = value
+    elif isinstance(value, str):
+        param.string_param = value
+    else:
+        param.string_param = json.dumps(value)
+
+
+def build_request(request: pb_utils.InferenceRequest) -> pb.ModelInferRequest:
+    """The v2 protocol form of a BLS request (raises TritonModelException on a bad tensor)."""
+    version = request.model_version()
+    message = pb.ModelInferRequest(
+        model_name=request.model_name(),
+        model_version="" if version < 0 else str(version),
+        id=request.request_id(),
+    )
+    for tensor in request.inputs():
+        array = tensor.as_numpy()
+        datatype = dtypes.name_of_numpy(array.dtype)
+        if datatype is None:
+            raise pb_utils.TritonModelException(
+                f"BLS input '{tensor.name()}' has numpy dtype {array.dtype}, which has no Triton "
+                "datatype; cast it (e.g. .astype(np.float32))"
+            )
+        # the data travels in raw_input_contents, in input order
+        message.inputs.add(name=tensor.name(), datatype=datatype, shape=array.shape)
+        message.raw_input_contents.append(dtypes.tensor_bytes(datatype, array))
+    for name in request.requested_output_names():
+        message.outputs.add(name=name)
+    params: dict[str, Any] = json.loads(request.parameters() or "{}")
+    for key, value in params.items():
+        _set_parameter(message.parameters[key], value)
+    if request.correlation_id():
+        message.parameters["sequence_id"].int64_param = request.correlation_id()
+    return message
+
+
+def parse_response(message: pb.ModelInferResponse) -> pb_utils.InferenceResponse:
+    """A v2 protocol response as ``pb_utils.InferenceResponse`` (raw output contents only)."""
+    if len(message.raw_output_contents) != len(message.outputs):
+        return _error(
+            f"BLS response from '{message.model_name}' has {len(message.outputs)} outputs but "
+            f"{len(message.raw_output_contents)} raw_output_contents; expected one per output",
+            pb_utils.TritonError.INTERNAL,
+        )
+    tensors = []
+    try:
+        for output, raw in zip(message.outputs, message.raw_output_contents, strict=True):
+            datatype = dtypes.lookup(output.datatype, f"output '{output.name}'")
+            shape = tuple(int(d) for d in output.shape)
+            if datatype.byte_size == 0:
+                array = dtypes.deserialize_bytes(raw, math.prod(shape), f"output '{output.name}'")
+            else:
+                array = np.frombuffer(raw, dtype=datatype.numpy)
+            tensors.append(pb_utils.Tensor(output.name, array.reshape(shape)))
+    except (ServingError, ValueError) as exc:
+        return _error(
+            f"BLS response from '{message.model_name}': {exc}", pb_utils.TritonError.INTERNAL
+        )
+    return pb_utils.InferenceResponse(output_tensors=tensors)
+
+
+def _error(message: str, code: int) -> pb_utils.InferenceResponse:
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+
+
+def _rpc_error(exc: grpc.RpcError) -> pb_utils.InferenceResponse:
+    status: grpc.StatusCode = exc.code()
+    details: str = exc.details() or status.name
+    code = _CODE_BY_STATUS.get(status, pb_utils.TritonError.INTERNAL)
+    if status == grpc.StatusCode.UNAVAILABLE and "failed to connect" in details.lower():
+        details = f"cannot reach the gateway at {gateway_address()} ({details})"
+    return _error(details, code)
+
+
+def _timeout_s(request: pb_utils.InferenceRequest) -> float:
+    """Triton's ``timeout`` is in microseconds; 0 means the default."""
+    micros = request.timeout()
+    return micros / 1e6 if micros > 0 else DEFAULT_TIMEOUT_S
+
+
+def _prepare(
+    request: pb_utils.InferenceRequest, decoupled: bool
+) -> pb.ModelInferRequest | pb_utils.InferenceResponse:
+    if decoupled:
+        return _error(
+            "decoupled BLS (exec(decoupled=True)) is not supported by meshserve",
+            pb_utils.TritonError.UNSUPPORTED,
+        )
+    if not request.model_name():
+        return _error("BLS request names no model_name", pb_utils.TritonError.INVALID_ARG)
+    try:
+        return build_request(request)
+    except pb_utils.TritonModelException as exc:
+        return _error(str(exc), pb_utils.TritonError.INVALID_ARG)
+
+
+def execute(request: pb_utils.InferenceRequest, decoupled: bool) -> pb_utils.InferenceResponse:
+    """Run a BLS request, blocking the calling thread until its response arrives."""
+    message = _prepare(request, decoupled)
+    if isinstance(message, pb_utils.InferenceResponse):
+        return message
+    try:
+        reply = _stub().ModelInfer(message, timeout=_timeout_s(request))
+    except grpc.RpcError as exc:
+        return _rpc_error(exc)
+    return parse_response(reply)
+
+
+async def execute_async(
+    request: pb_utils.InferenceRequest, decoupled: bool
+) -> pb_utils.InferenceResponse:
+    """Run a BLS request without blocking the running event loop (cancelling cancels the call)."""
+    message = _prepare(request, decoupled)
+    if isinstance(message, pb_utils.InferenceResponse):
+        return message
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    call = _stub().ModelInfer.future(message, timeout=_timeout_s(request))
+    call.add_done_callback(lambda _: loop.call_soon_threadsafe(settle))
+    try:
+        await done
+    except asyncio.CancelledError:
+        call.cancel()
+        raise
+    try:
+        reply = call.result()
+    except grpc.RpcError as exc:
+        return _rpc_error(exc)
+    return parse_response(reply)

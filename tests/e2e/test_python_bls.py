@@ -1,0 +1,59 @@
+"""BLS through the whole mesh: a Python model calls the ONNX model ``simple`` via the gateway.
+
+One mesh serves ``simple`` (ONNX service) and ``bls_python`` (Python service) from one repository.
+A client calls ``bls_python`` through the gateway; its ``execute`` sends a BLS request back
+through the gateway (``MESHSERVE_GATEWAY``, set by the supervisor) to ``simple`` and doubles the
+sum the ONNX service computed. A BLS call to a model that does not exist fails only that request,
+with the BLS error's text reaching the client.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from examples.build_python import build_python_repository
+from tests.e2e.conftest import MeshHandle, running_mesh, simple_inputs
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed"
+)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshHandle]:
+    from examples.build_repository import build_repository
+
+    root: Path = tmp_path_factory.mktemp("bls")
+    repo = root / "models"
+    repo.mkdir()
+    build_repository(repo, ["simple"])
+    build_python_repository(repo, ["bls_python"])
+    with running_mesh(repo, root) as handle:
+        yield handle
+
+
+def test_bls_model_gets_its_answer_from_the_onnx_service(mesh: MeshHandle) -> None:
+    inputs, total = simple_inputs(3)
+    with grpcclient.InferenceServerClient(mesh.grpc_url) as client:
+        assert client.is_model_ready("bls_python") and client.is_model_ready("simple")
+        result = client.infer("bls_python", inputs)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), 2 * total)
+        # the ONNX service did the sum: its statistics count the BLS call
+        stats = client.get_inference_statistics("simple", as_json=True)
+        assert int(stats["model_stats"][0]["inference_count"]) >= 1
+
+
+def test_bls_error_text_reaches_the_client(mesh: MeshHandle) -> None:
+    inputs, total = simple_inputs(1)
+    with grpcclient.InferenceServerClient(mesh.grpc_url) as client:
+        with pytest.raises(InferenceServerException, match="BLS call to 'no_such_model' failed"):
+            client.infer("bls_python", inputs, parameters={"bls_model": "no_such_model"})
+        result = client.infer("bls_python", inputs)  # the service keeps serving
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), 2 * total)
