@@ -84,7 +84,25 @@ def _split(base: str, model: str, weights: Sequence[str], clear: bool) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def up_settings(a: argparse.Namespace) -> MeshSettings:
+    """MeshSettings from `meshserve up`'s arguments."""
+    if not a.model_repository.is_dir():
+        raise SystemExit(f"meshserve: model repository {a.model_repository} is not a folder")
+    return MeshSettings(
+        repository=a.model_repository.resolve(),
+        host=a.host,
+        grpc_port=a.grpc_port,
+        http_port=a.http_port,
+        metrics_port=a.metrics_port,
+        control_port=a.control_port,
+        policy_file=a.policy_file.resolve(),
+        model_control_mode=a.model_control_mode,
+        gateway_workers=a.gateway_workers,
+        load_models=tuple(a.load_model),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="meshserve", description="Serve models as a mesh behind one gateway."
     )
@@ -104,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     up.add_argument(
         "--gateway-workers", type=int, default=0, help="Envoy worker threads (0: one per core)"
     )
+    up.add_argument(
+        "--load-model", action="append", default=[], help="explicit mode: load at start (* = all)"
+    )
     sub.add_parser("status", help="services, their models, splits, gateway config state")
     sub.add_parser("models", help="every model of the repository with its state")
     for name in ("load", "unload"):
@@ -116,24 +137,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     split.add_argument("model")
     split.add_argument("weights", nargs="*")
     split.add_argument("--clear", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     base = a.url.rstrip("/")
     if a.command == "up":
-        if not a.model_repository.is_dir():
-            raise SystemExit(f"meshserve: model repository {a.model_repository} is not a folder")
-        settings = MeshSettings(
-            repository=a.model_repository.resolve(),
-            host=a.host,
-            grpc_port=a.grpc_port,
-            http_port=a.http_port,
-            metrics_port=a.metrics_port,
-            control_port=a.control_port,
-            policy_file=a.policy_file.resolve(),
-            model_control_mode=a.model_control_mode,
-            gateway_workers=a.gateway_workers,
-            load_models=tuple(a.load_model),
-        )
-        asyncio.run(run_until_signal(settings))
+        asyncio.run(run_until_signal(up_settings(a)))
         return 0
     if a.command == "status":
         return _status(base)

@@ -264,3 +264,30 @@ def test_a_weight_beyond_uint32_is_refused(mesh: MeshHandle, no_split: None) -> 
     status = mesh.status()
     assert status is not None
     assert (code, status["splits"].get("simple")) == (400, {"1": 50, "2": 50}), doc
+
+
+def test_meshserve_command_against_the_running_mesh(mesh: MeshHandle, no_split: None) -> None:
+    """The CLI as a user runs it: status, models, split (and its refusal), clear."""
+    import subprocess
+    import sys
+
+    def meshserve(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "deploy.cli", "--url", f"http://{mesh.http_url}", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    status = meshserve("status")
+    assert status.returncode == 0, status.stderr
+    assert "simple" in status.stdout and "READY" in status.stdout
+    models = meshserve("models")
+    assert models.returncode == 0 and "simple_string" in models.stdout
+    done = meshserve("split", "simple", "1=70", "2=30")
+    assert done.returncode == 0 and "1=70 2=30" in done.stdout, done.stderr
+    assert "split simple: 1=70 2=30" in meshserve("status").stdout
+    refused = meshserve("split", "simple", "1=0", "2=0")
+    assert refused.returncode != 0 and "add up to 0" in refused.stderr
+    assert meshserve("split", "simple", "--clear").returncode == 0
+    assert "split simple" not in meshserve("status").stdout
