@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -86,3 +86,50 @@ class ServerThread:
     def metrics_url(self) -> str:
         assert self.running is not None
         return f"http://127.0.0.1:{self.running.metrics_port}/metrics"
+
+
+def batched_counts(
+    grpc_url: str,
+    model: str,
+    one_call: Callable[[Any], None],
+    *,
+    threads: int = 16,
+    per_thread: int = 8,
+) -> tuple[int, int]:
+    """Run ``one_call(client)`` ``per_thread`` times from each of ``threads`` threads (one
+    tritonclient per thread); re-raise the first failure; return the model's (inferences,
+    executions) added meanwhile, read from its statistics."""
+    import threading
+
+    import tritonclient.grpc as grpcclient
+
+    def counts() -> tuple[int, int]:
+        c = grpcclient.InferenceServerClient(grpc_url)
+        try:
+            stats = c.get_inference_statistics(model, as_json=True)["model_stats"][0]
+        finally:
+            c.close()
+        return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+    before = counts()
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        c = grpcclient.InferenceServerClient(grpc_url)
+        try:
+            for _ in range(per_thread):
+                one_call(c)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            c.close()
+
+    workers = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(60)
+    if errors:
+        raise errors[0]
+    after = counts()
+    return after[0] - before[0], after[1] - before[1]

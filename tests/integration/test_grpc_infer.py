@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +14,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
-from tests.support import ServerThread
+from tests.support import ServerThread, batched_counts
 
 
 @pytest.fixture
@@ -182,34 +181,15 @@ def test_concurrent_requests_are_batched(
     client: grpcclient.InferenceServerClient, onnx_server: ServerThread
 ) -> None:
     """Many callers at once: the statistics show fewer executions than requests."""
-    before = client.get_inference_statistics("mlp", as_json=True)["model_stats"][0]
-    n_threads, per_thread = 16, 8
     x = np.random.default_rng(3).random((1, 256), dtype=np.float32)
-    errors: list[BaseException] = []
-
-    def worker() -> None:
-        c = grpcclient.InferenceServerClient(onnx_server.grpc_url)
-        try:
-            inp = grpcclient.InferInput("INPUT0", [1, 256], "FP32")
-            inp.set_data_from_numpy(x)
-            for _ in range(per_thread):
-                c.infer("mlp", [inp])
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            c.close()
-
-    threads = [threading.Thread(target=worker) for _ in range(n_threads)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors
-    after = client.get_inference_statistics("mlp", as_json=True)["model_stats"][0]
-    inferences = int(after["inference_count"]) - int(before.get("inference_count", 0))
-    executions = int(after["execution_count"]) - int(before.get("execution_count", 0))
-    assert inferences == n_threads * per_thread
+    inp = grpcclient.InferInput("INPUT0", [1, 256], "FP32")
+    inp.set_data_from_numpy(x)
+    inferences, executions = batched_counts(
+        onnx_server.grpc_url, "mlp", lambda c: c.infer("mlp", [inp])
+    )
+    assert inferences == 16 * 8
     assert executions < inferences
+    after = client.get_inference_statistics("mlp", as_json=True)["model_stats"][0]
     assert any(int(b["batch_size"]) > 1 for b in after["batch_stats"])
 
 

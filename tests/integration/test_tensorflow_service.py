@@ -3,7 +3,6 @@ HTTP: infer, metadata, auto-completed config, batching and the kit's bad-input e
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from examples.build_tensorflow import build_tensorflow_repository, mlp_reference  # noqa: E402
 from services.tensorflow.runtime import TensorflowRuntime  # noqa: E402
-from tests.support import ServerThread, settings_for  # noqa: E402
+from tests.support import ServerThread, batched_counts, settings_for  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -118,35 +117,16 @@ def test_config_without_pbtxt_is_auto_completed(client: grpcclient.InferenceServ
 def test_concurrent_requests_are_batched(
     client: grpcclient.InferenceServerClient, tf_server: ServerThread
 ) -> None:
-    name = "mlp_tf"
-    before = client.get_inference_statistics(name, as_json=True)["model_stats"][0]
-    n_threads, per_thread = 16, 8
     x = np.random.default_rng(4).standard_normal((1, 256)).astype(np.float32)
     expected = mlp_reference(x)
-    errors: list[BaseException] = []
+    inp = tensor(grpcclient, "INPUT0", x, "FP32")
 
-    def worker() -> None:
-        c = grpcclient.InferenceServerClient(tf_server.grpc_url)
-        try:
-            inp = tensor(grpcclient, "INPUT0", x, "FP32")
-            for _ in range(per_thread):
-                out = c.infer(name, [inp]).as_numpy("OUTPUT0")
-                np.testing.assert_allclose(out, expected, atol=1e-4)
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            c.close()
+    def one_call(c: grpcclient.InferenceServerClient) -> None:
+        out = c.infer("mlp_tf", [inp]).as_numpy("OUTPUT0")
+        np.testing.assert_allclose(out, expected, atol=1e-4)
 
-    threads = [threading.Thread(target=worker) for _ in range(n_threads)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors[0]
-    after = client.get_inference_statistics(name, as_json=True)["model_stats"][0]
-    inferences = int(after["inference_count"]) - int(before.get("inference_count", 0))
-    executions = int(after["execution_count"]) - int(before.get("execution_count", 0))
-    assert inferences == n_threads * per_thread
+    inferences, executions = batched_counts(tf_server.grpc_url, "mlp_tf", one_call)
+    assert inferences == 16 * 8
     assert executions < inferences
 
 
