@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from protos.gen.inference import model_config_pb2 as mc
+from services.core.errors import ModelLoadError
 
 #: Triton's --backend-config=<backend>,default-max-batch-size default
 DEFAULT_MAX_BATCH_SIZE = 4
@@ -109,3 +110,41 @@ def complete_io(
     for io in config.output:
         if io.name in by_name:
             _fill(io, by_name[io.name], batching)
+
+
+def check_shape(
+    model: str,
+    kind: str,
+    io: Any,
+    tensor: ModelTensor,
+    shape: Sequence[int],
+    batching: bool,
+    *,
+    where: str,
+    batch_fix: str,
+) -> None:
+    """The config's dims of one tensor must fit the model's ``shape`` (-1 = any).
+
+    ``where`` says where the shape comes from ("the signature", "the engine"); ``batch_fix`` how
+    to give the model a dynamic batch dimension. Raises ModelLoadError saying what to write.
+    """
+    if batching and not tensor.batchable:
+        raise ModelLoadError(
+            f"model '{model}': max_batch_size > 0 needs a dynamic first dimension, but {kind} "
+            f"'{io.name}' has shape {list(shape)} in {where}; set max_batch_size: 0 "
+            f"and give the full dims, or {batch_fix}"
+        )
+    if io.HasField("reshape"):
+        return
+    expected = ([-1] if batching else []) + list(io.dims)
+    actual = list(shape)
+    compatible = len(expected) == len(actual) and all(
+        e == a or e == -1 or a == -1 for e, a in zip(expected, actual, strict=True)
+    )
+    if not compatible:
+        raise ModelLoadError(
+            f"model '{model}': config dims {list(io.dims)} of {kind} '{io.name}' do not match "
+            f"shape {actual} in {where} (max_batch_size "
+            f"{'> 0 adds' if batching else '0 adds no'} a batch dimension); write dims: "
+            f"{tensor.dims(batching)}"
+        )

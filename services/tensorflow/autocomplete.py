@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from protos.gen.inference import model_config_pb2 as mc
-from services.core.autocomplete import complete_io
+from services.core.autocomplete import check_shape, complete_io
 from services.core.errors import ModelLoadError
 from services.tensorflow.signature import Signature, SignatureTensor, unsupported_reason
 
@@ -37,26 +37,16 @@ def _check_tensor(model: str, kind: str, io: Any, tensor: SignatureTensor, batch
         )
     if tensor.shape is None:
         return
-    if batching and not tensor.batchable:
-        raise ModelLoadError(
-            f"model '{model}': max_batch_size > 0 needs a dynamic first dimension, but {kind} "
-            f"'{io.name}' has shape {list(tensor.shape)} in the signature; set max_batch_size: 0 "
-            "and give the full dims, or save the model with a None batch dimension"
-        )
-    if io.HasField("reshape"):
-        return
-    expected = ([-1] if batching else []) + list(io.dims)
-    actual = list(tensor.shape)
-    compatible = len(expected) == len(actual) and all(
-        e == a or e == -1 or a == -1 for e, a in zip(expected, actual, strict=True)
+    check_shape(
+        model,
+        kind,
+        io,
+        tensor,
+        tensor.shape,
+        batching,
+        where="the signature",
+        batch_fix="save the model with a None batch dimension",
     )
-    if not compatible:
-        raise ModelLoadError(
-            f"model '{model}': config dims {list(io.dims)} of {kind} '{io.name}' do not match "
-            f"shape {actual} in the signature (max_batch_size "
-            f"{'> 0 adds' if batching else '0 adds no'} a batch dimension); write dims: "
-            f"{tensor.dims(batching)}"
-        )
 
 
 def check_config(config: mc.ModelConfig, signature: Signature) -> None:
