@@ -18,10 +18,11 @@ Rebuilding is idempotent, as for examples/build_repository.py.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from examples.cli import builder_main
 
 ADD_SUB_CONFIG = """name: "add_sub_python"
 backend: "python"
@@ -211,23 +212,15 @@ def build_python_repository(root: Path, names: Iterable[str] | None = None) -> N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: build the Python examples into a repository directory."""
-    parser = argparse.ArgumentParser(
+    """Command line: build these examples into a repository directory."""
+    return builder_main(
+        argv,
         prog="python -m examples.build_python",
         description="Build the Python-backend example models (Triton model.py files).",
+        names=EXAMPLES,
+        build=build_python_repository,
+        label="Python example models",
     )
-    parser.add_argument("root", type=Path, help="repository directory (created if missing)")
-    parser.add_argument(
-        "--model",
-        action="append",
-        dest="models",
-        choices=sorted(EXAMPLES),
-        help="build only this model (repeatable); default: all",
-    )
-    args = parser.parse_args(argv)
-    build_python_repository(args.root, args.models)
-    print(f"Python example models ready at {args.root}: {', '.join(args.models or EXAMPLES)}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ a changed one is replaced atomically, and other files in the directory are left 
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -24,6 +23,8 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from examples.cli import builder_parser
 
 #: onnxruntime 1.31 reads IR versions up to 13; onnx 1.23 would write 14 by default
 IR_VERSION = 8
@@ -329,17 +330,10 @@ def build_repository(root: Path, names: Iterable[str] | None = None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m examples.build_repository",
-        description="Build the example Triton model repository (ONNX models, random weights).",
-    )
-    parser.add_argument("root", type=Path, help="repository directory (created if missing)")
-    parser.add_argument(
-        "--model",
-        action="append",
-        dest="models",
-        choices=sorted(BUILDERS),
-        help="build only this model (repeatable); default: all",
+    parser = builder_parser(
+        "python -m examples.build_repository",
+        "Build the example Triton model repository (ONNX models, random weights).",
+        BUILDERS,
     )
     parser.add_argument(
         "--onnx-only",

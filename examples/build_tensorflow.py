@@ -18,7 +18,6 @@ and swapped in, so a reader never sees half a SavedModel.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import shutil
@@ -30,6 +29,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from examples.cli import builder_main
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # type: ignore[import-untyped]  # no py.typed
@@ -183,22 +184,15 @@ def build_tensorflow_repository(root: Path, names: Iterable[str] | None = None) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    """Command line: build these examples into a repository directory."""
+    return builder_main(
+        argv,
         prog="python -m examples.build_tensorflow",
         description="Build the TensorFlow example models (SavedModel).",
+        names=BUILDERS,
+        build=build_tensorflow_repository,
+        label="tensorflow example models",
     )
-    parser.add_argument("root", type=Path, help="repository directory (created if missing)")
-    parser.add_argument(
-        "--model",
-        action="append",
-        dest="models",
-        choices=sorted(BUILDERS),
-        help="build only this model (repeatable); default: all",
-    )
-    args = parser.parse_args(argv)
-    build_tensorflow_repository(args.root, args.models)
-    print(f"tensorflow example models ready at {args.root}: {', '.join(args.models or BUILDERS)}")
-    return 0
 
 
 if __name__ == "__main__":

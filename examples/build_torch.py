@@ -16,7 +16,6 @@ left untouched; a changed one is replaced atomically.
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from examples.cli import builder_main
 
 SEED = 20261121
 MAX_BATCH = 64
@@ -223,22 +224,15 @@ def build_torch_repository(root: Path, names: Iterable[str] | None = None) -> No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    """Command line: build these examples into a repository directory."""
+    return builder_main(
+        argv,
         prog="python -m examples.build_torch",
         description="Build the PyTorch example models (TorchScript and torch.export).",
+        names=BUILDERS,
+        build=build_torch_repository,
+        label="torch example models",
     )
-    parser.add_argument("root", type=Path, help="repository directory (created if missing)")
-    parser.add_argument(
-        "--model",
-        action="append",
-        dest="models",
-        choices=sorted(BUILDERS),
-        help="build only this model (repeatable); default: all",
-    )
-    args = parser.parse_args(argv)
-    build_torch_repository(args.root, args.models)
-    print(f"torch example models ready at {args.root}: {', '.join(args.models or BUILDERS)}")
-    return 0
 
 
 if __name__ == "__main__":
