@@ -95,3 +95,30 @@ class InternalError(ServingError):
     grpc_status = grpc.StatusCode.INTERNAL
     http_status = 500
     reason = "BACKEND"
+
+
+_BY_STATUS: dict[grpc.StatusCode, type[ServingError]] = {
+    cls.grpc_status: cls
+    for cls in (InvalidArgument, NotFound, AlreadyExists, Unavailable, QueueFull, QueueTimeout)
+}
+_BY_STATUS[grpc.StatusCode.UNIMPLEMENTED] = Unsupported
+
+
+class Cancelled(ServingError):
+    """The caller (or a step's caller) cancelled the request."""
+
+    grpc_status = grpc.StatusCode.CANCELLED
+    http_status = 499
+    reason = "CANCELED"
+
+
+_BY_STATUS[grpc.StatusCode.CANCELLED] = Cancelled
+
+
+def error_for_status(status: grpc.StatusCode, message: str) -> ServingError:
+    """The ServingError that answers with ``status`` (e.g. to pass on a downstream call's error).
+
+    Statuses without a class of their own (INTERNAL, UNKNOWN, ...) become InternalError, whose
+    message still reaches the client unchanged.
+    """
+    return _BY_STATUS.get(status, InternalError)(message)

@@ -124,6 +124,9 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         arrival = time.monotonic_ns()
         req = decode_infer_request(request, self._plane.shm)
         req.arrival_ns = arrival
+        remaining = context.time_remaining()
+        if remaining is not None:
+            req.deadline_ns = arrival + int(remaining * 1e9)
         if not req.model_version:
             req.model_version = _routed_version(context)
         return encode_infer_response(await self._plane.infer(req))

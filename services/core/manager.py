@@ -200,7 +200,7 @@ class ModelManager:
             return None
         for rt in self._runtimes:
             filename = config.default_model_filename or rt.default_model_filename
-            if any((p / filename).exists() for p in model_dir.versions.values()):
+            if filename and any((p / filename).exists() for p in model_dir.versions.values()):
                 return rt
         return None
 

@@ -92,6 +92,11 @@ class ServedModel:
         self._input_names = [i.name for i in config.input]
         #: moving average of batch execution time; starts high so the first batches use a worker
         self._exec_ewma_ns = 10 * INLINE_EXECUTION_NS
+        #: the instance that runs requests itself on the event loop (an ensemble), else None
+        self._direct = next((r for r in self._instances if r.async_execution), None)
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.batcher: DynamicBatcher[InferRequest, ItemResult] = DynamicBatcher(
             batch_policy_from_config(config), self._run_batch, instances=len(self._instances)
         )
@@ -137,6 +142,8 @@ class ServedModel:
 
     async def infer(self, request: InferRequest) -> ItemResult:
         """Validate, queue, execute; record statistics either way."""
+        if self._direct is not None:
+            return await self._infer_direct(self._direct, request)
         try:
             batch_size, signature = self.validator(request)
             result = await self.batcher.submit(
@@ -160,6 +167,51 @@ class ServedModel:
             compute_output_ns=result.compute_output_ns,
         )
         return result
+
+    async def _infer_direct(self, runtime: Runtime, request: InferRequest) -> ItemResult:
+        """Validate and run one request on the loop, without queueing (async runtimes)."""
+        self._inflight += 1
+        self._idle.clear()
+        start = time.monotonic_ns()
+        try:
+            batch_size, _ = self.validator(request)
+            outputs = await runtime.infer_async(request, self._output_names)
+        except asyncio.CancelledError:
+            self.stats.record_request_failure(request_ns=self._elapsed(request), reason="CANCELED")
+            raise
+        except ServingError as err:
+            self.stats.record_request_failure(request_ns=self._elapsed(request), reason=err.reason)
+            raise
+        except Exception as exc:
+            self.stats.record_request_failure(request_ns=self._elapsed(request), reason="BACKEND")
+            log.exception("model %r version %d: request failed", self.name, self.version)
+            raise InternalError(
+                f"model '{self.name}' failed to execute the request: {type(exc).__name__}"
+            ) from exc
+        finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
+        infer_ns = time.monotonic_ns() - start
+        missing = [n for n in self._output_names if n not in outputs]
+        if missing:
+            raise InternalError(f"model '{self.name}' returned no value for outputs {missing}")
+        count = batch_size if self._batched else 1
+        self.stats.record_execution(
+            batch_size=count,
+            inference_count=count,
+            compute_input_ns=0,
+            compute_infer_ns=infer_ns,
+            compute_output_ns=0,
+        )
+        self.stats.record_request_success(
+            request_ns=self._elapsed(request),
+            queue_ns=0,
+            compute_input_ns=0,
+            compute_infer_ns=infer_ns,
+            compute_output_ns=0,
+        )
+        return ItemResult(outputs, 0, 0, infer_ns, 0)
 
     @staticmethod
     def _elapsed(request: InferRequest) -> int:
@@ -262,6 +314,7 @@ class ServedModel:
     async def close(self) -> None:
         """Finish everything queued or running, then release the instances."""
         await self.batcher.close()
+        await self._idle.wait()
         loop = asyncio.get_running_loop()
         for runtime in self._instances:
             try:

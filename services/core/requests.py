@@ -58,6 +58,8 @@ class InferRequest:
     parameters: dict[str, ParamValue] = field(default_factory=dict)
     #: time.monotonic_ns() when the transport received the request
     arrival_ns: int = 0
+    #: time.monotonic_ns() by which the caller stops waiting (its gRPC deadline); 0 = none
+    deadline_ns: int = 0
 
 
 @dataclass(slots=True)

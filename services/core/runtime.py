@@ -72,5 +72,16 @@ class Runtime(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} does not take request lists")
 
+    #: True: requests bypass the batcher and each runs as ``infer_async`` on the event loop,
+    #: as many at once as arrive (an ensemble, whose work is waiting on other services)
+    async_execution: ClassVar[bool] = False
+
+    async def infer_async(self, request: InferRequest, outputs: Sequence[str]) -> dict[str, Array]:
+        """Run one request on the event loop; must not block. Called when ``async_execution``.
+
+        Returns every name in ``outputs``; cancelling the coroutine must cancel the work.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no asynchronous execution")
+
     def unload(self) -> None:  # noqa: B027 - optional hook
         """Release resources. Called once, after the last infer returns."""

@@ -1,0 +1,1 @@
+"""Ensemble service: Triton ``platform: "ensemble"`` models; each step is a gateway call."""

@@ -1,0 +1,239 @@
+"""Triton ensembles (``platform: "ensemble"``) run as chained ModelInfer calls through the gateway.
+
+One request of an ensemble is a small dataflow run on the event loop: every step whose input
+tensors exist is called at once (steps without a dependency between them run concurrently),
+each step is a gRPC ModelInfer to the mesh's gateway (so splits, retries and load balancing
+apply to steps too), and its outputs become tensors for the steps after it. Tensors stay in wire
+form between steps (the bytes a step's response brought are the bytes the next step's request
+sends). The caller's gRPC deadline bounds every step; cancelling the request (the caller gave
+up) cancels the steps in flight, which cancels their calls downstream. The first failing step
+fails the request with its status and a message naming the step and its model; the other
+steps in flight are cancelled.
+
+Each step call is a client span (the request's server span its parent) and carries the W3C trace
+context, so the step's services continue the same trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import grpc
+from opentelemetry import propagate, trace
+
+from protos.gen.inference import grpc_service_pb2 as pb
+from protos.gen.inference import grpc_service_pb2_grpc as pbg
+from protos.gen.inference import model_config_pb2 as mc
+from services.core.config import ENSEMBLE_PLATFORM, load_config_file
+from services.core.errors import (
+    InternalError,
+    ModelLoadError,
+    QueueTimeout,
+    ServingError,
+    error_for_status,
+)
+from services.core.gateway_client import (
+    CHANNEL_OPTIONS,
+    WireTensor,
+    gateway_address,
+    infer_message,
+    response_tensors,
+)
+from services.core.repository import CONFIG_FILENAME
+from services.core.requests import Array, InferRequest
+from services.core.runtime import InstanceSpec, Runtime
+from services.ensemble.graph import EnsembleGraph, Step, build_graph
+
+log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("meshserve.ensemble")
+
+#: how long load-time validation waits for the gateway to describe an auto-completed step model
+CONFIG_LOOKUP_TIMEOUT_S = 2.0
+
+
+class EnsembleRuntime(Runtime):
+    backend: ClassVar[str] = ""
+    platforms: ClassVar[tuple[str, ...]] = (ENSEMBLE_PLATFORM,)
+    #: an ensemble has no model file: its version folder is empty
+    default_model_filename: ClassVar[str] = ""
+    async_execution: ClassVar[bool] = True
+
+    def __init__(self, config: mc.ModelConfig, model_path: Path, instance: InstanceSpec) -> None:
+        self.name = config.name
+        self._address = gateway_address()
+        repository = model_path.parent.parent
+        self.graph: EnsembleGraph = build_graph(
+            config, _ConfigLookup(repository, self._address, config.name)
+        )
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pbg.GRPCInferenceServiceStub | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        log.info(
+            "ensemble %r: %d steps (%s); steps go to the gateway at %s",
+            self.name,
+            len(self.graph.steps),
+            ", ".join(s.model_name for s in self.graph.steps),
+            self._address,
+        )
+
+    def infer(self, inputs: Mapping[str, Array], outputs: Sequence[str]) -> dict[str, Array]:
+        raise InternalError(f"ensemble '{self.name}' runs only on the event loop")
+
+    async def infer_async(self, request: InferRequest, outputs: Sequence[str]) -> dict[str, Array]:
+        tensors: dict[str, WireTensor] = {
+            name: WireTensor.from_array(self.graph.input_types[name], array)
+            for name, array in request.inputs.items()
+        }
+        await self._run_steps(tensors, request)
+        return {
+            name: tensors[name].array(f"ensemble '{self.name}' output '{name}'") for name in outputs
+        }
+
+    async def _run_steps(self, tensors: dict[str, WireTensor], request: InferRequest) -> None:
+        """Run every step, each as soon as what it reads exists; ``tensors`` gains the outputs."""
+        waiting = list(self.graph.steps)
+        running: dict[asyncio.Task[dict[str, WireTensor]], Step] = {}
+
+        def launch_ready() -> None:
+            for step in [s for s in waiting if s.reads <= tensors.keys()]:
+                waiting.remove(step)
+                task = asyncio.ensure_future(self._call_step(step, tensors, request))
+                running[task] = step
+
+        try:
+            launch_ready()
+            while running:
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    running.pop(task)
+                    tensors.update(task.result())
+                launch_ready()
+        finally:
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+        if waiting:  # cannot happen for a graph build_graph accepted
+            raise InternalError(f"ensemble '{self.name}': steps never became ready: {waiting}")
+
+    async def _call_step(
+        self, step: Step, tensors: Mapping[str, WireTensor], request: InferRequest
+    ) -> dict[str, WireTensor]:
+        message = infer_message(
+            step.model_name,
+            step.model_version,
+            {model_input: tensors[tensor] for model_input, tensor in step.inputs},
+            [model_output for model_output, _ in step.outputs],
+            request.id,
+        )
+        timeout: float | None = None
+        if request.deadline_ns:
+            timeout = (request.deadline_ns - time.monotonic_ns()) / 1e9
+            if timeout <= 0:
+                raise QueueTimeout(
+                    f"ensemble '{self.name}': the request's deadline passed before {step.label}"
+                )
+        with _tracer.start_as_current_span(
+            f"ensemble step {step.index}: {step.model_name}",
+            kind=trace.SpanKind.CLIENT,
+            attributes={
+                "meshserve.ensemble": self.name,
+                "meshserve.ensemble.step": step.index,
+                "model.name": step.model_name,
+                "model.version": step.model_version,
+                "request.id": request.id,
+            },
+        ):
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            try:
+                reply = await self._gateway().ModelInfer(
+                    message, timeout=timeout, metadata=tuple(carrier.items())
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise error_for_status(
+                    exc.code(), f"ensemble '{self.name}' {step.label} failed: {exc.details()}"
+                ) from None
+        try:
+            produced = response_tensors(reply, f"ensemble '{self.name}' {step.label}")
+        except ServingError as err:
+            raise InternalError(err.message) from None
+        missing = [o for o, _ in step.outputs if o not in produced]
+        if missing:
+            raise InternalError(
+                f"ensemble '{self.name}' {step.label} answered without outputs {missing}"
+            )
+        return {tensor: produced[model_output] for model_output, tensor in step.outputs}
+
+    def _gateway(self) -> pbg.GRPCInferenceServiceStub:
+        """The stub on this loop's channel to the gateway (created on first use)."""
+        if self._stub is None:
+            self._loop = asyncio.get_running_loop()
+            self._channel = grpc.aio.insecure_channel(self._address, options=CHANNEL_OPTIONS)
+            self._stub = pbg.GRPCInferenceServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        return self._stub
+
+    def unload(self) -> None:
+        """Close the channel (called from a worker thread once no request is in flight)."""
+        channel, loop = self._channel, self._loop
+        self._channel = self._stub = None
+        if channel is not None and loop is not None and not loop.is_closed():
+            asyncio.run_coroutine_threadsafe(channel.close(None), loop)
+
+
+class _ConfigLookup:
+    """Step model configs for load-time checks: the repository's config.pbtxt, or, for a model
+    whose config is auto-completed, what the gateway says it serves (when it can be reached)."""
+
+    def __init__(self, repository: Path, gateway: str, ensemble: str) -> None:
+        self._repository = repository
+        self._gateway = gateway
+        self._ensemble = ensemble
+        self._cache: dict[str, mc.ModelConfig | None] = {}
+
+    def __call__(self, name: str) -> mc.ModelConfig | None:
+        if name not in self._cache:
+            self._cache[name] = self._find(name)
+        return self._cache[name]
+
+    def _find(self, name: str) -> mc.ModelConfig | None:
+        folder = self._repository / name
+        served = None
+        config = mc.ModelConfig(name=name)
+        path = folder / CONFIG_FILENAME
+        if path.is_file():
+            try:
+                config = load_config_file(path)
+            except ServingError as err:
+                raise ModelLoadError(
+                    f"ensemble '{self._ensemble}': step model '{name}' has a bad config: "
+                    f"{err.message}"
+                ) from None
+        if not (config.input or config.output):
+            served = self._served_config(name)
+        if served is not None:
+            return served
+        return config if folder.is_dir() else None
+
+    def _served_config(self, name: str) -> mc.ModelConfig | None:
+        try:
+            with grpc.insecure_channel(self._gateway) as channel:
+                stub = pbg.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+                reply: pb.ModelConfigResponse = stub.ModelConfig(
+                    pb.ModelConfigRequest(name=name), timeout=CONFIG_LOOKUP_TIMEOUT_S
+                )
+        except grpc.RpcError as exc:
+            log.info(
+                "ensemble %r: no served config for step model %r from the gateway (%s); its "
+                "tensors are checked when it runs",
+                self._ensemble,
+                name,
+                exc.code() if isinstance(exc, grpc.Call) else exc,
+            )
+            return None
+        return reply.config
