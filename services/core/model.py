@@ -19,7 +19,7 @@ from typing import TypeVar
 import numpy as np
 
 from protos.gen.inference import model_config_pb2 as mc
-from services.core import dtypes
+from services.core import dtypes, tracing
 from services.core.batcher import DynamicBatcher, Pending, batch_policy_from_config
 from services.core.errors import InternalError, ServingError
 from services.core.requests import Array, InferRequest
@@ -46,6 +46,11 @@ class ItemResult:
     compute_input_ns: int
     compute_infer_ns: int
     compute_output_ns: int
+    #: time.monotonic_ns() when its batch was handed to an instance, and when it came back
+    #: (0: not run by the batcher); batch_size: the whole batch's size (for trace spans)
+    batch_start_ns: int = 0
+    batch_end_ns: int = 0
+    batch_size: int = 0
 
 
 def instance_specs(config: mc.ModelConfig) -> list[InstanceSpec]:
@@ -153,6 +158,9 @@ class ServedModel:
                 priority=request.priority,
                 timeout_us=request.timeout_us,
             )
+        except asyncio.CancelledError:  # the caller gave up (or its call was cancelled)
+            self.stats.record_request_failure(request_ns=self._elapsed(request), reason="CANCELED")
+            raise
         except ServingError as err:
             self.stats.record_request_failure(request_ns=self._elapsed(request), reason=err.reason)
             raise
@@ -166,7 +174,22 @@ class ServedModel:
             compute_infer_ns=result.compute_infer_ns,
             compute_output_ns=result.compute_output_ns,
         )
+        self._trace_execution(result)
         return result
+
+    def _trace_execution(self, result: ItemResult) -> None:
+        """The request's queue wait and batch execution as child spans of its (sampled) span.
+
+        The batch ran in the batcher's task, where the request's trace context is not current,
+        so the spans are recorded here, afterwards, with the batch's own timestamps.
+        """
+        if not result.batch_start_ns or not tracing.recording():
+            return
+        attributes = tracing.model_attributes(self.name, self.version_str)
+        start = result.batch_start_ns
+        tracing.record_span("queue", start - result.queue_ns, start, attributes)
+        attributes[tracing.BATCH_SIZE] = result.batch_size
+        tracing.record_span("compute", start, result.batch_end_ns, attributes)
 
     async def _infer_direct(self, runtime: Runtime, request: InferRequest) -> ItemResult:
         """Validate and run one request on the loop, without queueing (async runtimes)."""
@@ -233,6 +256,7 @@ class ServedModel:
                 self._executor, self._execute, runtime, payloads, sizes
             )
         self._exec_ewma_ns += (t_in + t_infer + t_out - self._exec_ewma_ns) // 8
+        done = time.monotonic_ns()
         total = sum(sizes) if self._batched else 1
         self.stats.record_execution(
             batch_size=total,
@@ -244,7 +268,9 @@ class ServedModel:
         return [
             out
             if isinstance(out, ServingError)
-            else ItemResult(out, it.start_ns - it.enqueue_ns, t_in, t_infer, t_out)
+            else ItemResult(
+                out, it.start_ns - it.enqueue_ns, t_in, t_infer, t_out, it.start_ns, done, total
+            )
             for it, out in zip(items, outputs, strict=True)
         ]
 
