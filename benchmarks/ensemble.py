@@ -33,7 +33,6 @@ from protos.gen.inference import model_config_pb2 as mc
 from services.core import dtypes
 from services.core.gateway_client import CHANNEL_OPTIONS, WireTensor, infer_message
 
-ROOT = Path(__file__).resolve().parent.parent
 #: the issue's target for the ensemble's added latency per step at p50
 ADDED_PER_STEP_MS = 1.0
 
@@ -161,7 +160,11 @@ def measure(url: str, ensemble: str, rounds: int, per_round: int, threads: int) 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.ensemble", description=__doc__)
-    p.add_argument("--model-repository", type=Path, default=ROOT / "examples" / "models")
+    p.add_argument(
+        "--model-repository",
+        type=Path,
+        help="repository to serve (default: a fresh one with just the ensemble and its steps)",
+    )
     p.add_argument("--ensemble", default="chain3")
     p.add_argument("--url", help="an already running gateway (host:port) instead of a new mesh")
     p.add_argument("--rounds", type=int, default=10)
@@ -171,9 +174,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.url:
         return measure(args.url, args.ensemble, args.rounds, args.per_round, args.threads)
     log = Path(tempfile.gettempdir()) / "meshserve-bench-ensemble.log"
-    target = GatewayTarget(args.model_repository, [args.ensemble], log)
-    with target.serve() as url:
-        return measure(url, args.ensemble, args.rounds, args.per_round, args.threads)
+    with tempfile.TemporaryDirectory(prefix="meshserve-bench-ensemble-") as tmp:
+        repository = args.model_repository
+        if repository is None:
+            from examples.build_ensemble import build_ensemble_repository
+
+            repository = Path(tmp) / "models"
+            build_ensemble_repository(repository, [args.ensemble])
+        target = GatewayTarget(repository, [args.ensemble], log)
+        with target.serve() as url:
+            return measure(url, args.ensemble, args.rounds, args.per_round, args.threads)
 
 
 if __name__ == "__main__":
