@@ -13,7 +13,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[onnx,torch,tensorflow,dev]'
+	$(PY) -m pip install -q -e '.[onnx,torch,tensorflow,python,dev]'
 	touch $(STAMP)
 
 models: $(STAMP)

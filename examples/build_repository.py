@@ -6,6 +6,9 @@ user knows from its quick-start (``simple``, ``simple_string``, ``simple_identit
 compute-bound ones for benchmarks (``mlp``, ``cnn``). Nothing is downloaded: graphs are built
 with ``onnx.helper`` and weights drawn from a fixed seed, so two builds give the same bytes.
 The model service then loads the repository like any user's (services/core → services/onnx).
+Unless ``--onnx-only`` or ``--model`` is given, the other families' examples follow: the
+Python-backend ones and the ensembles (examples/build_python.py, examples/build_ensemble.py),
+then PyTorch and TensorFlow where installed.
 
 Rebuilding is idempotent: a file whose bytes would not change is left untouched (mtime too),
 a changed one is replaced atomically, and other files in the directory are left alone.
@@ -338,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--onnx-only",
         action="store_true",
-        help="skip the other families' examples (PyTorch, TensorFlow, Python backend)",
+        help="skip the other families' examples (PyTorch, TensorFlow, Python backend, ensembles)",
     )
     args = parser.parse_args(argv)
     build_repository(args.root, args.models)
@@ -350,14 +353,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _other_families(root: Path) -> list[str]:
-    """The PyTorch, TensorFlow and Python-backend examples, where their framework is installed."""
+    """The Python-backend and ensemble examples, then the PyTorch and TensorFlow ones where
+    their framework is installed."""
     built: list[str] = []
+    from examples.build_ensemble import build_ensemble_repository, required_models
     from examples.build_python import build_python_repository
 
-    # not the deliberately broken ones
-    python_models = ["add_sub_python", "identity_python", "bls_python"]
+    # not the deliberately broken ones; the ensembles' Python steps; their ONNX steps exist
+    ensembles = required_models()
+    python_models = ["add_sub_python", "identity_python", "bls_python", *ensembles.python]
     build_python_repository(root, python_models)
-    built += python_models
+    build_ensemble_repository(root, steps=False)
+    built += python_models + list(ensembles.ensembles)
     try:
         from examples.build_torch import BUILDERS as TORCH_BUILDERS
         from examples.build_torch import build_torch_repository

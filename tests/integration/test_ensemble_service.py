@@ -84,8 +84,8 @@ ensemble_scheduling {
 
 # Loads (the model exists) but its step asks for a version the ONNX service does not have.
 MISSING_VERSION = CHAIN.replace('"chain"', '"missing_version"').replace(
-    "model_version: -1\n      input_map { key: \"INPUT0\" value: \"SUM\" }",
-    "model_version: 7\n      input_map { key: \"INPUT0\" value: \"SUM\" }",
+    'model_version: -1\n      input_map { key: "INPUT0" value: "SUM" }',
+    'model_version: 7\n      input_map { key: "INPUT0" value: "SUM" }',
 )
 
 # Fails to load: step 1 reads a tensor nobody writes.

@@ -167,7 +167,9 @@ def test_nested_ensemble_without_cycle_is_fine() -> None:
     inner.ensemble_scheduling.step[0].input_map["X"] = "X"
     inner.output[0].name = "Z"
     inner.ensemble_scheduling.step[0].output_map["Z"] = "Z"
-    graph = build_graph(ensemble(step("inner", {"X": "IN"}, {"Z": "OUT"})), _lookup({"inner": inner}))
+    graph = build_graph(
+        ensemble(step("inner", {"X": "IN"}, {"Z": "OUT"})), _lookup({"inner": inner})
+    )
     assert graph.steps[0].model_name == "inner"
 
 
