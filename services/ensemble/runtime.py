@@ -10,7 +10,9 @@ up) cancels the steps in flight, which cancels their calls downstream. The first
 fails the request with its status and a message naming the step and its model; the other
 steps in flight are cancelled.
 
-Each step call is a client span (the request's server span its parent) and carries the W3C trace
+Step calls carry the gateway's routing headers (``meshserve-model``, and ``meshserve-version``
+when the step pins one), so Envoy routes them without reading the request body. Each step call
+is a client span (the request's server span its parent) and carries the W3C trace
 context, so the step's services continue the same trace.
 """
 
@@ -50,6 +52,9 @@ from services.core.runtime import InstanceSpec, Runtime
 from services.ensemble.graph import EnsembleGraph, Step, build_graph
 
 log = logging.getLogger(__name__)
+#: the gateway's routing headers (control_plane/routes.py): model, and version when pinned
+MODEL_HEADER = "meshserve-model"
+VERSION_HEADER = "meshserve-version"
 _tracer = trace.get_tracer("meshserve.ensemble")
 
 #: how long load-time validation waits for the gateway to describe an auto-completed step model
@@ -106,6 +111,13 @@ class EnsembleRuntime(Runtime):
                 running[task] = step
 
         try:
+            while len(waiting) and not running:
+                ready = [s for s in waiting if s.reads <= tensors.keys()]
+                if len(ready) != 1:
+                    break
+                # a lone ready step (a chain) runs in this task: no task to create and wait on
+                waiting.remove(ready[0])
+                tensors.update(await self._call_step(ready[0], tensors, request))
             launch_ready()
             while running:
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -149,7 +161,10 @@ class EnsembleRuntime(Runtime):
                 "request.id": request.id,
             },
         ):
-            carrier: dict[str, str] = {}
+            # routing headers: the gateway routes on them without parsing the body
+            carrier = {MODEL_HEADER: step.model_name}
+            if step.model_version:
+                carrier[VERSION_HEADER] = step.model_version
             propagate.inject(carrier)
             try:
                 reply = await self._gateway().ModelInfer(
