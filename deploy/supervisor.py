@@ -2,8 +2,11 @@
 
 Order: control plane (ADS + registry + front) ─▶ Envoy gateway (configured over ADS) ─▶ one
 service per framework family found in the repository, each registering with the control plane.
-Readiness is read from the control plane's status API through the gateway. Stop: services first
-(they deregister, then drain), then the gateway, then the control plane.
+Readiness: every family's service registered with no model still loading (the control plane's
+status API, read through the gateway), each registered service answering SERVING on its own gRPC
+health endpoint, and the gateway having ACKed the control plane's latest snapshot (so routes to
+every model are in place). Stop: services first (they deregister, then drain), then the gateway,
+then the control plane.
 """
 
 from __future__ import annotations
@@ -22,10 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 from aiohttp import web
 
 from deploy.mesh_metrics import mesh_metrics_app
 from gateway.launcher import Gateway
+from protos.gen.health import health_pb2 as hpb
+from protos.gen.health import health_pb2_grpc as hgrpc
 from services.core.config import load_config_file
 from services.core.repository import scan_repository
 
@@ -216,7 +222,14 @@ class Mesh:
                     progress(line)
                     last = line
                 if seen >= families and all(m["state"] != "LOADING" for m in models):
-                    return
+                    waiting_for = await _not_serving(doc)
+                    if not waiting_for and not gateway_synced(doc):
+                        waiting_for = "the gateway to accept the latest routes"
+                    if not waiting_for:
+                        return
+                    if waiting_for != last:
+                        progress(f"waiting for {waiting_for}")
+                        last = waiting_for
             await asyncio.sleep(0.3)
         raise TimeoutError(f"the mesh did not become ready within {within_s:.0f} s")
 
@@ -243,6 +256,37 @@ class Mesh:
                 self.control.kill()
                 with contextlib.suppress(ProcessLookupError):
                     await self.control.wait()
+
+
+def gateway_synced(doc: dict[str, Any]) -> bool:
+    """Whether some gateway has ACKed the status document's snapshot for every resource type."""
+    version = doc.get("snapshot_version", "")
+    gateways: dict[str, dict[str, dict[str, str]]] = doc.get("gateways", {})
+    return bool(version) and any(
+        types and all(t.get("acked_version", "").split("+")[0] == version for t in types.values())
+        for types in gateways.values()
+    )
+
+
+async def _not_serving(doc: dict[str, Any]) -> str:
+    """Ask each registered service's gRPC health endpoint (grpc.health.v1, server-wide); the
+    first that is not SERVING, described, or "" when all are."""
+    answers = await asyncio.gather(*(_health(i["address"]) for i in doc["instances"]))
+    for instance, status in zip(doc["instances"], answers, strict=True):
+        if status != "SERVING":
+            return f"service '{instance['family']}' at {instance['address']} (health: {status})"
+    return ""
+
+
+async def _health(address: str) -> str:
+    """The service's overall health status name, or why it could not be read."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = hgrpc.HealthStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            reply = await stub.Check(hpb.HealthCheckRequest(service=""), timeout=2)
+        except grpc.aio.AioRpcError as exc:
+            return f"unreachable ({exc.code().name})"
+    return str(hpb.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
 async def run_until_signal(settings: MeshSettings) -> None:

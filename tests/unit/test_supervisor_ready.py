@@ -1,0 +1,61 @@
+"""The supervisor's readiness gates: each service's own gRPC health, and the gateway's ACK."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import grpc
+
+from deploy.supervisor import _not_serving, gateway_synced
+from protos.gen.health import health_pb2_grpc as hgrpc
+from services.core.health import HealthServicer
+
+
+def _doc(version: str, acked: dict[str, str]) -> dict[str, Any]:
+    return {
+        "snapshot_version": version,
+        "gateways": {"gw": {t: {"acked_version": v} for t, v in acked.items()}},
+    }
+
+
+def test_gateway_synced_needs_every_type_acked_at_the_latest_version() -> None:
+    types = ("Listener", "Cluster", "RouteConfiguration", "ClusterLoadAssignment")
+    assert gateway_synced(_doc("v2", dict.fromkeys(types, "v2")))
+    # make-before-break keeps removed clusters under "<version>+keep"
+    assert gateway_synced(_doc("v2", {**dict.fromkeys(types, "v2"), "Cluster": "v2+keep"}))
+    assert not gateway_synced(_doc("v2", {**dict.fromkeys(types, "v2"), "Cluster": "v1"}))
+    assert not gateway_synced(_doc("v2", {}))
+    assert not gateway_synced({"snapshot_version": "", "gateways": {}})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_not_serving_asks_each_service_health_endpoint() -> None:
+    async def scenario() -> tuple[str, str, str]:
+        health = HealthServicer()
+        server = grpc.aio.server()
+        hgrpc.add_HealthServicer_to_server(health, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            doc = {"instances": [{"family": "onnx", "address": f"127.0.0.1:{port}"}]}
+            before = await _not_serving(doc)
+            await health.set_serving(True)
+            after = await _not_serving(doc)
+            gone = await _not_serving(
+                {"instances": [{"family": "torch", "address": f"127.0.0.1:{_free_port()}"}]}
+            )
+        finally:
+            await server.stop(None)
+        return before, after, gone
+
+    before, after, gone = asyncio.run(scenario())
+    assert "service 'onnx'" in before and "NOT_SERVING" in before
+    assert after == ""
+    assert "service 'torch'" in gone and "unreachable (UNAVAILABLE)" in gone
