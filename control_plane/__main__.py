@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from control_plane.app import ControlPlane, ControlPlaneSettings
+from control_plane.tracing import gateway_tracing_from_env
 
 log = logging.getLogger("control_plane")
 
@@ -42,6 +44,8 @@ def settings_from_args(argv: Sequence[str] | None) -> ControlPlaneSettings:
         policy_file=a.policy_file,
         consul=a.consul,
         warmup_secs=a.warmup_secs,
+        # the standard OTEL_* variables turn the gateway's tracing on (see control_plane/tracing)
+        gateway_tracing=gateway_tracing_from_env(os.environ),
     )
 
 

@@ -29,6 +29,7 @@ from control_plane.model import Address, MeshState, ServiceInstance
 from control_plane.policy import PolicyStore
 from control_plane.registry import Registry, RegistryServicer
 from control_plane.snapshot import InconsistentSnapshot, SnapshotCache, make_snapshot
+from control_plane.tracing import GatewayTracing
 from control_plane.translate import translate
 from protos.gen.meshserve import registry_pb2_grpc
 
@@ -71,6 +72,8 @@ class ControlPlaneSettings:
     #: empty one. One lease TTL covers a heartbeat and a reconnect backoff. 0 = publish at once
     #: (a fresh `meshserve up`, where no service exists yet).
     warmup_secs: float = 3.0
+    #: the gateway's OpenTelemetry tracing (from OTEL_EXPORTER_OTLP_ENDPOINT); None = off
+    gateway_tracing: GatewayTracing | None = None
 
 
 class ControlPlane:
@@ -116,6 +119,7 @@ class ControlPlane:
             grpc_port=s.gateway_grpc_port,
             http_port=s.gateway_http_port,
             host=s.host,
+            tracing=s.gateway_tracing,
         )
         try:
             snapshot = make_snapshot(resources)

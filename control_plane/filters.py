@@ -10,6 +10,8 @@ The gRPC listener's filter chain is what routes a request by its body:
   → ``grpc_stats`` (after the clear, so it counts under the model's cluster) → ``router``.
 
 Header routes and compressed requests switch the first two off per route (see routes.py).
+With ``GatewayTracing`` given, both connection managers trace with Envoy's OpenTelemetry tracer
+(``control_plane.tracing``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from control_plane.routes import EXTRACTION_FILTER, GRPC_ROUTES, HTTP_ROUTES, LUA_FILTER
+from control_plane.tracing import GatewayTracing, hcm_tracing
 from gateway.descriptors import descriptor_set_bytes
 
 GRPC_LISTENER = "grpc"
@@ -53,7 +56,9 @@ end
 """
 
 
-def grpc_listener(host: str, port: int) -> listener_pb2.Listener:
+def grpc_listener(
+    host: str, port: int, tracing: GatewayTracing | None = None
+) -> listener_pb2.Listener:
     """Listener ``grpc``: gRPC clients, routed by header or by request body."""
     filters = [
         _http_filter(EXTRACTION_FILTER, _extraction_config()),
@@ -69,16 +74,21 @@ def grpc_listener(host: str, port: int) -> listener_pb2.Listener:
         ),
         _http_filter("envoy.filters.http.router", router_pb2.Router()),
     ]
-    hcm = _connection_manager(GRPC_LISTENER, GRPC_ROUTES, filters)
+    hcm = _connection_manager(GRPC_LISTENER, GRPC_ROUTES, filters, tracing)
     hcm.stream_idle_timeout.CopyFrom(duration_pb2.Duration(seconds=STREAM_IDLE_TIMEOUT_S))
     return _listener(GRPC_LISTENER, host, port, hcm)
 
 
-def http_listener(host: str, port: int) -> listener_pb2.Listener:
+def http_listener(
+    host: str, port: int, tracing: GatewayTracing | None = None
+) -> listener_pb2.Listener:
     """Listener ``http``: KServe v2 REST, routed by path."""
     filters = [_http_filter("envoy.filters.http.router", router_pb2.Router())]
     return _listener(
-        HTTP_LISTENER, host, port, _connection_manager(HTTP_LISTENER, HTTP_ROUTES, filters)
+        HTTP_LISTENER,
+        host,
+        port,
+        _connection_manager(HTTP_LISTENER, HTTP_ROUTES, filters, tracing),
     )
 
 
@@ -94,18 +104,24 @@ def _extraction_config() -> extraction_pb2.GrpcFieldExtractionConfig:
 
 
 def _connection_manager(
-    stat_prefix: str, route_config: str, filters: list[hcm_pb2.HttpFilter]
+    stat_prefix: str,
+    route_config: str,
+    filters: list[hcm_pb2.HttpFilter],
+    tracing: GatewayTracing | None = None,
 ) -> hcm_pb2.HttpConnectionManager:
     ads = config_source_pb2.ConfigSource(
         ads=config_source_pb2.AggregatedConfigSource(),
         resource_api_version=config_source_pb2.ApiVersion.V3,
     )
-    return hcm_pb2.HttpConnectionManager(
+    hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(config_source=ads, route_config_name=route_config),
         http_filters=filters,
     )
+    if tracing is not None:
+        hcm.tracing.CopyFrom(hcm_tracing(tracing))
+    return hcm
 
 
 def _listener(

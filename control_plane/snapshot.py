@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.trace.v3 import opentelemetry_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -143,6 +144,19 @@ def _route_config_names(listener: Any) -> Iterable[tuple[str, Any]]:
                 yield "", hcm.route_config
 
 
+def _tracer_clusters(listener: Any) -> Iterable[str]:
+    """The clusters the OpenTelemetry tracers of a listener's connection managers export to."""
+    for chain in listener.filter_chains:
+        for network_filter in chain.filters:
+            if network_filter.typed_config.type_url != HCM:
+                continue
+            hcm = hcm_pb2.HttpConnectionManager()
+            network_filter.typed_config.Unpack(hcm)
+            config = opentelemetry_pb2.OpenTelemetryConfig()
+            if hcm.tracing.provider.typed_config.Unpack(config):
+                yield config.grpc_service.envoy_grpc.cluster_name
+
+
 def _route_clusters(route_config: Any) -> Iterable[tuple[str, str]]:
     """(route description, cluster name) for every cluster a route configuration names."""
     for vhost in route_config.virtual_hosts:
@@ -176,6 +190,11 @@ def check_consistency(snapshot: Snapshot) -> None:
                 problems.append(f"EDS cluster '{name}' has no ClusterLoadAssignment '{service}'")
     inline_configs: list[Any] = []
     for name, listener in snapshot.resources.get(LISTENER, {}).items():
+        for tracer_cluster in _tracer_clusters(listener):
+            if tracer_cluster and tracer_cluster not in clusters:
+                problems.append(
+                    f"listener '{name}' traces to cluster '{tracer_cluster}', which does not exist"
+                )
         for rds_name, inline in _route_config_names(listener):
             if inline is not None:
                 inline_configs.append(inline)

@@ -11,6 +11,8 @@ are exactly those replicas. A request naming no version goes to the model's defa
 policy's weights over its READY versions, or, without a policy (or with none of its versions
 READY), the highest READY version. Everything else goes to the control plane's front
 (``front`` / ``front-http``, static clusters). Listener and route details: filters.py, routes.py.
+With ``tracing`` given, a static ``otel-collector`` cluster and Envoy's OpenTelemetry tracer on
+both listeners are added (control_plane/tracing.py).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from control_plane.routes import (
     grpc_route_config,
     http_route_config,
 )
+from control_plane.tracing import GatewayTracing, collector_cluster
 
 _PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
@@ -52,9 +55,15 @@ class Resources:
 
 
 def translate(
-    state: MeshState, *, grpc_port: int, http_port: int, host: str = "127.0.0.1"
+    state: MeshState,
+    *,
+    grpc_port: int,
+    http_port: int,
+    host: str = "127.0.0.1",
+    tracing: GatewayTracing | None = None,
 ) -> Resources:
-    """The gateway's resources for ``state``; the listeners bind ``host`` at the two ports."""
+    """The gateway's resources for ``state``; the listeners bind ``host`` at the two ports and
+    trace to ``tracing``'s collector when it is given."""
     replicas = ready_replicas(state.instances)
     models = model_routes(state, replicas)
     has_front = (state.front_grpc is not None, state.front_http is not None)
@@ -74,6 +83,8 @@ def translate(
         clusters.append(_static_cluster(FRONT_CLUSTER, state.front_grpc, http2=True))
     if state.front_http is not None:
         clusters.append(_static_cluster(FRONT_HTTP_CLUSTER, state.front_http, http2=False))
+    if tracing is not None:
+        clusters.append(collector_cluster(tracing))
 
     # a model that has REST on no replica has no model-http clusters: its REST goes to the front
     rest_models = [
@@ -82,7 +93,10 @@ def translate(
         if all(http_cluster_name(m.name, v) in _names(clusters) for v in m.versions)
     ]
     return Resources(
-        listeners=[grpc_listener(host, grpc_port), http_listener(host, http_port)],
+        listeners=[
+            grpc_listener(host, grpc_port, tracing),
+            http_listener(host, http_port, tracing),
+        ],
         routes=[
             grpc_route_config(models, has_front=has_front[0]),
             http_route_config(rest_models, has_front=has_front[1]),

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from functools import wraps
 from typing import Any, NoReturn, TypeVar
 
@@ -19,20 +19,35 @@ import grpc
 
 from protos.gen.inference import grpc_service_pb2 as pb
 from protos.gen.inference import grpc_service_pb2_grpc as pbg
+from services.core import tracing
 from services.core.codec import decode_infer_request, encode_infer_response
 from services.core.dataplane import DataPlane
-from services.core.errors import InvalidArgument, ServingError
+from services.core.errors import InvalidArgument, ServingError, Unsupported
 from services.core.log_settings import apply_log_settings
 
 log = logging.getLogger(__name__)
 
 #: set by the gateway: the model version its route (or traffic split) chose for this call
 VERSION_HEADER = "meshserve-version"
+SERVICE = "inference.GRPCInferenceService"
+#: health probes, polled all the time: never traced (grpc.health.v1 is another servicer)
+UNTRACED = frozenset({"ServerLive", "ServerReady", "ModelReady"})
+#: RPC → its request's (model name, model version) fields, for span attributes and sampling
+_MODEL_FIELDS: dict[str, tuple[str, str]] = {
+    "ModelInfer": ("model_name", "model_version"),
+    "ModelMetadata": ("name", "version"),
+    "ModelConfig": ("name", "version"),
+    "ModelStatistics": ("name", "version"),
+    "RepositoryModelLoad": ("model_name", ""),
+    "RepositoryModelUnload": ("model_name", ""),
+    "TraceSetting": ("model_name", ""),
+}
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Any, Req, Ctx], Awaitable[Resp]]
+Metadata = Iterable[tuple[str, str | bytes]]
 
 
 async def _abort(context: Ctx, exc: BaseException, method: str) -> NoReturn:
@@ -43,21 +58,72 @@ async def _abort(context: Ctx, exc: BaseException, method: str) -> NoReturn:
 
 
 def _translate(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Errors → status (``_abort``); every RPC but the health probes runs in a SERVER span."""
+    method = fn.__name__
+    if method in UNTRACED:
+
+        @wraps(fn)
+        async def untraced(self: Any, request: Req, context: Ctx) -> Resp:
+            try:
+                return await fn(self, request, context)
+            except (ServingError, Exception) as exc:
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
+                await _abort(context, exc, method)
+
+        return untraced
+
     @wraps(fn)
     async def wrapper(self: Any, request: Req, context: Ctx) -> Resp:
-        try:
-            return await fn(self, request, context)
-        except (ServingError, Exception) as exc:
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await _abort(context, exc, fn.__name__)
+        metadata = context.invocation_metadata() or ()
+        attributes = _span_attributes(method, request, metadata)
+        with tracing.server_span(f"{SERVICE}/{method}", metadata, attributes) as span:
+            try:
+                return await fn(self, request, context)
+            except (ServingError, Exception) as exc:
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
+                _record_failure(span, exc)
+                await _abort(context, exc, method)
 
     return wrapper
 
 
+def _record_failure(span: tracing.Span, exc: BaseException) -> None:
+    if isinstance(exc, ServingError):
+        span.set_attribute("rpc.grpc.status_code", exc.grpc_status.value[0])
+        tracing.set_error(span, exc.message)
+    else:
+        span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.INTERNAL.value[0])
+        tracing.set_error(span, f"internal error: {type(exc).__name__}", exc)
+
+
+def _span_attributes(method: str, request: Any, metadata: Metadata) -> tracing.Attributes:
+    attributes: tracing.Attributes = {
+        "rpc.system": "grpc",
+        "rpc.service": SERVICE,
+        "rpc.method": method,
+    }
+    fields = _MODEL_FIELDS.get(method)
+    if fields is not None and getattr(request, fields[0]):
+        name_field, version_field = fields
+        version = getattr(request, version_field) if version_field else ""
+        if version_field and not version:
+            version = _metadata_version(metadata)
+        request_id = request.id if method == "ModelInfer" else ""
+        attributes.update(
+            tracing.model_attributes(getattr(request, name_field), version, request_id)
+        )
+    return attributes
+
+
 def _routed_version(context: Ctx) -> str:
     """The version the gateway chose, from the ``meshserve-version`` header ("" when absent)."""
-    for key, value in context.invocation_metadata() or ():
+    return _metadata_version(context.invocation_metadata() or ())
+
+
+def _metadata_version(metadata: Metadata) -> str:
+    for key, value in metadata:
         if key == VERSION_HEADER:
             return value if isinstance(value, str) else value.decode()
     return ""
@@ -124,6 +190,7 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         arrival = time.monotonic_ns()
         req = decode_infer_request(request, self._plane.shm)
         req.arrival_ns = arrival
+        req.trace_context = tracing.current_context()
         remaining = context.time_remaining()
         if remaining is not None:
             req.deadline_ns = arrival + int(remaining * 1e9)
@@ -137,19 +204,29 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         """Requests of one stream run concurrently (so they can share batches); each response is
         written when ready, with the request's id; an error answers that request only."""
         results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        routed = _routed_version(context)
+        metadata = context.invocation_metadata() or ()
+        routed = _metadata_version(metadata)
         tasks: set[asyncio.Task[None]] = set()
 
         async def one(msg: pb.ModelInferRequest) -> None:
+            # one SERVER span per streamed request, each a child of the stream's trace context
+            attributes = _span_attributes("ModelInfer", msg, metadata)
+            attributes["rpc.method"] = "ModelStreamInfer"
+            with tracing.server_span(f"{SERVICE}/ModelStreamInfer", metadata, attributes) as span:
+                await answer(msg, span)
+
+        async def answer(msg: pb.ModelInferRequest, span: tracing.Span) -> None:
             arrival = time.monotonic_ns()
             try:
                 req = decode_infer_request(msg, self._plane.shm)
                 req.arrival_ns = arrival
+                req.trace_context = tracing.current_context()
                 if not req.model_version:
                     req.model_version = routed
                 resp = encode_infer_response(await self._plane.infer(req))
                 await results.put(pb.ModelStreamInferResponse(infer_response=resp))
             except Exception as exc:
+                _record_failure(span, exc)
                 if isinstance(exc, ServingError):
                     text = exc.message
                 else:
@@ -272,13 +349,19 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
     async def TraceSetting(
         self, request: pb.TraceSettingRequest, context: Ctx
     ) -> pb.TraceSettingResponse:
-        if request.settings:
-            raise InvalidArgument(
-                "tracing is configured with the standard OTEL_* environment variables, "
-                "not with TraceSetting"
-            )
+        store = tracing.trace_settings()
+        if store is None:
+            if request.settings:
+                raise Unsupported(tracing.TRACING_OFF)
+            current = {"trace_level": ["OFF"]}
+        elif request.settings:
+            updates = {name: list(v.value) for name, v in request.settings.items()}
+            current = store.update(request.model_name, updates)
+        else:
+            current = store.get(request.model_name)
         resp = pb.TraceSettingResponse()
-        resp.settings["trace_level"].value.append("OFF")
+        for name, values in current.items():
+            resp.settings[name].value.extend(values)
         return resp
 
     @_translate

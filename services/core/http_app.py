@@ -5,7 +5,8 @@ calls one DataPlane method and renders the answer as Triton does, so ``tritoncli
 and aio) works unchanged. Errors are translated in one place, ``_errors`` (a middleware): a
 ServingError becomes ``{"error": message}`` with its HTTP status; aiohttp's own HTTP errors (no
 such route, body too large) keep their status; anything else is logged with its traceback and
-answered 500 with a generic message.
+answered 500 with a generic message. Every request but the health probes runs in an OpenTelemetry
+SERVER span (``_tracing``, inside ``_errors``), a child of the caller's ``traceparent``.
 
 Request bodies sent with ``Content-Encoding: gzip`` or ``deflate`` are decompressed by aiohttp's
 parser before a handler reads them; infer responses are compressed when the client's
@@ -25,8 +26,9 @@ from aiohttp import web
 
 from services.core import http_codec as codec
 from services.core import http_json as js
+from services.core import trace_settings, tracing
 from services.core.dataplane import DataPlane
-from services.core.errors import InvalidArgument, ServingError
+from services.core.errors import InvalidArgument, ServingError, Unsupported
 from services.core.log_settings import apply_log_settings, current_settings
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def build_http_app(plane: DataPlane) -> web.Application:
     """The aiohttp application serving ``plane`` over HTTP/REST v2 (run it with AppRunner)."""
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors])
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors, _tracing])
     app[_PLANE] = plane
     r = app.router
     r.add_get("/v2/health/live", _server_live)
@@ -96,6 +98,43 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def _tracing(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A SERVER span per request (health and readiness probes excepted)."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else ""
+    if route.startswith("/v2/health/") or route.endswith("/ready"):
+        return await handler(request)
+    attributes: tracing.Attributes = {
+        "http.request.method": request.method,
+        "http.route": route,
+        "url.path": request.path,
+    }
+    if "model" in request.match_info:
+        attributes.update(tracing.model_attributes(*_model(request)))
+    name = f"{request.method} {route}".rstrip()
+    with tracing.server_span(name, request.headers, attributes) as span:
+        try:
+            response = await handler(request)
+        except ServingError as exc:
+            span.set_attribute("http.response.status_code", exc.http_status)
+            tracing.set_error(span, exc.message)
+            raise
+        except web.HTTPException as exc:
+            span.set_attribute("http.response.status_code", exc.status)
+            if exc.status >= 400:
+                tracing.set_error(span, f"{exc.status} {exc.reason}")
+            raise
+        except Exception as exc:
+            span.set_attribute("http.response.status_code", 500)
+            tracing.set_error(span, f"internal error: {type(exc).__name__}", exc)
+            raise
+        span.set_attribute("http.response.status_code", response.status)
+        if response.status >= 400:
+            tracing.set_error(span, f"HTTP {response.status}")
+        return response
 
 
 # ---- helpers ------------------------------------------------------------------------------
@@ -162,6 +201,9 @@ async def _infer(request: web.Request) -> web.Response:
         plane.shm,
         arrival_ns=time.monotonic_ns(),
     )
+    req.trace_context = tracing.current_context()
+    if req.id:
+        tracing.annotate({tracing.REQUEST_ID: req.id})
     payload, header_length = codec.encode_infer_response(await plane.infer(req), binary_default)
     if header_length is None:
         response = web.Response(body=payload, content_type="application/json")
@@ -315,9 +357,15 @@ async def _logging(request: web.Request) -> web.Response:
 
 
 async def _trace_setting(request: web.Request) -> web.Response:
-    if request.method == "POST" and await _body(request, "the trace setting request"):
-        raise InvalidArgument(
-            "tracing is configured with the standard OTEL_* environment variables,"
-            " not with trace/setting"
-        )
-    return web.json_response({"trace_level": ["OFF"]})
+    model = request.match_info.get("model", "")
+    body = await _body(request, "the trace setting request") if request.method == "POST" else {}
+    store = tracing.trace_settings()
+    if store is None:
+        if body:
+            raise Unsupported(tracing.TRACING_OFF)
+        return web.json_response({"trace_level": ["OFF"]})
+    if body:
+        current = store.update(model, trace_settings.updates_from_json(body))
+    else:
+        current = store.get(model)
+    return web.json_response(trace_settings.settings_to_json(current))

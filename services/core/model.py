@@ -178,12 +178,16 @@ class ServedModel:
         return result
 
     def _trace_execution(self, result: ItemResult) -> None:
-        """The request's queue wait and batch execution as child spans of its (sampled) span.
+        """The request's queue wait and batch execution as child spans of its (sampled) span,
+        which learns the version that served it.
 
         The batch ran in the batcher's task, where the request's trace context is not current,
         so the spans are recorded here, afterwards, with the batch's own timestamps.
         """
-        if not result.batch_start_ns or not tracing.recording():
+        if not tracing.recording():
+            return
+        tracing.annotate({tracing.MODEL_VERSION: self.version_str})
+        if not result.batch_start_ns:
             return
         attributes = tracing.model_attributes(self.name, self.version_str)
         start = result.batch_start_ns

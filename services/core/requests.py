@@ -60,6 +60,9 @@ class InferRequest:
     arrival_ns: int = 0
     #: time.monotonic_ns() by which the caller stops waiting (its gRPC deadline); 0 = none
     deadline_ns: int = 0
+    #: the OpenTelemetry context of the request's span (``services.core.tracing.current_context``),
+    #: set by the transport, for work on other threads (Python backend execute, its BLS calls)
+    trace_context: object | None = None
 
 
 @dataclass(slots=True)

@@ -42,6 +42,7 @@ from services.core.registration import (
 )
 from services.core.runtime import Runtime
 from services.core.settings import ServerSettings, settings_from_args
+from services.core.tracing import configure_tracing
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +216,14 @@ def run_service(
     if not settings.model_repository.is_dir():
         log.error("model repository %s is not a folder", settings.model_repository)
         return 2
+    # OpenTelemetry SDK, only when OTEL_EXPORTER_OTLP_ENDPOINT is set; flushed once serve returns
+    trace_control = configure_tracing(f"meshserve-{family or 'service'}")
     try:
         asyncio.run(serve(settings, runtimes))
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
+    finally:
+        if trace_control is not None:
+            trace_control.shutdown()
     return 0

@@ -9,12 +9,14 @@ from ``MESHSERVE_GATEWAY`` (``host:port``; the supervisor sets it, default ``127
 One channel per process and gateway address, created on first use and reused by every instance
 and thread. Following Triton's Python backend, a failed call does not raise: the returned
 ``InferenceResponse`` carries a ``TritonError`` (``has_error()`` / ``error()``) whose code is the
-gRPC status translated to Triton's error codes.
+gRPC status translated to Triton's error codes. Each call is a CLIENT span under the executing
+request's span and carries the trace context (``traceparent``) to the gateway.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -23,10 +25,11 @@ from typing import Any
 
 import grpc
 import numpy as np
+from opentelemetry.trace import SpanKind
 
 from protos.gen.inference import grpc_service_pb2 as pb
 from protos.gen.inference import grpc_service_pb2_grpc as pb_grpc
-from services.core import dtypes
+from services.core import dtypes, tracing
 from services.core.errors import ServingError
 from services.python import triton_python_backend_utils as pb_utils
 
@@ -183,10 +186,14 @@ def execute(request: pb_utils.InferenceRequest, decoupled: bool) -> pb_utils.Inf
     message = _prepare(request, decoupled)
     if isinstance(message, pb_utils.InferenceResponse):
         return message
-    try:
-        reply = _stub().ModelInfer(message, timeout=_timeout_s(request))
-    except grpc.RpcError as exc:
-        return _rpc_error(exc)
+    with _client_span(message) as span:
+        try:
+            reply = _stub().ModelInfer(
+                message, timeout=_timeout_s(request), metadata=tracing.inject_metadata()
+            )
+        except grpc.RpcError as exc:
+            tracing.set_error(span, f"{exc.code().name}: {exc.details()}")
+            return _rpc_error(exc)
     return parse_response(reply)
 
 
@@ -204,15 +211,29 @@ async def execute_async(
         if not done.done():
             done.set_result(None)
 
-    call = _stub().ModelInfer.future(message, timeout=_timeout_s(request))
-    call.add_done_callback(lambda _: loop.call_soon_threadsafe(settle))
-    try:
-        await done
-    except asyncio.CancelledError:
-        call.cancel()
-        raise
-    try:
-        reply = call.result()
-    except grpc.RpcError as exc:
-        return _rpc_error(exc)
+    with _client_span(message) as span:
+        call = _stub().ModelInfer.future(
+            message, timeout=_timeout_s(request), metadata=tracing.inject_metadata()
+        )
+        call.add_done_callback(lambda _: loop.call_soon_threadsafe(settle))
+        try:
+            await done
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        try:
+            reply = call.result()
+        except grpc.RpcError as exc:
+            tracing.set_error(span, f"{exc.code().name}: {exc.details()}")
+            return _rpc_error(exc)
     return parse_response(reply)
+
+
+def _client_span(message: pb.ModelInferRequest) -> contextlib.AbstractContextManager[tracing.Span]:
+    """A CLIENT span around one BLS call, child of the executing request's span; the call
+    carries it as its ``traceparent``."""
+    attributes = tracing.model_attributes(message.model_name, message.model_version, message.id)
+    attributes.update({"rpc.system": "grpc", "rpc.method": "ModelInfer"})
+    return tracing.child_span(
+        "BLS inference.GRPCInferenceService/ModelInfer", attributes, SpanKind.CLIENT
+    )

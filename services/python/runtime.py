@@ -39,7 +39,7 @@ from google.protobuf import descriptor as pb_descriptor
 from google.protobuf import json_format
 
 from protos.gen.inference import model_config_pb2 as mc
-from services.core import dtypes
+from services.core import dtypes, tracing
 from services.core.errors import (
     AlreadyExists,
     InternalError,
@@ -233,7 +233,11 @@ class PythonRuntime(Runtime):
             for r in requests
         ]
         batches = [_batch_size(r.inputs) if self._batched else None for r in requests]
-        return self._execute(pb_requests, batches)
+        # execute runs in a worker thread, outside the requests' trace context: attach the first
+        # one's, so BLS calls made by execute join its trace
+        context = next((r.trace_context for r in requests if r.trace_context is not None), None)
+        with tracing.attached(context):
+            return self._execute(pb_requests, batches)
 
     def _execute(
         self, requests: list[pb_utils.InferenceRequest], batches: list[int | None]

@@ -1,0 +1,141 @@
+"""The gateway's own OpenTelemetry tracing: what the control plane tells Envoy to trace with.
+
+Data flow: the control plane reads the standard OTLP variables once at start
+(``gateway_tracing_from_env``); with an endpoint set, ``translate`` adds ``collector_cluster``
+(a cluster to the OTLP/gRPC collector, HTTP/2) and both listeners' connection managers get
+``hcm_tracing``: Envoy's ``envoy.tracers.opentelemetry`` tracer, exporting its spans (service
+``meshserve-gateway``) to that cluster. Envoy joins the caller's W3C trace context when the request
+carries one, starts a trace otherwise (``random_sampling`` percent of requests), and sends
+``traceparent`` upstream, so the services' spans are children of the gateway's.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, grpc_service_pb2, protocol_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.trace.v3 import http_tracer_pb2, opentelemetry_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.v3 import percent_pb2
+from google.protobuf import any_pb2, duration_pb2
+
+log = logging.getLogger(__name__)
+
+COLLECTOR_CLUSTER = "otel-collector"
+GATEWAY_SERVICE_NAME = "meshserve-gateway"
+TRACER = "envoy.tracers.opentelemetry"
+_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayTracing:
+    """Where the gateway exports its spans, and which share of new traces it samples."""
+
+    #: the OTLP/gRPC collector (plaintext)
+    host: str
+    port: int
+    #: percent of requests without a sampled caller context that start a trace (0-100)
+    sampling_percent: float = 100.0
+    service_name: str = GATEWAY_SERVICE_NAME
+
+
+def sampling_percent(sampler: str, arg: str) -> float:
+    """``OTEL_TRACES_SAMPLER`` / ``..._ARG`` as Envoy's random-sampling percentage."""
+    root = (sampler or "parentbased_always_on").strip().lower().removeprefix("parentbased_")
+    if root == "always_off":
+        return 0.0
+    if root == "traceidratio":
+        try:
+            return min(max(float(arg), 0.0), 1.0) * 100 if arg.strip() else 100.0
+        except ValueError:
+            log.warning("OTEL_TRACES_SAMPLER_ARG=%r is not a number; the gateway samples all", arg)
+    return 100.0
+
+
+def gateway_tracing_from_env(env: Mapping[str, str]) -> GatewayTracing | None:
+    """The gateway's tracing from ``OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`` and the sampler
+    variables; None (no tracing) when no endpoint is set or it cannot be used."""
+    endpoint = (
+        env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or ""
+    ).strip()
+    if not endpoint:
+        return None
+    parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+    if parts.scheme != "http" or not parts.hostname:
+        log.warning(
+            "gateway tracing off: the gateway exports spans over plaintext OTLP/gRPC only "
+            "(an http://host:port endpoint), got %r",
+            endpoint,
+        )
+        return None
+    return GatewayTracing(
+        host=parts.hostname,
+        port=parts.port or 4317,
+        sampling_percent=sampling_percent(
+            env.get("OTEL_TRACES_SAMPLER", ""), env.get("OTEL_TRACES_SAMPLER_ARG", "")
+        ),
+    )
+
+
+def hcm_tracing(tracing: GatewayTracing) -> hcm_pb2.HttpConnectionManager.Tracing:
+    """A connection manager's ``tracing``: the OpenTelemetry tracer exporting to the collector."""
+    config = opentelemetry_pb2.OpenTelemetryConfig(
+        grpc_service=grpc_service_pb2.GrpcService(
+            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=COLLECTOR_CLUSTER),
+            timeout=duration_pb2.Duration(seconds=1),
+        ),
+        service_name=tracing.service_name,
+    )
+    packed = any_pb2.Any()
+    packed.Pack(config, deterministic=True)
+    return hcm_pb2.HttpConnectionManager.Tracing(
+        provider=http_tracer_pb2.Tracing.Http(name=TRACER, typed_config=packed),
+        random_sampling=percent_pb2.Percent(value=tracing.sampling_percent),
+    )
+
+
+def collector_cluster(tracing: GatewayTracing) -> cluster_pb2.Cluster:
+    """The collector as a cluster (HTTP/2): STATIC for an IP address, else resolved by DNS."""
+    is_ip = True
+    try:
+        ipaddress.ip_address(tracing.host)
+    except ValueError:
+        is_ip = False
+    explicit = http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+        http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+    )
+    options = any_pb2.Any()
+    options.Pack(
+        http_protocol_options_pb2.HttpProtocolOptions(explicit_http_config=explicit),
+        deterministic=True,
+    )
+    endpoint = endpoint_components_pb2.LbEndpoint(
+        endpoint=endpoint_components_pb2.Endpoint(
+            address=address_pb2.Address(
+                socket_address=address_pb2.SocketAddress(
+                    address=tracing.host, port_value=tracing.port
+                )
+            )
+        )
+    )
+    return cluster_pb2.Cluster(
+        name=COLLECTOR_CLUSTER,
+        type=cluster_pb2.Cluster.STATIC if is_ip else cluster_pb2.Cluster.STRICT_DNS,
+        connect_timeout=duration_pb2.Duration(seconds=1),
+        typed_extension_protocol_options={_PROTOCOL_OPTIONS: options},
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=COLLECTOR_CLUSTER,
+            endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[endpoint])],
+        ),
+    )

@@ -1,0 +1,152 @@
+"""The OpenTelemetry SDK side of tracing: provider, OTLP/gRPC exporter, run-time sampler.
+
+Only process entry points reach this module (through ``tracing.configure_tracing``); the rest of
+the code base uses the OpenTelemetry API (``tracing``). ``install`` builds a TracerProvider whose
+resource names the service, a BatchSpanProcessor exporting over OTLP/gRPC, and a sampler that asks
+the process's ``TraceSettingsStore`` (Triton's TraceSetting changes it while the service runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+from opentelemetry.trace import Link, SpanKind
+from opentelemetry.trace.span import TraceState
+from opentelemetry.util.types import Attributes
+
+from services.core import tracing
+from services.core.trace_settings import TraceSettingsStore, settings_from_sampler
+
+log = logging.getLogger(__name__)
+
+ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
+TRACES_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+SERVICE_NAME_ENV = "OTEL_SERVICE_NAME"
+SAMPLER_ENV = "OTEL_TRACES_SAMPLER"
+SAMPLER_ARG_ENV = "OTEL_TRACES_SAMPLER_ARG"
+
+
+def otlp_endpoint(env: Mapping[str, str]) -> str:
+    """The OTLP/gRPC endpoint the environment names ("" = tracing off); one without a scheme is
+    taken as plaintext ``http://``."""
+    endpoint = (env.get(TRACES_ENDPOINT_ENV) or env.get(ENDPOINT_ENV) or "").strip()
+    if endpoint and "://" not in endpoint:
+        endpoint = f"http://{endpoint}"
+    return endpoint
+
+
+class RuntimeSampler(Sampler):
+    """Samples as the TraceSettingsStore says, reading the model name from the span's attributes."""
+
+    def __init__(self, store: TraceSettingsStore) -> None:
+        self.store = store
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        parent = trace.get_current_span(parent_context).get_span_context()
+        model = attributes.get(tracing.MODEL_NAME, "") if attributes else ""
+        sampled = self.store.should_sample(
+            str(model),
+            parent_valid=parent.is_valid,
+            parent_remote=parent.is_remote,
+            parent_sampled=parent.trace_flags.sampled,
+        )
+        if not sampled:
+            return SamplingResult(
+                Decision.DROP, None, parent.trace_state if parent.is_valid else None
+            )
+        return SamplingResult(
+            Decision.RECORD_AND_SAMPLE, attributes, parent.trace_state if parent.is_valid else None
+        )
+
+    def get_description(self) -> str:
+        return "MeshserveTraceSettings"
+
+
+class TraceControl:
+    """The installed tracing of a process: its settings, and flush / shutdown of the exporter."""
+
+    def __init__(
+        self,
+        provider: TracerProvider,
+        settings: TraceSettingsStore,
+        service_name: str,
+        endpoint: str,
+    ) -> None:
+        self.provider = provider
+        self.settings = settings
+        self.service_name = service_name
+        self.endpoint = endpoint
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Export every finished span now; False if the exporter did not finish in time."""
+        return self.provider.force_flush(int(timeout_s * 1000))
+
+    def shutdown(self) -> None:
+        """Stop sampling, export what is pending, and close the exporter (at process exit)."""
+        self.settings.disable()
+        tracing.deactivate(self)
+        self.provider.shutdown()
+        log.info("tracing stopped: spans flushed to %s", self.endpoint)
+
+
+def build(
+    service_name_default: str,
+    env: Mapping[str, str],
+    exporter: SpanExporter | None = None,
+) -> TraceControl | None:
+    """A TraceControl for ``env`` (None when it names no OTLP endpoint), not yet installed."""
+    endpoint = otlp_endpoint(env)
+    if not endpoint:
+        return None
+    defaults, follow_parent = settings_from_sampler(
+        env.get(SAMPLER_ENV, ""), env.get(SAMPLER_ARG_ENV, "")
+    )
+    store = TraceSettingsStore(defaults, follow_parent)
+    service_name = env.get(SERVICE_NAME_ENV, "").strip() or service_name_default
+    provider = TracerProvider(
+        sampler=RuntimeSampler(store),
+        resource=Resource.create({SERVICE_NAME: service_name}),
+    )
+    provider.add_span_processor(
+        BatchSpanProcessor(
+            exporter if exporter is not None else OTLPSpanExporter(endpoint=endpoint)
+        )
+    )
+    return TraceControl(provider, store, service_name, endpoint)
+
+
+def install(service_name_default: str, env: Mapping[str, str] | None = None) -> TraceControl | None:
+    """Build (see ``build``) and make it the process's global tracer provider."""
+    control = build(service_name_default, os.environ if env is None else env)
+    if control is None:
+        log.debug("tracing off: neither %s nor %s is set", ENDPOINT_ENV, TRACES_ENDPOINT_ENV)
+        return None
+    current = trace.get_tracer_provider()
+    if isinstance(current, TracerProvider):
+        raise RuntimeError("tracing is already configured in this process; configure it once")
+    trace.set_tracer_provider(control.provider)
+    log.info(
+        "tracing on: service '%s' exports spans over OTLP/gRPC to %s (sampling: %s)",
+        control.service_name,
+        control.endpoint,
+        control.settings.get(),
+    )
+    return control

