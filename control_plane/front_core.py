@@ -62,6 +62,7 @@ FRONT_EXTENSIONS = (
     "binary_tensor_data",
     "parameters",
     "statistics",
+    "trace",
     "logging",
 )
 #: tritonclient allows messages up to INT32_MAX; so do the services and the front

@@ -28,6 +28,7 @@ from services.core.requests import (
     SharedMemoryRef,
 )
 from services.core.shm import CudaSharedMemory, SystemSharedMemory
+from services.core.tracing import trace_settings
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,10 @@ class DataPlane:
         return self.state.ready
 
     def server_metadata(self) -> pb.ServerMetadataResponse:
+        # "trace" (TraceSetting can change sampling) only when tracing was set up
+        extensions = EXTENSIONS if trace_settings() is None else (*EXTENSIONS, "trace")
         return pb.ServerMetadataResponse(
-            name=self.server_name, version=SERVER_VERSION, extensions=EXTENSIONS
+            name=self.server_name, version=SERVER_VERSION, extensions=extensions
         )
 
     def model_ready(self, name: str, version: str) -> bool:

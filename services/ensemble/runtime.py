@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import ClassVar
 
 import grpc
-from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind
 
 from protos.gen.inference import grpc_service_pb2 as pb
 from protos.gen.inference import grpc_service_pb2_grpc as pbg
 from protos.gen.inference import model_config_pb2 as mc
+from services.core import tracing
 from services.core.config import ENSEMBLE_PLATFORM, load_config_file
 from services.core.errors import (
     InternalError,
@@ -55,7 +56,6 @@ log = logging.getLogger(__name__)
 #: the gateway's routing headers (control_plane/routes.py): model, and version when pinned
 MODEL_HEADER = "meshserve-model"
 VERSION_HEADER = "meshserve-version"
-_tracer = trace.get_tracer("meshserve.ensemble")
 
 #: how long load-time validation waits for the gateway to describe an auto-completed step model
 CONFIG_LOOKUP_TIMEOUT_S = 2.0
@@ -150,30 +150,26 @@ class EnsembleRuntime(Runtime):
                 raise QueueTimeout(
                     f"ensemble '{self.name}': the request's deadline passed before {step.label}"
                 )
-        with _tracer.start_as_current_span(
-            f"ensemble step {step.index}: {step.model_name}",
-            kind=trace.SpanKind.CLIENT,
-            attributes={
-                "meshserve.ensemble": self.name,
-                "meshserve.ensemble.step": step.index,
-                "model.name": step.model_name,
-                "model.version": step.model_version,
-                "request.id": request.id,
-            },
-        ):
+        attributes = tracing.model_attributes(step.model_name, step.model_version, request.id)
+        attributes.update({"meshserve.ensemble": self.name, "meshserve.ensemble.step": step.index})
+        with tracing.child_span(
+            f"ensemble step {step.index}: {step.model_name}", attributes, SpanKind.CLIENT
+        ) as span:
             # routing headers: the gateway routes on them without parsing the body
-            carrier = {MODEL_HEADER: step.model_name}
+            metadata = [(MODEL_HEADER, step.model_name)]
             if step.model_version:
-                carrier[VERSION_HEADER] = step.model_version
-            propagate.inject(carrier)
+                metadata.append((VERSION_HEADER, step.model_version))
+            metadata += tracing.inject_metadata()
             try:
                 reply = await self._gateway().ModelInfer(
-                    message, timeout=timeout, metadata=tuple(carrier.items())
+                    message, timeout=timeout, metadata=tuple(metadata)
                 )
             except grpc.aio.AioRpcError as exc:
-                raise error_for_status(
+                error = error_for_status(
                     exc.code(), f"ensemble '{self.name}' {step.label} failed: {exc.details()}"
-                ) from None
+                )
+                tracing.set_error(span, error.message)
+                raise error from None
         try:
             produced = response_tensors(reply, f"ensemble '{self.name}' {step.label}")
         except ServingError as err:

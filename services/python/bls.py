@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import threading
 from typing import Any
 
@@ -31,16 +30,11 @@ from protos.gen.inference import grpc_service_pb2 as pb
 from protos.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from services.core import dtypes, tracing
 from services.core.errors import ServingError
+from services.core.gateway_client import CHANNEL_OPTIONS, gateway_address
 from services.python import triton_python_backend_utils as pb_utils
 
-#: environment variable naming the gateway's gRPC address (``host:port``)
-GATEWAY_ENV = "MESHSERVE_GATEWAY"
-#: where BLS calls go when the environment names no gateway
-DEFAULT_GATEWAY = "127.0.0.1:8001"
 #: deadline of a BLS call whose request sets no ``timeout``
 DEFAULT_TIMEOUT_S = 60.0
-#: gRPC message size limit for BLS calls (matches tensors a client could send)
-MAX_MESSAGE_BYTES = 1 << 30
 
 _CODE_BY_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.NOT_FOUND: pb_utils.TritonError.NOT_FOUND,
@@ -57,24 +51,13 @@ _stubs: dict[str, pb_grpc.GRPCInferenceServiceStub] = {}
 _stubs_lock = threading.Lock()
 
 
-def gateway_address() -> str:
-    """The gateway's gRPC address BLS calls go to."""
-    return os.environ.get(GATEWAY_ENV, "").strip() or DEFAULT_GATEWAY
-
-
 def _stub() -> pb_grpc.GRPCInferenceServiceStub:
     """The process's stub for the current gateway address (channel created once, then reused)."""
     address = gateway_address()
     with _stubs_lock:
         stub = _stubs.get(address)
         if stub is None:
-            channel = grpc.insecure_channel(
-                address,
-                options=[
-                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ],
-            )
+            channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
             stub = _stubs[address] = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
         return stub
 

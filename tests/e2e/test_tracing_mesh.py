@@ -1,4 +1,5 @@
-"""One trace across the whole mesh: client → Envoy → service (→ BLS → Envoy → service).
+"""One trace across the whole mesh: client → Envoy → service (→ BLS or ensemble step → Envoy →
+service).
 
 The mesh starts with ``OTEL_EXPORTER_OTLP_ENDPOINT`` pointing at a real OTLP receiver of this
 test: the control plane configures Envoy's OpenTelemetry tracer over xDS (service
@@ -15,9 +16,11 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from examples.build_ensemble import build_ensemble_repository
 from examples.build_python import build_python_repository
 from tests.e2e.conftest import MeshHandle, running_mesh, simple_inputs
 from tests.otlp_receiver import SPAN_KIND_CLIENT, SPAN_KIND_SERVER, OtlpReceiver, ReceivedSpan
@@ -47,6 +50,7 @@ def mesh(receiver: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory) -> It
     repo.mkdir()
     build_repository(repo, ["simple"])
     build_python_repository(repo, ["bls_python"])
+    build_ensemble_repository(repo, ["branch_join"])
     with pytest.MonkeyPatch.context() as env:
         # the supervisor's processes (control plane, services) inherit these
         env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
@@ -153,3 +157,59 @@ def test_bls_call_continues_the_trace_through_the_gateway(
     assert inner_gateway.service == GATEWAY
     onnx = only(children(spans, inner_gateway), "ONNX service span")
     assert (onnx.service, onnx.attributes["model.name"]) == ("meshserve-onnx", "simple")
+
+
+#: branch_join's steps (examples/build_ensemble.py) and the services that run them
+BRANCH_JOIN_STEPS = {
+    "slow_a_python": "meshserve-python",
+    "slow_b_python": "meshserve-python",
+    "simple": "meshserve-onnx",
+}
+
+
+def test_ensemble_trace_has_every_step_and_its_service(
+    mesh: MeshHandle, receiver: OtlpReceiver
+) -> None:
+    """client → gateway → ensemble service → one CLIENT span per step → gateway → the step's
+    service (two Python branches, then the ONNX join), all in the client's trace."""
+    header, trace_id, client_span = traceparent()
+    x = np.arange(16, dtype=np.int32).reshape(1, 16)
+    tensor = grpcclient.InferInput("INPUT0", [1, 16], "INT32")
+    tensor.set_data_from_numpy(x)
+    with grpcclient.InferenceServerClient(mesh.grpc_url) as client:
+        client.infer("branch_join", [tensor], request_id="ens-1", headers={"traceparent": header})
+
+    def complete(spans: list[ReceivedSpan]) -> bool:
+        mine = [s for s in spans if s.trace_id == trace_id]
+        served = {s.attributes.get("model.name") for s in mine if s.name == INFER and s.kind == 2}
+        return sum(s.service == GATEWAY for s in mine) >= 4 and served >= {
+            "branch_join",
+            *BRANCH_JOIN_STEPS,
+        }
+
+    spans = receiver.wait_for(complete, WITHIN_S, f"trace {trace_id} through the ensemble")
+    spans = [s for s in spans if s.trace_id == trace_id]
+    outer = only([s for s in spans if s.parent_span_id == client_span], "gateway span")
+    ensemble = only(children(spans, outer), "ensemble service span")
+    assert (ensemble.service, ensemble.attributes["model.name"]) == (
+        "meshserve-ensemble",
+        "branch_join",
+    )
+    steps = [s for s in children(spans, ensemble) if s.kind == SPAN_KIND_CLIENT]
+    assert sorted(s.attributes["model.name"] for s in steps) == sorted(BRANCH_JOIN_STEPS)
+    for step in steps:
+        model = step.attributes["model.name"]
+        assert step.attributes["request.id"] == "ens-1"
+        hop = only(children(spans, step), f"gateway span under the {model} step")
+        assert hop.service == GATEWAY
+        served = only(children(spans, hop), f"{model}'s service span")
+        assert (served.service, served.attributes["model.name"]) == (
+            BRANCH_JOIN_STEPS[model],
+            model,
+        )
+        assert served.start_ns >= step.start_ns
+    # the join ran after both branches ended; the branches overlapped
+    by_model = {s.attributes["model.name"]: s for s in steps}
+    a, b, join = by_model["slow_a_python"], by_model["slow_b_python"], by_model["simple"]
+    assert join.start_ns >= max(a.end_ns, b.end_ns)
+    assert a.start_ns < b.end_ns and b.start_ns < a.end_ns

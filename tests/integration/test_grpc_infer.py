@@ -46,6 +46,7 @@ def test_health_and_server_metadata(client: grpcclient.InferenceServerClient) ->
     assert "statistics" in meta["extensions"]
     assert "system_shared_memory" in meta["extensions"]
     assert "cuda_shared_memory" not in meta["extensions"]
+    assert "trace" not in meta["extensions"]  # no OTLP endpoint: TraceSetting cannot change it
 
 
 def test_model_metadata_and_config(client: grpcclient.InferenceServerClient) -> None:

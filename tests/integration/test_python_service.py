@@ -15,8 +15,8 @@ from tritonclient.utils import InferenceServerException
 
 from examples.build_python import build_python_repository
 from protos.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from services.core import gateway_client
 from services.core.runtime import Runtime
-from services.python import bls
 from services.python.runtime import PythonRuntime
 from tests.support import ServerThread, settings_for
 from tests.unit.test_python_backend import FakeGateway
@@ -194,7 +194,7 @@ def fake_gateway(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGateway]:
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(fake, server)  # type: ignore[no-untyped-call]
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    monkeypatch.setenv(bls.GATEWAY_ENV, f"127.0.0.1:{port}")
+    monkeypatch.setenv(gateway_client.GATEWAY_ENV, f"127.0.0.1:{port}")
     try:
         yield fake
     finally:

@@ -298,11 +298,11 @@ def test_bls_call_carries_the_trace_to_the_model_it_calls(
 ) -> None:
     """Python model → BLS → ``simple`` (here the ONNX service stands in for the gateway)."""
     from examples.build_python import build_python_repository
-    from services.python import bls
+    from services.core import gateway_client
     from services.python.runtime import PythonRuntime
 
     build_python_repository(tmp_path, ["bls_python"])
-    monkeypatch.setenv(bls.GATEWAY_ENV, server.grpc_url)
+    monkeypatch.setenv(gateway_client.GATEWAY_ENV, server.grpc_url)
     python = ServerThread(settings_for(tmp_path), [PythonRuntime]).start()
     header, trace_id, client_span = traceparent()
     try:
@@ -383,6 +383,7 @@ def test_trace_settings_report_the_start_settings(server: ServerThread) -> None:
     assert settings["trace_count"]["value"] == ["-1"]
     with httpclient.InferenceServerClient(server.http_url) as client:
         settings = client.get_trace_settings()
+        assert "trace" in client.get_server_metadata()["extensions"]
     assert settings["trace_level"] == ["TIMESTAMPS"] and settings["trace_rate"] == "1"
 
 

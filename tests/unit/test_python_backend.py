@@ -19,10 +19,10 @@ from examples.build_python import build_python_repository
 from protos.gen.inference import grpc_service_pb2 as pb
 from protos.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.gen.inference import model_config_pb2 as mc
+from services.core import gateway_client
 from services.core.errors import InternalError, InvalidArgument, ModelLoadError, ServingError
 from services.core.requests import InferRequest, RequestedOutput
 from services.core.runtime import InstanceSpec
-from services.python import bls
 from services.python import triton_python_backend_utils as pb_utils
 from services.python.runtime import PythonRuntime
 
@@ -320,7 +320,7 @@ def gateway(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGateway]:
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(fake, server)  # type: ignore[no-untyped-call]
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    monkeypatch.setenv(bls.GATEWAY_ENV, f"127.0.0.1:{port}")
+    monkeypatch.setenv(gateway_client.GATEWAY_ENV, f"127.0.0.1:{port}")
     yield fake
     server.stop(None)
 
@@ -366,7 +366,7 @@ def test_bls_errors_returned(gateway: FakeGateway, monkeypatch: pytest.MonkeyPat
     assert "unknown model: 'nope'" in error.message()
     bad = pb_utils.InferenceRequest("echo", [pb_utils.Tensor("X", np.zeros(2, "c8"))], ["X"])
     assert "complex64" in str(bad.exec().error())
-    monkeypatch.setenv(bls.GATEWAY_ENV, "127.0.0.1:1")
+    monkeypatch.setenv(gateway_client.GATEWAY_ENV, "127.0.0.1:1")
     down = _simple_request(timeout=2_000_000).exec().error()
     assert down is not None and down.code() == pb_utils.TritonError.UNAVAILABLE
 
