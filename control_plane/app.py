@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -29,7 +29,7 @@ from control_plane.model import Address, MeshState, ServiceInstance
 from control_plane.policy import PolicyStore
 from control_plane.registry import Registry, RegistryServicer
 from control_plane.snapshot import InconsistentSnapshot, SnapshotCache, make_snapshot
-from control_plane.tracing import GatewayTracing
+from control_plane.tracing import GatewayTracing, percent_from_trace_settings
 from control_plane.translate import translate
 from protos.gen.meshserve import registry_pb2_grpc
 
@@ -87,6 +87,7 @@ class ControlPlane:
         self.cache = SnapshotCache()
         self.ads = AdsServicer(self.cache)
         self.front = Front(self.mesh_state)
+        self.front.on_global_trace_settings = self.follow_trace_settings
         self.control_port = 0
         self.front_grpc_port = 0
         self.front_http_port = 0
@@ -104,6 +105,23 @@ class ControlPlane:
             front_grpc=Address(s.host, self.front_grpc_port) if self.front_grpc_port else None,
             front_http=Address(s.host, self.front_http_port) if self.front_http_port else None,
         )
+
+    def follow_trace_settings(self, settings: dict[str, list[str]]) -> None:
+        """TraceSetting changed the services' global sampling: the gateway, which starts the
+        trace of every request that comes without one, samples the same share from now on."""
+        tracing = self.settings.gateway_tracing
+        percent = percent_from_trace_settings(settings)
+        if tracing is None or percent is None or percent == tracing.sampling_percent:
+            return
+        log.info(
+            "gateway trace sampling: %.4g%% → %.4g%% (TraceSetting)",
+            tracing.sampling_percent,
+            percent,
+        )
+        self.settings = replace(
+            self.settings, gateway_tracing=replace(tracing, sampling_percent=percent)
+        )
+        self.publish()
 
     def publish(self) -> str | None:
         """Translate the current state and hand the snapshot to ADS; returns its version.

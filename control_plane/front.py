@@ -318,7 +318,12 @@ class FrontServicer(pbg.GRPCInferenceServiceServicer):
     async def TraceSetting(
         self, request: pb.TraceSettingRequest, context: Ctx
     ) -> pb.TraceSettingResponse:
-        return await self._everywhere(context, "TraceSetting", request, pb.TraceSettingResponse)
+        response = await self._everywhere(context, "TraceSetting", request, pb.TraceSettingResponse)
+        if request.settings and not request.model_name:
+            self._front.global_trace_settings_changed(
+                {k: list(v.value) for k, v in response.settings.items()}
+            )
+        return response
 
     @_translate
     async def LogSettings(

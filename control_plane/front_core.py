@@ -121,6 +121,16 @@ class Front:
         self._closing: set[asyncio.Task[None]] = set()
         self._turn = itertools.count()
         self._closed = False
+        #: called with the services' answer to a global TraceSetting update ({name: values}),
+        #: so the gateway's own sampling can follow (set by the control plane)
+        self.on_global_trace_settings: Callable[[dict[str, list[str]]], None] | None = None
+
+    def global_trace_settings_changed(self, settings: dict[str, list[str]]) -> None:
+        if self.on_global_trace_settings is not None:
+            try:
+                self.on_global_trace_settings(settings)
+            except Exception:
+                log.exception("applying the new trace settings to the gateway failed")
 
     # ---- registry view -----------------------------------------------------------------------
     def live(self) -> bool:

@@ -29,6 +29,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import aiohttp
 import grpc
@@ -113,7 +114,7 @@ def build_front_app(
     for prefix in ("/v2/systemsharedmemory/", "/v2/cudasharedmemory/"):
         r.add_route("*", prefix + "{tail:.*}", _everywhere)
     r.add_route("*", "/v2/logging", _everywhere)
-    r.add_route("*", "/v2/trace/setting", _everywhere)
+    r.add_route("*", "/v2/trace/setting", _trace_setting)
     return app
 
 
@@ -259,6 +260,25 @@ async def _control(request: web.Request) -> web.Response:
 async def _everywhere(request: web.Request) -> web.Response:
     front = request.app[_FRONT]
     return await _send_all(request, front.state().instances, front.fanout_timeout)
+
+
+async def _trace_setting(request: web.Request) -> web.Response:
+    """Global trace settings: made on every service; an update also reaches the gateway's own
+    sampling (``Front.on_global_trace_settings``)."""
+    response = await _everywhere(request)
+    if request.method == "POST" and response.status == 200 and response.body is not None:
+        try:
+            doc = json.loads(bytes(cast(bytes, response.body)))
+        except ValueError:
+            return response
+        if isinstance(doc, dict):
+            request.app[_FRONT].global_trace_settings_changed(
+                {
+                    k: [str(x) for x in v] if isinstance(v, list) else [str(v)]
+                    for k, v in doc.items()
+                }
+            )
+    return response
 
 
 async def _model(request: web.Request) -> web.StreamResponse:

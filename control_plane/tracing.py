@@ -61,6 +61,23 @@ def sampling_percent(sampler: str, arg: str) -> float:
     return 100.0
 
 
+def percent_from_trace_settings(settings: Mapping[str, list[str]]) -> float | None:
+    """Triton's global trace settings (as the services answer them) as the gateway's random
+    sampling: ``trace_level`` OFF → 0; ``trace_rate`` N → 100/N percent (0 → 0). None when the
+    answer holds neither."""
+    level = settings.get("trace_level")
+    if level is not None and "OFF" in level:
+        return 0.0
+    rate = settings.get("trace_rate")
+    if not rate:
+        return None if level is None else 100.0
+    try:
+        n = int(rate[0])
+    except ValueError:
+        return None
+    return 0.0 if n <= 0 else 100.0 / n
+
+
 def gateway_tracing_from_env(env: Mapping[str, str]) -> GatewayTracing | None:
     """The gateway's tracing from ``OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`` and the sampler
     variables; None (no tracing) when no endpoint is set or it cannot be used."""

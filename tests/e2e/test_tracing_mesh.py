@@ -12,17 +12,20 @@ spans every few seconds.
 from __future__ import annotations
 
 import importlib.util
+import json
 import secrets
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 
 from examples.build_ensemble import build_ensemble_repository
 from examples.build_python import build_python_repository
-from tests.e2e.conftest import MeshHandle, running_mesh, simple_inputs
+from tests.e2e.conftest import MeshHandle, running_mesh, simple_inputs, wait_for
 from tests.otlp_receiver import SPAN_KIND_CLIENT, SPAN_KIND_SERVER, OtlpReceiver, ReceivedSpan
 
 pytestmark = pytest.mark.skipif(
@@ -213,3 +216,38 @@ def test_ensemble_trace_has_every_step_and_its_service(
     a, b, join = by_model["slow_a_python"], by_model["slow_b_python"], by_model["simple"]
     assert join.start_ns >= max(a.end_ns, b.end_ns)
     assert a.start_ns < b.end_ns and b.start_ns < a.end_ns
+
+
+def gateway_sampling(mesh: MeshHandle) -> set[float]:
+    """Envoy's random-sampling percentages, from its admin config dump (both listeners)."""
+    url = f"{mesh.admin_url}/config_dump?resource=dynamic_listeners"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        dump = json.loads(r.read())
+    found = set()
+    for entry in dump["configs"]:
+        listener = entry.get("active_state", {}).get("listener", {})
+        for chain in listener.get("filter_chains", []):
+            for f in chain.get("filters", []):
+                tracing = f.get("typed_config", {}).get("tracing")
+                if tracing is not None:
+                    # Envoy's default is 100%; a present Percent whose value is 0 prints as {}
+                    sampling = tracing.get("random_sampling")
+                    found.add(100.0 if sampling is None else float(sampling.get("value", 0.0)))
+    return found
+
+
+def test_trace_setting_through_the_gateway_reaches_envoy_sampling(mesh: MeshHandle) -> None:
+    """A global TraceSetting is made on every service and the gateway follows it: Envoy, which
+    starts the traces of requests that come without one, samples 1 in trace_rate."""
+    assert gateway_sampling(mesh) == {100.0}
+    with grpcclient.InferenceServerClient(mesh.grpc_url) as client:
+        try:
+            client.update_trace_settings(settings={"trace_rate": "4"})
+            wait_for(lambda: gateway_sampling(mesh) == {25.0}, 10, "Envoy sampling 25%")
+            with httpclient.InferenceServerClient(mesh.http_url) as http:
+                http.update_trace_settings(settings={"trace_level": ["OFF"]})
+            wait_for(lambda: gateway_sampling(mesh) == {0.0}, 10, "Envoy sampling 0%")
+        finally:
+            # cleared settings go back to their start values (the other tests sample all)
+            client.update_trace_settings(settings={"trace_rate": None, "trace_level": None})
+        wait_for(lambda: gateway_sampling(mesh) == {100.0}, 10, "Envoy sampling 100% again")

@@ -366,3 +366,15 @@ def test_envoy_accepts_the_tracing_config(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_gateway_sampling_follows_global_trace_settings() -> None:
+    from control_plane.tracing import percent_from_trace_settings
+
+    assert percent_from_trace_settings({"trace_level": ["TIMESTAMPS"], "trace_rate": ["4"]}) == 25
+    assert percent_from_trace_settings({"trace_level": ["OFF"], "trace_rate": ["1"]}) == 0
+    assert percent_from_trace_settings({"trace_rate": ["0"]}) == 0
+    assert percent_from_trace_settings({"trace_rate": ["1"]}) == 100
+    assert percent_from_trace_settings({"trace_level": ["TIMESTAMPS"]}) == 100
+    assert percent_from_trace_settings({"trace_count": ["5"]}) is None
+    assert percent_from_trace_settings({"trace_rate": ["many"]}) is None
