@@ -6,6 +6,9 @@
 - ``add_sub_python``: Triton's classic add_sub example (FP32 INPUT0, INPUT1 [4] → OUTPUT0 sum,
   OUTPUT1 difference), written the way Triton's example is, with ``pb_utils`` helpers;
 - ``identity_python``: BYTES in, the same BYTES out (batched, dynamic batching);
+- ``dtypes_python``: identity per datatype for the conformance suite: ``IN_<DTYPE>`` [-1] →
+  ``OUT_<DTYPE>`` unchanged for all 14 Triton datatypes (BF16 reaches the model as numpy's raw
+  16-bit "V2" values, BYTES as object arrays of ``bytes``, any bytes), max_batch_size 8;
 - ``failing_python``: ``execute`` raises ValueError("boom"): the error reaches the client;
 - ``bad_init_python``: ``initialize`` raises: the model is UNAVAILABLE with that reason;
 - ``bls_python``: BLS: ``execute`` calls ``simple`` (the ONNX add/sub model of
@@ -108,6 +111,71 @@ class TritonPythonModel:
         for request in requests:
             data = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", data)]))
+        return responses
+'''
+
+#: the datatypes of ``dtypes_python``: all of Triton's
+DTYPES_DATATYPES = (
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+    "BF16",
+    "BYTES",
+)
+
+
+def _dtypes_config(datatypes: Sequence[str]) -> str:
+    """The config of ``dtypes_python``: IN_<DTYPE> → OUT_<DTYPE>, dims [ -1 ], per datatype."""
+
+    def entries(prefix: str) -> str:
+        return ",\n".join(
+            f'  {{ name: "{prefix}_{d}" data_type: TYPE_{"STRING" if d == "BYTES" else d}'
+            " dims: [ -1 ] }"
+            for d in datatypes
+        )
+
+    return f"""name: "dtypes_python"
+backend: "python"
+max_batch_size: 8
+input [
+{entries("IN")}
+]
+output [
+{entries("OUT")}
+]
+dynamic_batching {{ }}
+"""
+
+
+DTYPES_MODEL = '''"""Returns every input IN_<DTYPE> unchanged as the output OUT_<DTYPE>."""
+
+import json
+
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.names = [(i["name"], "OUT_" + i["name"][len("IN_") :]) for i in config["input"]]
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            outputs = [
+                pb_utils.Tensor(out, pb_utils.get_input_tensor_by_name(request, name).as_numpy())
+                for name, out in self.names
+            ]
+            responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
         return responses
 '''
 
@@ -391,6 +459,7 @@ class TritonPythonModel:
 EXAMPLES: dict[str, tuple[str, str]] = {
     "add_sub_python": (ADD_SUB_CONFIG, ADD_SUB_MODEL),
     "identity_python": (IDENTITY_CONFIG, IDENTITY_MODEL),
+    "dtypes_python": (_dtypes_config(DTYPES_DATATYPES), DTYPES_MODEL),
     "failing_python": (FAILING_CONFIG, FAILING_MODEL),
     "bad_init_python": (BAD_INIT_CONFIG, BAD_INIT_MODEL),
     "bls_python": (BLS_CONFIG, BLS_MODEL),

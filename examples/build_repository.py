@@ -2,8 +2,10 @@
 
 ``python -m examples.build_repository <dir>`` writes a Triton-layout repository
 (``<dir>/<model>/config.pbtxt`` + ``<dir>/<model>/1/model.onnx``) holding the models a Triton
-user knows from its quick-start (``simple``, ``simple_string``, ``simple_identity``) plus two
-compute-bound ones for benchmarks (``mlp``, ``cnn``). Nothing is downloaded: graphs are built
+user knows from its quick-start (``simple``, ``simple_string``, ``simple_identity``), two
+compute-bound ones for benchmarks (``mlp``, ``cnn``) and ``dtypes_onnx``, an identity per
+datatype for the conformance suite (``IN_<DTYPE>`` → ``OUT_<DTYPE>``, every Triton datatype
+but BF16, see DTYPES_DATATYPES). Nothing is downloaded: graphs are built
 with ``onnx.helper`` and weights drawn from a fixed seed, so two builds give the same bytes.
 The model service then loads the repository like any user's (services/core → services/onnx).
 Unless ``--onnx-only`` or ``--model`` is given, the other families' examples follow: the
@@ -154,6 +156,63 @@ def build_simple_identity() -> ExampleModel:
     return ExampleModel(config, _model(graph), {})
 
 
+#: Triton datatype → ONNX element type, for every datatype the ONNX service exchanges
+ONNX_TYPES: dict[str, int] = {
+    "BOOL": TensorProto.BOOL,
+    "UINT8": TensorProto.UINT8,
+    "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32,
+    "UINT64": TensorProto.UINT64,
+    "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16,
+    "INT32": TensorProto.INT32,
+    "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16,
+    "FP32": TensorProto.FLOAT,
+    "FP64": TensorProto.DOUBLE,
+    "BYTES": TensorProto.STRING,
+}
+#: the datatypes of ``dtypes_onnx``: not BF16, which onnxruntime's Python API cannot hand over
+#: (it has no numpy type for bfloat16), so services/onnx refuses bfloat16 model I/O at load
+DTYPES_DATATYPES = tuple(ONNX_TYPES)
+
+
+def _config_type(datatype: str) -> str:
+    """The config enum name of a Triton datatype (BYTES → TYPE_STRING)."""
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
+def _named_io_block(kind: str, tensors: Sequence[tuple[str, str]], dims: str) -> str:
+    """A config ``input``/``output`` list of (name, data_type) entries, all with ``dims``."""
+    entries = ",\n".join(
+        f'  {{\n    name: "{name}"\n    data_type: {type_name}\n    dims: [ {dims} ]\n  }}'
+        for name, type_name in tensors
+    )
+    return f"{kind} [\n{entries}\n]\n"
+
+
+def build_dtypes() -> ExampleModel:
+    """One Identity per datatype: IN_<DTYPE> [-1] → OUT_<DTYPE>, batched (max_batch_size 8)."""
+    nodes: list[onnx.NodeProto] = []
+    inputs: list[onnx.ValueInfoProto] = []
+    outputs: list[onnx.ValueInfoProto] = []
+    for datatype in DTYPES_DATATYPES:
+        shape: list[int | str] = [BATCH, f"n_{datatype.lower()}"]
+        nodes.append(
+            helper.make_node("Identity", [f"IN_{datatype}"], [f"OUT_{datatype}"], name=datatype)
+        )
+        inputs.append(_tensor(f"IN_{datatype}", ONNX_TYPES[datatype], shape))
+        outputs.append(_tensor(f"OUT_{datatype}", ONNX_TYPES[datatype], shape))
+    graph = helper.make_graph(nodes, "dtypes_onnx", inputs, outputs)
+    config = (
+        'name: "dtypes_onnx"\nbackend: "onnxruntime"\nmax_batch_size: 8\n'
+        + _named_io_block("input", [(f"IN_{d}", _config_type(d)) for d in DTYPES_DATATYPES], "-1")
+        + _named_io_block("output", [(f"OUT_{d}", _config_type(d)) for d in DTYPES_DATATYPES], "-1")
+        + "dynamic_batching { }\n"
+    )
+    return ExampleModel(config, _model(graph), {})
+
+
 def _he(rng: np.random.Generator, shape: Sequence[int], fan_in: int) -> FloatArray:
     """He-initialised weights: activations keep their scale through ReLU layers."""
     weights: FloatArray = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
@@ -299,6 +358,7 @@ BUILDERS: dict[str, Callable[[], ExampleModel]] = {
     "simple_identity": build_simple_identity,
     "mlp": build_mlp,
     "cnn": build_cnn,
+    "dtypes_onnx": build_dtypes,
 }
 
 
@@ -361,7 +421,13 @@ def _other_families(root: Path) -> list[str]:
 
     # not the deliberately broken ones; the ensembles' Python steps; their ONNX steps exist
     ensembles = required_models()
-    python_models = ["add_sub_python", "identity_python", "bls_python", *ensembles.python]
+    python_models = [
+        "add_sub_python",
+        "identity_python",
+        "dtypes_python",
+        "bls_python",
+        *ensembles.python,
+    ]
     build_python_repository(root, python_models)
     build_ensemble_repository(root, steps=False)
     built += python_models + list(ensembles.ensembles)

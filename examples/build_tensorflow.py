@@ -9,7 +9,10 @@ services/tensorflow (``<dir>/<name>/1/model.savedmodel/``):
 - ``mlp_tf``: FP32 INPUT0 [256] → 1024 → 1024 → 10 OUTPUT0, ReLU between, max_batch_size 64 with
   dynamic batching;
 - ``simple_tf_auto``: the ``simple_tf`` SavedModel with NO config.pbtxt, so the service
-  auto-completes its config from the signature (max_batch_size 4, dynamic batching).
+  auto-completes its config from the signature (max_batch_size 4, dynamic batching);
+- ``dtypes_tf``: identity per datatype for the conformance suite: signature input
+  ``IN_<DTYPE>`` [-1] → output ``OUT_<DTYPE>`` (``tf.identity``) for all 14 Triton datatypes
+  (BYTES as tf.string, BF16 as tf.bfloat16), max_batch_size 8.
 
 Weights come from fixed seeds (numpy), so every build computes the same numbers; ``mlp_weights()``
 returns them for tests to compare against. A model directory is written next to its final place
@@ -97,6 +100,44 @@ class _Simple(tf.Module):  # type: ignore[misc]  # tf.Module is untyped (Any)
         return {"OUTPUT0": INPUT0 + INPUT1, "OUTPUT1": INPUT1 - INPUT0}
 
 
+#: Triton datatype → TensorFlow dtype, for every datatype of ``dtypes_tf``
+DTYPES_TF_TYPES: dict[str, Any] = {
+    "BOOL": tf.bool,
+    "UINT8": tf.uint8,
+    "UINT16": tf.uint16,
+    "UINT32": tf.uint32,
+    "UINT64": tf.uint64,
+    "INT8": tf.int8,
+    "INT16": tf.int16,
+    "INT32": tf.int32,
+    "INT64": tf.int64,
+    "FP16": tf.float16,
+    "FP32": tf.float32,
+    "FP64": tf.float64,
+    "BF16": tf.bfloat16,
+    "BYTES": tf.string,
+}
+DTYPES_DATATYPES = tuple(DTYPES_TF_TYPES)
+
+
+class _Dtypes(tf.Module):  # type: ignore[misc]  # tf.Module is untyped (Any)
+    """One signature taking a dict of named specs: the names become the signature's input keys."""
+
+    _specs = {
+        f"IN_{d}": tf.TensorSpec([None, None], t, name=f"IN_{d}")
+        for d, t in DTYPES_TF_TYPES.items()
+    }
+
+    @tf.function(input_signature=[_specs])  # type: ignore[untyped-decorator]  # untyped in TF
+    def serve(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return {f"OUT_{key[3:]}": tf.identity(value) for key, value in inputs.items()}
+
+
+def _config_type(datatype: str) -> str:
+    """The config enum name of a Triton datatype (BYTES → TYPE_STRING)."""
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
 def _io(name: str, type_name: str, dims: Sequence[int]) -> str:
     dim_text = ", ".join(str(d) for d in dims)
     return f'  {{\n    name: "{name}"\n    data_type: {type_name}\n    dims: [ {dim_text} ]\n  }}'
@@ -142,10 +183,20 @@ def build_mlp(path: Path) -> str:
     return _config("mlp_tf", inputs, outputs, MAX_BATCH, 100)
 
 
+def build_dtypes(path: Path) -> str:
+    """IN_<DTYPE> [-1] → OUT_<DTYPE> unchanged for every datatype; returns its config."""
+    module = _Dtypes()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    inputs = [_io(f"IN_{d}", _config_type(d), [-1]) for d in DTYPES_DATATYPES]
+    outputs = [_io(f"OUT_{d}", _config_type(d), [-1]) for d in DTYPES_DATATYPES]
+    return _config("dtypes_tf", inputs, outputs, 8, 0)
+
+
 BUILDERS: dict[str, Builder] = {
     "simple_tf": build_simple,
     "mlp_tf": build_mlp,
     "simple_tf_auto": build_simple_auto,
+    "dtypes_tf": build_dtypes,
 }
 
 

@@ -7,7 +7,11 @@
 - ``mlp_torch``: FP32 INPUT__0 [256] → 1024 → 1024 → 10 OUTPUT__0 (TorchScript);
 - ``cnn_torch``: a small ResNet-style net, FP32 [3, 64, 64] → 10 (TorchScript);
 - ``mlp_torch_export``: the same MLP as a torch.export program (``model.pt2``) with a dynamic
-  batch dimension, selected by ``default_model_filename: "model.pt2"``.
+  batch dimension, selected by ``default_model_filename: "model.pt2"``;
+- ``dtypes_torch``: identity per datatype for the conformance suite (TorchScript): input
+  ``IN_<DTYPE>`` [-1] (a forward() argument of that name) → output ``OUT_<DTYPE>`` (the key of
+  the returned dict), for every datatype of DTYPES_DATATYPES: all of Triton's but BYTES, which
+  has no torch tensor type; max_batch_size 8.
 
 Weights come from fixed seeds, so every build gives the same numbers; ``mlp_module()`` etc.
 return the eager modules for tests to compare against. A file whose bytes would not change is
@@ -48,6 +52,60 @@ class SimpleAddSub(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return a + b, a - b
+
+
+#: the datatypes of ``dtypes_torch``, in its forward()'s argument order
+DTYPES_DATATYPES = (
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+    "BF16",
+)
+
+
+class DtypesIdentity(nn.Module):
+    """Returns every input unchanged, as the entry ``OUT_<DTYPE>`` of a dict."""
+
+    def forward(
+        self,
+        IN_BOOL: torch.Tensor,  # noqa: N803 - the arguments are the config's input names
+        IN_UINT8: torch.Tensor,  # noqa: N803
+        IN_UINT16: torch.Tensor,  # noqa: N803
+        IN_UINT32: torch.Tensor,  # noqa: N803
+        IN_UINT64: torch.Tensor,  # noqa: N803
+        IN_INT8: torch.Tensor,  # noqa: N803
+        IN_INT16: torch.Tensor,  # noqa: N803
+        IN_INT32: torch.Tensor,  # noqa: N803
+        IN_INT64: torch.Tensor,  # noqa: N803
+        IN_FP16: torch.Tensor,  # noqa: N803
+        IN_FP32: torch.Tensor,  # noqa: N803
+        IN_FP64: torch.Tensor,  # noqa: N803
+        IN_BF16: torch.Tensor,  # noqa: N803
+    ) -> dict[str, torch.Tensor]:
+        return {
+            "OUT_BOOL": IN_BOOL,
+            "OUT_UINT8": IN_UINT8,
+            "OUT_UINT16": IN_UINT16,
+            "OUT_UINT32": IN_UINT32,
+            "OUT_UINT64": IN_UINT64,
+            "OUT_INT8": IN_INT8,
+            "OUT_INT16": IN_INT16,
+            "OUT_INT32": IN_INT32,
+            "OUT_INT64": IN_INT64,
+            "OUT_FP16": IN_FP16,
+            "OUT_FP32": IN_FP32,
+            "OUT_FP64": IN_FP64,
+            "OUT_BF16": IN_BF16,
+        }
 
 
 class _Block(nn.Module):
@@ -183,11 +241,20 @@ def build_mlp_export() -> TorchExample:
     return TorchExample(config, "model.pt2", buffer.getvalue(), {})
 
 
+def build_dtypes() -> TorchExample:
+    """IN_<DTYPE> [-1] → OUT_<DTYPE> unchanged, one pair per datatype of DTYPES_DATATYPES."""
+    inputs = [_io("input", f"IN_{d}", f"TYPE_{d}", [-1]) for d in DTYPES_DATATYPES]
+    outputs = [_io("output", f"OUT_{d}", f"TYPE_{d}", [-1]) for d in DTYPES_DATATYPES]
+    config = _config("dtypes_torch", inputs, outputs, 8, 0)
+    return TorchExample(config, "model.pt", _script_bytes(DtypesIdentity()), {})
+
+
 BUILDERS: dict[str, Callable[[], TorchExample]] = {
     "simple_torch": build_simple,
     "mlp_torch": build_mlp,
     "cnn_torch": build_cnn,
     "mlp_torch_export": build_mlp_export,
+    "dtypes_torch": build_dtypes,
 }
 
 

@@ -209,7 +209,11 @@ def _from_json(datatype: DataType, shape: tuple[int, ...], data: object, source:
     if values.size != count:
         raise _count_error(source, shape, count, int(values.size))
     target = np.dtype(np.float32) if datatype.name == "BF16" else datatype.numpy
-    if values.size and values.dtype.kind not in _JSON_KINDS.get(target.kind, ""):
+    kind = values.dtype.kind
+    if target.kind in "iu" and kind in "fO" and _all_ints(data):
+        # numpy guesses float64 (or object) for integers beyond int64 mixed with small ones
+        kind = "i"
+    if values.size and kind not in _JSON_KINDS.get(target.kind, ""):
         wanted = "true/false" if target.kind == "b" else "numbers"
         raise InvalidArgument(
             f"'data' of {source} ({datatype.name}) must hold {wanted}, got {values.dtype.kind!r}"
@@ -220,6 +224,18 @@ def _from_json(datatype: DataType, shape: tuple[int, ...], data: object, source:
     except (OverflowError, ValueError) as exc:
         raise InvalidArgument(f"'data' of {source} does not fit {datatype.name}: {exc}") from None
     return dtypes.float32_to_bf16(converted) if datatype.name == "BF16" else converted
+
+
+def _all_ints(data: object) -> bool:
+    """Whether the (nested) JSON list holds only integers (not bools, floats or strings)."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif not isinstance(item, int) or isinstance(item, bool):
+            return False
+    return True
 
 
 def _flatten_strings(data: object, source: str) -> list[bytes]:

@@ -3,8 +3,10 @@
 Used by services/tensorflow/autocomplete.py (to fill a config) and runtime.py (to check a config
 against the model, and on every batch). A signature is read from the directory's
 ``saved_model.pb`` protobuf without loading variables or running anything, so auto-complete stays
-cheap. Datatypes: every Triton datatype TensorFlow has, BYTES as ``tf.string`` (object arrays of
-``bytes`` in the kit). BF16 is refused with a message naming the tensor.
+cheap. Datatypes: every Triton datatype, BYTES as ``tf.string`` (object arrays of ``bytes`` in the
+kit) and BF16 as ``tf.bfloat16``, reinterpreted bit for bit from and to the kit's raw 16-bit
+values (numpy dtype "V2") with ``tf.bitcast``, never converted through float. A signature tensor
+of any other TensorFlow type is refused with a message naming the tensor.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import tensorflow as tf  # type: ignore[import-untyped]
 from tensorflow.core.protobuf import saved_model_pb2  # type: ignore[import-untyped]
 
 from protos.gen.inference import model_config_pb2 as mc
+from services.core.dtypes import BF16_DTYPE
 from services.core.errors import ModelLoadError
 from services.core.requests import Array
 
@@ -40,6 +43,7 @@ TF_TO_CONFIG: dict[Any, int] = {
     tf.float16: mc.TYPE_FP16,
     tf.float32: mc.TYPE_FP32,
     tf.float64: mc.TYPE_FP64,
+    tf.bfloat16: mc.TYPE_BF16,
     tf.string: mc.TYPE_STRING,
 }
 CONFIG_TO_TF: dict[int, Any] = {v: k for k, v in TF_TO_CONFIG.items()}
@@ -143,12 +147,19 @@ def unsupported_reason(tensor: SignatureTensor) -> str | None:
 
 
 def to_tf(array: Array, dtype: Any) -> Any:
-    """A kit array as an eager tensor of ``dtype`` (BYTES: object array of bytes → tf.string)."""
+    """A kit array as an eager tensor of ``dtype`` (BYTES: object array of bytes → tf.string;
+    BF16: the raw bits of a "V2" array reinterpreted as tf.bfloat16)."""
+    if array.dtype == BF16_DTYPE:
+        return tf.bitcast(tf.convert_to_tensor(array.view(np.uint16)), tf.bfloat16)
     return tf.convert_to_tensor(array, dtype=dtype)
 
 
 def to_numpy(tensor: Any) -> Array:
-    """An eager result as a kit array; tf.string gives an object array of ``bytes``."""
+    """An eager result as a kit array; tf.string gives an object array of ``bytes``, tf.bfloat16
+    a "V2" array of the raw bits."""
+    if tensor.dtype == tf.bfloat16:
+        bits: Array = np.asarray(tf.bitcast(tensor, tf.uint16).numpy())
+        return bits.view(BF16_DTYPE)
     value = tensor.numpy()
     if isinstance(value, bytes):
         return np.array([value], dtype=object).reshape(())

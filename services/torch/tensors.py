@@ -3,9 +3,11 @@
 Used by services/torch/runtime.py on every batch. Conversions share memory where they can:
 ``torch.from_numpy`` on the way in and ``Tensor.numpy()`` on the way out (CPU tensors). BF16
 travels in the kit as raw 16-bit values (numpy dtype "V2"); it is reinterpreted as
-``torch.bfloat16`` with a view, never converted through float. BYTES (TYPE_STRING) has no torch
-tensor type; torch also lacks full support for UINT16/32/64, so configs declaring those fail to
-load with a message naming the tensor.
+``torch.bfloat16`` with a view, never converted through float. UINT16/32/64 map to torch's
+``uint16``/``uint32``/``uint64`` (torch >= 2.3: they cross ``from_numpy``/``numpy()`` unchanged,
+though torch implements few operators on them, so a model usually casts them first). BYTES
+(TYPE_STRING) has no torch tensor type, so configs declaring it fail to load with a message
+naming the tensor.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from services.core.requests import Array
 CONFIG_TO_TORCH: dict[int, torch.dtype] = {
     mc.TYPE_BOOL: torch.bool,
     mc.TYPE_UINT8: torch.uint8,
+    mc.TYPE_UINT16: torch.uint16,
+    mc.TYPE_UINT32: torch.uint32,
+    mc.TYPE_UINT64: torch.uint64,
     mc.TYPE_INT8: torch.int8,
     mc.TYPE_INT16: torch.int16,
     mc.TYPE_INT32: torch.int32,

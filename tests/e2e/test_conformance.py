@@ -1,10 +1,25 @@
 """Conformance: every framework family passes the same tests through the gateway.
 
-One mesh serves an add/sub model of each family from one repository; each test runs once per
-family. A new family joins by adding a ``Family`` entry to FAMILIES (its example builder, its
-add/sub model and tensor names). Covered per family: metadata and config, inference over gRPC and
-HTTP, batching (where the model batches), bad input (wrong datatype, wrong shape) with the
-server still serving, statistics, metrics, and explicit unload/load through the gateway.
+One mesh serves an add/sub model and an identity model of each family from one repository; each
+test runs once per family. A new family joins by adding a ``Family`` entry to FAMILIES (its
+example builder, its add/sub model and tensor names, its identity model and the datatypes it
+carries). Covered per family: metadata and config, inference over gRPC and HTTP, batching (where
+the model batches), bad input (wrong datatype, wrong shape) with the server still serving,
+statistics, metrics, explicit unload/load through the gateway, and every datatype the framework
+supports: for each (family, datatype) one gRPC and one HTTP request to the identity model
+(``IN_<DTYPE>`` → ``OUT_<DTYPE>``, batch of 2, tests/datatype_samples.py's edge values: extremes,
+-0.0, infinities, NaN with a payload, subnormals, empty / NUL / non-UTF-8 bytes) must give the
+values back bit for bit. HTTP sends the tested tensor as JSON where JSON holds it exactly
+(BOOL, integers, UTF-8 BYTES) and with the binary extension otherwise.
+
+Datatypes per family (✓ carried exactly through the gateway; ✗ refused at model load):
+
+| family     | BOOL, (U)INT8-64, FP16/32/64 | BF16 | BYTES |
+|------------|------------------------------|------|-------|
+| onnx       | ✓ | ✗ onnxruntime's Python API has no bfloat16 numpy type | ✓ UTF-8 only (ONNX strings are text; other bytes: INVALID_ARGUMENT) |
+| torch      | ✓ (UINT16/32/64: torch's limited-op dtypes, carried as is) | ✓ | ✗ no torch tensor type |
+| tensorflow | ✓ | ✓ (tf.bfloat16) | ✓ any bytes (tf.string) |
+| python     | ✓ | ✓ (numpy "V2" raw bits) | ✓ any bytes |
 """
 
 from __future__ import annotations
@@ -22,6 +37,12 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from tests.datatype_samples import (
+    ALL_DATATYPES,
+    assert_identical,
+    edge_values,
+    json_safe,
+)
 from tests.e2e.conftest import MeshHandle, running_mesh, wait_for
 
 
@@ -39,6 +60,12 @@ class Family:
     batched: bool
     #: framework module that must be importable for the family to run
     needs: str
+    #: its identity model (IN_<DTYPE> → OUT_<DTYPE>, dims [-1], batched) and the datatypes it
+    #: carries: every datatype the family can exchange
+    identity: str
+    datatypes: tuple[str, ...]
+    #: BYTES are UTF-8 text in this framework: other bytes are refused with INVALID_ARGUMENT
+    utf8_bytes_only: bool = False
 
     def arrays(self, value: int) -> tuple[np.ndarray, np.ndarray]:
         dtype = {"INT32": np.int32, "FP32": np.float32}[self.datatype]
@@ -58,6 +85,9 @@ FAMILIES = [
         (16,),
         True,
         "onnxruntime",
+        identity="dtypes_onnx",
+        datatypes=tuple(d for d in ALL_DATATYPES if d != "BF16"),
+        utf8_bytes_only=True,
     ),
     Family(
         "torch",
@@ -69,6 +99,8 @@ FAMILIES = [
         (16,),
         True,
         "torch",
+        identity="dtypes_torch",
+        datatypes=tuple(d for d in ALL_DATATYPES if d != "BYTES"),
     ),
     Family(
         "tensorflow",
@@ -80,6 +112,8 @@ FAMILIES = [
         (16,),
         True,
         "tensorflow",
+        identity="dtypes_tf",
+        datatypes=ALL_DATATYPES,
     ),
     Family(
         "python",
@@ -91,6 +125,8 @@ FAMILIES = [
         (4,),
         False,
         "numpy",
+        identity="dtypes_python",
+        datatypes=ALL_DATATYPES,
     ),
 ]
 AVAILABLE = [f for f in FAMILIES if importlib.util.find_spec(f.needs) is not None]
@@ -104,7 +140,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshHandle]:
     for family in AVAILABLE:
         module = importlib.import_module(family.builder[0])
         build: Callable[..., None] = getattr(module, family.builder[1])
-        build(repo, [family.model])
+        build(repo, [family.model, family.identity])
     with running_mesh(repo, root, "explicit", load_models=("*",)) as handle:
         yield handle
 
@@ -170,6 +206,88 @@ def test_infer_over_grpc_and_http(mesh: MeshHandle, family: Family) -> None:
     finally:
         c.close()
         h.close()
+
+
+def datatype_params() -> list[object]:
+    return [
+        pytest.param(f, d, id=f"{f.name}-{d}")
+        for f in FAMILIES
+        for d in ALL_DATATYPES
+        if d in f.datatypes
+    ]
+
+
+def identity_samples(family: Family) -> dict[str, np.ndarray]:
+    """Edge values for every input of the family's identity model (shape [2, 4] each)."""
+    return {d: edge_values(d, utf8_only=family.utf8_bytes_only) for d in family.datatypes}
+
+
+@pytest.mark.parametrize("family", family_param())
+def test_identity_model_declares_every_datatype(mesh: MeshHandle, family: Family) -> None:
+    need(family)
+    c = grpcclient.InferenceServerClient(mesh.grpc_url)
+    try:
+        meta = c.get_model_metadata(family.identity, as_json=True)
+        for kind, prefix in (("inputs", "IN"), ("outputs", "OUT")):
+            assert [
+                (t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in meta[kind]
+            ] == [(f"{prefix}_{d}", d, [-1, -1]) for d in family.datatypes]
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize(("family", "datatype"), datatype_params())
+def test_every_datatype_round_trips_exactly(
+    mesh: MeshHandle, family: Family, datatype: str
+) -> None:
+    """Every input of the identity model carries edge values; the one output asked for must come
+    back bit for bit, over gRPC and over HTTP (JSON for this datatype where JSON can hold the
+    values exactly, the binary extension otherwise)."""
+    need(family)
+    sent = identity_samples(family)
+    wanted = f"OUT_{datatype}"
+    c = grpcclient.InferenceServerClient(mesh.grpc_url)
+    h = httpclient.InferenceServerClient(mesh.http_url)
+    try:
+        ins = [grpcclient.InferInput(f"IN_{d}", list(a.shape), d) for d, a in sent.items()]
+        for i, a in zip(ins, sent.values(), strict=True):
+            i.set_data_from_numpy(a)
+        r = c.infer(family.identity, ins, outputs=[grpcclient.InferRequestedOutput(wanted)])
+        assert_identical(r.as_numpy(wanted), sent[datatype], datatype)
+
+        json_out = json_safe(datatype, sent[datatype])
+        json_in = json_out
+        hins = [httpclient.InferInput(f"IN_{d}", list(a.shape), d) for d, a in sent.items()]
+        for i, (d, a) in zip(hins, sent.items(), strict=True):
+            i.set_data_from_numpy(a, binary_data=not (json_in and d == datatype))
+        out = httpclient.InferRequestedOutput(wanted, binary_data=not json_out)
+        got = h.infer(family.identity, hins, outputs=[out]).as_numpy(wanted)
+        if json_out and datatype == "BYTES":  # JSON strings come back as str
+            got = np.array([v.encode() for v in got.flat], dtype=object).reshape(got.shape)
+        assert_identical(got, sent[datatype], datatype)
+    finally:
+        c.close()
+        h.close()
+
+
+@pytest.mark.parametrize(
+    "family", [pytest.param(f, id=f.name) for f in FAMILIES if f.utf8_bytes_only]
+)
+def test_non_utf8_bytes_are_refused_where_bytes_are_text(mesh: MeshHandle, family: Family) -> None:
+    need(family)
+    sent = identity_samples(family)
+    sent["BYTES"] = edge_values("BYTES")
+    c = grpcclient.InferenceServerClient(mesh.grpc_url)
+    try:
+        ins = [grpcclient.InferInput(f"IN_{d}", list(a.shape), d) for d, a in sent.items()]
+        for i, a in zip(ins, sent.values(), strict=True):
+            i.set_data_from_numpy(a)
+        with pytest.raises(InferenceServerException) as info:
+            c.infer(family.identity, ins)
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "IN_BYTES" in info.value.message() and "UTF-8" in info.value.message()
+    finally:
+        c.close()
 
 
 @pytest.mark.parametrize("family", family_param())

@@ -49,6 +49,17 @@ def test_json_inputs_nested_flat_and_typed() -> None:
     assert (out.name, out.classification, out.binary_data) == ("O", 2, False)
 
 
+def test_json_uint64_beyond_int64_is_exact() -> None:
+    values = [0, 2**64 - 1, 2**63, 7]
+    req, _ = decode({"inputs": [{"name": "U", "shape": [4], "datatype": "UINT64", "data": values}]})
+    decoded = req.inputs["U"]  # type: ignore[attr-defined]
+    assert decoded.dtype == np.uint64 and decoded.tolist() == values
+    # a float among them is still refused for an integer type, as is a bool
+    for bad in ([1, 2.5, 2**64 - 1, 0], [True, 2**64 - 1, 0, 1]):
+        with pytest.raises(InvalidArgument):
+            decode({"inputs": [{"name": "U", "shape": [4], "datatype": "UINT64", "data": bad}]})
+
+
 def test_binary_inputs_are_views_over_the_body() -> None:
     a = np.arange(6, dtype=np.float32)
     strings = struct.pack("<I", 2) + b"hi" + struct.pack("<I", 0)

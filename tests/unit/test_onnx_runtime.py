@@ -12,12 +12,13 @@ import pytest
 from google.protobuf import text_format
 from onnx import TensorProto, helper
 
-from examples.build_repository import IR_VERSION, OPSET, build_repository
+from examples.build_repository import DTYPES_DATATYPES, IR_VERSION, OPSET, build_repository
 from protos.gen.inference import model_config_pb2 as mc
 from services.core.errors import InvalidArgument, ModelLoadError, Unavailable
 from services.core.runtime import InstanceSpec
 from services.onnx.runtime import OnnxRuntime
 from services.onnx.session_options import plan_session
+from tests.datatype_samples import assert_identical, edge_values
 
 CPU_INSTANCE = InstanceSpec(name="test_0", kind=mc.ModelInstanceGroup.KIND_CPU)
 GPU_INSTANCE = InstanceSpec(name="test_0", kind=mc.ModelInstanceGroup.KIND_GPU, device_id=0)
@@ -329,3 +330,34 @@ def test_tensorrt_without_tensorrt_build_says_so(repo: Path) -> None:
     accel.parameters["precision_mode"] = "FP64"
     with pytest.raises(ModelLoadError, match="precision_mode must be FP32, FP16 or INT8"):
         plan_session(config, GPU_INSTANCE, available=GPU_BUILD)
+
+
+def test_dtypes_model_round_trips_every_datatype_exactly(repo: Path) -> None:
+    sent = {d: edge_values(d, utf8_only=True) for d in DTYPES_DATATYPES}
+    out = load(repo, "dtypes_onnx").infer({f"IN_{d}": a for d, a in sent.items()}, [])
+    assert sorted(out) == sorted(f"OUT_{d}" for d in DTYPES_DATATYPES)
+    for datatype, data in sent.items():
+        assert_identical(out[f"OUT_{datatype}"], data, datatype)
+
+
+def test_bfloat16_model_io_is_refused_at_load(tmp_path: Path) -> None:
+    shape: list[int | str] = ["batch", 4]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "bf16",
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, shape)],
+    )
+    path = tmp_path / "model.onnx"
+    model = helper.make_model(
+        graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", OPSET)]
+    )
+    onnx.save(model, path)
+    config = text_format.Parse(
+        'name: "bf16" max_batch_size: 8 '
+        'input { name: "x" data_type: TYPE_BF16 dims: [ 4 ] } '
+        'output { name: "y" data_type: TYPE_BF16 dims: [ 4 ] }',
+        mc.ModelConfig(),
+    )
+    with pytest.raises(ModelLoadError, match=r"input 'x' is bfloat16.*float16 or float32"):
+        OnnxRuntime(config, path, CPU_INSTANCE)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from examples.build_python import build_python_repository
+from examples.build_python import DTYPES_DATATYPES, build_python_repository
 from protos.gen.inference import grpc_service_pb2 as pb
 from protos.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.gen.inference import model_config_pb2 as mc
@@ -25,6 +25,7 @@ from services.core.requests import InferRequest, RequestedOutput
 from services.core.runtime import InstanceSpec
 from services.python import triton_python_backend_utils as pb_utils
 from services.python.runtime import PythonRuntime
+from tests.datatype_samples import ALL_DATATYPES, assert_identical, edge_values, kit_form
 
 CPU = InstanceSpec(name="m_0", kind=mc.ModelInstanceGroup.KIND_CPU)
 
@@ -284,6 +285,22 @@ def test_add_sub_example_runs(tmp_path: Path) -> None:
     out = runtime.infer({"INPUT0": a, "INPUT1": b}, ["OUTPUT0", "OUTPUT1"])
     np.testing.assert_array_equal(out["OUTPUT0"], a + b)
     np.testing.assert_array_equal(out["OUTPUT1"], a - b)
+    runtime.unload()
+
+
+def test_dtypes_example_round_trips_every_datatype_exactly(tmp_path: Path) -> None:
+    assert DTYPES_DATATYPES == ALL_DATATYPES
+    build_python_repository(tmp_path, ["dtypes_python"])
+    config = _config((tmp_path / "dtypes_python" / "config.pbtxt").read_text())
+    runtime = PythonRuntime(config, tmp_path / "dtypes_python" / "1" / "model.py", CPU)
+    sent = {d: kit_form(d, edge_values(d)) for d in DTYPES_DATATYPES}
+    out = runtime.infer({f"IN_{d}": a for d, a in sent.items()}, ["OUT_BF16", "OUT_BYTES"])
+    assert sorted(out) == ["OUT_BF16", "OUT_BYTES"]
+    out = runtime.infer(
+        {f"IN_{d}": a for d, a in sent.items()}, [f"OUT_{d}" for d in DTYPES_DATATYPES]
+    )
+    for datatype, data in sent.items():
+        assert_identical(out[f"OUT_{datatype}"], data, datatype)
     runtime.unload()
 
 

@@ -13,11 +13,18 @@ from google.protobuf import text_format
 
 tf: Any = pytest.importorskip("tensorflow")
 
-from examples.build_tensorflow import build_tensorflow_repository, mlp_reference  # noqa: E402
+from examples.build_tensorflow import (  # noqa: E402
+    DTYPES_DATATYPES,
+    build_tensorflow_repository,
+    mlp_reference,
+)
 from protos.gen.inference import model_config_pb2 as mc  # noqa: E402
+from services.core.dtypes import BF16_DTYPE  # noqa: E402
 from services.core.errors import ModelLoadError, Unavailable  # noqa: E402
 from services.core.runtime import InstanceSpec  # noqa: E402
 from services.tensorflow.runtime import TensorflowRuntime  # noqa: E402
+from services.tensorflow.signature import to_numpy, to_tf  # noqa: E402
+from tests.datatype_samples import ALL_DATATYPES, assert_identical, edge_values, kit_form  # noqa: E402
 
 CPU_INSTANCE = InstanceSpec(name="test_0", kind=mc.ModelInstanceGroup.KIND_CPU)
 GPU_INSTANCE = InstanceSpec(name="test_0", kind=mc.ModelInstanceGroup.KIND_GPU, device_id=0)
@@ -220,3 +227,33 @@ def test_bytes_tensors_round_trip(tmp_path: Path) -> None:
     assert out["UPPER"].dtype == object
     assert list(out["UPPER"]) == [b"AB", b"\xffZ"]
     assert list(out["LENGTH"]) == [2, 2]
+
+
+def test_dtypes_model_round_trips_every_datatype_exactly(repo: Path) -> None:
+    assert DTYPES_DATATYPES == ALL_DATATYPES
+    sent = {d: kit_form(d, edge_values(d)) for d in DTYPES_DATATYPES}
+    out = load(repo, "dtypes_tf").infer({f"IN_{d}": a for d, a in sent.items()}, [])
+    assert sorted(out) == sorted(f"OUT_{d}" for d in DTYPES_DATATYPES)
+    for datatype, data in sent.items():
+        assert_identical(out[f"OUT_{datatype}"], data, datatype)
+
+
+def test_bf16_is_reinterpreted_not_converted() -> None:
+    bits = np.array([0x3F80, 0x4049, 0x7FC1], dtype=np.uint16).view(BF16_DTYPE)
+    tensor = to_tf(bits, tf.bfloat16)
+    assert tensor.dtype == tf.bfloat16
+    assert tensor.numpy()[:2].astype(np.float32).tolist() == [1.0, 3.140625]
+    assert to_numpy(tensor).dtype == BF16_DTYPE
+    assert to_numpy(tensor).tobytes() == bits.tobytes()
+    assert to_numpy(tensor[0]).shape == ()
+
+
+def test_autocomplete_maps_every_datatype(repo: Path) -> None:
+    config = mc.ModelConfig(name="dtypes_tf")
+    TensorflowRuntime.autocomplete(config, model_dir(repo, "dtypes_tf"))
+    declared = {io.name: io.data_type for io in config.input}
+    assert declared == {f"IN_{d}": config_type(d) for d in DTYPES_DATATYPES}
+
+
+def config_type(datatype: str) -> int:
+    return mc.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}")

@@ -12,6 +12,7 @@ from google.protobuf import text_format
 torch = pytest.importorskip("torch")
 
 from examples.build_torch import (  # noqa: E402
+    DTYPES_DATATYPES,
     SimpleAddSub,
     build_torch_repository,
     cnn_module,
@@ -23,6 +24,7 @@ from services.core.errors import InternalError, ModelLoadError, Unavailable  # n
 from services.core.runtime import InstanceSpec  # noqa: E402
 from services.torch.runtime import TorchRuntime  # noqa: E402
 from services.torch.tensors import CONFIG_TO_TORCH, to_numpy, to_torch  # noqa: E402
+from tests.datatype_samples import assert_identical, edge_values, kit_form  # noqa: E402
 
 CPU_INSTANCE = InstanceSpec(name="test_0", kind=mc.ModelInstanceGroup.KIND_CPU)
 GPU_INSTANCE = InstanceSpec(name="test_0", kind=mc.ModelInstanceGroup.KIND_GPU, device_id=0)
@@ -246,7 +248,21 @@ def test_writable_inputs_are_shared_not_copied() -> None:
     assert np.shares_memory(to_numpy(tensor), x)
 
 
-@pytest.mark.parametrize("data_type", [mc.TYPE_STRING, mc.TYPE_UINT32])
+def test_dtypes_model_round_trips_every_datatype_exactly(repo: Path) -> None:
+    sent = {d: kit_form(d, edge_values(d)) for d in DTYPES_DATATYPES}
+    out = load(repo, "dtypes_torch").infer({f"IN_{d}": a for d, a in sent.items()}, [])
+    assert sorted(out) == sorted(f"OUT_{d}" for d in DTYPES_DATATYPES)
+    for datatype, data in sent.items():
+        assert_identical(out[f"OUT_{datatype}"], data, datatype)
+
+
+def test_every_datatype_but_bytes_is_exchanged() -> None:
+    assert sorted(mc.DataType.Name(t) for t in CONFIG_TO_TORCH) == sorted(
+        f"TYPE_{d}" for d in DTYPES_DATATYPES
+    )
+
+
+@pytest.mark.parametrize("data_type", [mc.TYPE_STRING, mc.TYPE_INVALID])
 def test_unsupported_config_types_fail_to_load(repo: Path, data_type: int) -> None:
     config = read_config(repo, "simple_torch")
     config.input[0].data_type = data_type
