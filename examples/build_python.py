@@ -14,7 +14,9 @@
 - ``bls_python``: BLS: ``execute`` calls ``simple`` (the ONNX add/sub model of
   examples/build_repository.py, INT32 INPUT0/INPUT1 [16]) through the gateway and returns its
   OUTPUT0 doubled; a request parameter ``bls_model`` names another model to call instead, and
-  when that call fails (e.g. an unknown model) the client gets the BLS error's text.
+  when that call fails (e.g. an unknown model) the client gets the BLS error's text;
+- ``repeat_python``: a decoupled model (one response per input element, then the FINAL flag;
+  examples/python_decoupled.py).
 
 The steps of the ensembles in examples/build_ensemble.py (all batched, max_batch_size 8, dynamic
 batching; shapes below leave out the batch dimension):
@@ -41,6 +43,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from examples.cli import builder_main
+from examples.python_decoupled import REPEAT_CONFIG, REPEAT_MODEL
 
 ADD_SUB_CONFIG = """name: "add_sub_python"
 backend: "python"
@@ -467,6 +470,7 @@ EXAMPLES: dict[str, tuple[str, str]] = {
     "topk_python": (TOPK_CONFIG, TOPK_MODEL),
     "slow_a_python": (_slow_config("slow_a_python", scale=2, offset=0), SLOW_MODEL),
     "slow_b_python": (_slow_config("slow_b_python", scale=1, offset=1), SLOW_MODEL),
+    "repeat_python": (REPEAT_CONFIG, REPEAT_MODEL),
 }
 #: model name → other files of its model directory (name → text)
 EXTRA_FILES: dict[str, dict[str, str]] = {

@@ -426,6 +426,7 @@ def _other_families(root: Path) -> list[str]:
         "identity_python",
         "dtypes_python",
         "bls_python",
+        "repeat_python",
         *ensembles.python,
     ]
     build_python_repository(root, python_models)

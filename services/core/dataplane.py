@@ -7,8 +7,11 @@ statistics) are returned as the protocol's messages so both transports render th
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -16,6 +19,7 @@ from protos.gen.inference import grpc_service_pb2 as pb
 from protos.gen.inference import model_config_pb2 as mc
 from services.core import dtypes
 from services.core.classification import classify, load_labels
+from services.core.decoupled import ResponseStream, StreamItem
 from services.core.errors import InvalidArgument, ServingError, Unavailable
 from services.core.manager import ModelManager
 from services.core.model import ServedModel
@@ -31,6 +35,30 @@ from services.core.shm import CudaSharedMemory, SystemSharedMemory
 from services.core.tracing import trace_settings
 
 log = logging.getLogger(__name__)
+
+#: response parameter marking a stream's last response to a request (Triton's name)
+FINAL_PARAMETER = "triton_final_response"
+#: request parameter asking for an empty response when a decoupled model ends without outputs
+EMPTY_FINAL_PARAMETER = "triton_enable_empty_final_response"
+
+
+async def _next_response(stream: ResponseStream, execution: asyncio.Future[Any]) -> StreamItem:
+    """The model's next response; raises what execute raised if it fails before sending more."""
+    while True:
+        getter = asyncio.ensure_future(stream.get())
+        waiting: set[asyncio.Future[Any]] = {getter}
+        if not execution.done():
+            waiting.add(execution)
+        try:
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            getter.cancel()
+            raise
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        execution.result()  # execute failed: its error fails the request
+
 
 SERVER_VERSION = "0.1.0"
 #: the protocol extensions this server really implements (perf_analyzer looks for "statistics")
@@ -144,9 +172,55 @@ class DataPlane:
         if not self.state.live:
             raise Unavailable("server is shutting down")
         model = self.manager.get(request.model_name, request.model_version)
+        if model.decoupled:
+            raise InvalidArgument(
+                f"model '{model.name}' is decoupled (it may send any number of responses): call "
+                "it with ModelStreamInfer (tritonclient: start_stream + async_stream_infer)"
+            )
         result = await model.infer(request)
         outputs = self._outputs(model, request.outputs, result.outputs)
         return InferResponse(model.name, model.version_str, request.id, outputs)
+
+    async def infer_stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+        """The responses to one request of a stream: exactly one, or for a decoupled model each
+        one it sends, every one with ``triton_final_response`` (true on the last). A FINAL flag
+        sent without outputs becomes an empty response only when the request asked for it
+        (``triton_enable_empty_final_response``, as tritonclient sets it)."""
+        if not self.state.live:
+            raise Unavailable("server is shutting down")
+        model = self.manager.get(request.model_name, request.model_version)
+        if not model.decoupled:
+            yield await self.infer(request)
+            return
+        stream = request.response_stream = ResponseStream()
+        want_empty_final = bool(request.parameters.get(EMPTY_FINAL_PARAMETER, False))
+        execution = asyncio.ensure_future(model.infer(request))
+        try:
+            while True:
+                item = await _next_response(stream, execution)
+                if item.error is not None:
+                    raise item.error
+                if item.outputs is not None:
+                    outputs = self._outputs(model, request.outputs, item.outputs)
+                elif item.final and want_empty_final:
+                    outputs = []
+                else:
+                    continue
+                yield InferResponse(
+                    model.name,
+                    model.version_str,
+                    request.id,
+                    outputs,
+                    {FINAL_PARAMETER: item.final},
+                )
+                if item.final:
+                    break
+            await execution  # execute has returned by now, or returns soon
+        finally:
+            if not stream.final_sent:
+                stream.cancel()
+            if not execution.done():
+                execution.cancel()
 
     def _outputs(
         self, model: ServedModel, requested: list[RequestedOutput], values: dict[str, Array]

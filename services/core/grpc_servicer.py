@@ -223,8 +223,10 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
                 req.trace_context = tracing.current_context()
                 if not req.model_version:
                     req.model_version = routed
-                resp = encode_infer_response(await self._plane.infer(req))
-                await results.put(pb.ModelStreamInferResponse(infer_response=resp))
+                async for response in self._plane.infer_stream(req):
+                    await results.put(
+                        pb.ModelStreamInferResponse(infer_response=encode_infer_response(response))
+                    )
             except Exception as exc:
                 _record_failure(span, exc)
                 if isinstance(exc, ServingError):

@@ -139,6 +139,11 @@ class ServedModel:
         return model
 
     @property
+    def decoupled(self) -> bool:
+        """Whether the model sends its responses itself (any number; ModelStreamInfer only)."""
+        return self.config.model_transaction_policy.decoupled
+
+    @property
     def output_names(self) -> list[str]:
         return self._output_names
 

@@ -13,9 +13,13 @@ The datatype of every tensor is the one the model config declares.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from services.core.decoupled import ResponseStream
 
 Array = npt.NDArray[np.generic]
 ParamValue = bool | int | float | str
@@ -63,6 +67,9 @@ class InferRequest:
     #: the OpenTelemetry context of the request's span (``services.core.tracing.current_context``),
     #: set by the transport, for work on other threads (Python backend execute, its BLS calls)
     trace_context: object | None = None
+    #: where a decoupled model's responses go (``services.core.decoupled.ResponseStream``), set
+    #: by the data plane for ModelStreamInfer; None for every other request
+    response_stream: ResponseStream | None = None
 
 
 @dataclass(slots=True)

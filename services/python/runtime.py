@@ -40,6 +40,7 @@ from google.protobuf import json_format
 
 from protos.gen.inference import model_config_pb2 as mc
 from services.core import dtypes, tracing
+from services.core.decoupled import ResponseStream, StreamClosed, StreamItem
 from services.core.errors import (
     AlreadyExists,
     InternalError,
@@ -176,6 +177,8 @@ class PythonRuntime(Runtime):
         self.name = config.name
         self._batched = config.max_batch_size > 0
         self._output_types = {o.name: dtypes.from_config(o.data_type) for o in config.output}
+        #: decoupled: execute answers through each request's response sender, returns None
+        self._decoupled = config.model_transaction_policy.decoupled
         module = _import_model(self.name, model_path)
         self._module_name = module.__name__
         model_class = getattr(module, "TritonPythonModel", None)
@@ -233,6 +236,9 @@ class PythonRuntime(Runtime):
             for r in requests
         ]
         batches = [_batch_size(r.inputs) if self._batched else None for r in requests]
+        if self._decoupled:
+            for pb_request, request, batch in zip(pb_requests, requests, batches, strict=True):
+                pb_request._sender = self._sender(pb_request, request.response_stream, batch)
         # execute runs in a worker thread, outside the requests' trace context: attach the first
         # one's, so BLS calls made by execute join its trace
         context = next((r.trace_context for r in requests if r.trace_context is not None), None)
@@ -254,6 +260,15 @@ class PythonRuntime(Runtime):
             raise InternalError(
                 f"model '{self.name}': execute raised {type(exc).__name__}: {exc}"
             ) from exc
+        if self._decoupled:
+            if responses is not None and (
+                not isinstance(responses, list | tuple) or any(r is not None for r in responses)
+            ):
+                raise InternalError(
+                    f"model '{self.name}' is decoupled: execute must return None and send each "
+                    "response with request.get_response_sender().send(...)"
+                )
+            return [{} for _ in requests]
         if not isinstance(responses, list | tuple) or len(responses) != len(requests):
             count = (
                 len(responses) if isinstance(responses, list | tuple) else type(responses).__name__
@@ -266,6 +281,37 @@ class PythonRuntime(Runtime):
             self._result(request, response, batch)
             for request, response, batch in zip(requests, responses, batches, strict=True)
         ]
+
+    def _sender(
+        self,
+        request: pb_utils.InferenceRequest,
+        stream: ResponseStream | None,
+        batch: int | None,
+    ) -> pb_utils.InferenceResponseSender:
+        """The response sender of one request to a decoupled model, feeding its stream (a
+        request without one, e.g. a warm-up, has its responses checked and dropped)."""
+
+        def deliver(response: pb_utils.InferenceResponse | None, final: bool) -> None:
+            outputs: dict[str, Array] | None = None
+            error: ServingError | None = None
+            if response is not None:
+                result = self._result(request, response, batch)
+                if isinstance(result, ServingError):
+                    error = result
+                else:
+                    outputs = result
+            if stream is None:
+                return
+            try:
+                stream.send(StreamItem(outputs, error, final))
+            except StreamClosed as exc:
+                raise pb_utils.TritonModelException(
+                    f"model '{self.name}': request '{request.request_id()}': {exc}"
+                ) from None
+
+        return pb_utils.InferenceResponseSender(
+            deliver, lambda: stream is not None and stream.cancelled
+        )
 
     def _result(
         self, request: pb_utils.InferenceRequest, response: object, batch: int | None

@@ -7,7 +7,8 @@ model, then hands ``execute`` a list of :class:`InferenceRequest` and expects on
 tensors live in the same process, so a :class:`Tensor` wraps its numpy array without copying.
 
 BLS (``InferenceRequest(...).exec()`` / ``await ....async_exec()``) calls other models through
-the mesh's gateway (services/python/bls.py). Not offered yet: decoupled models and decoupled BLS,
+the mesh's gateway (services/python/bls.py). Decoupled models answer through
+``request.get_response_sender()`` (clients use ModelStreamInfer). Not offered yet: decoupled BLS,
 GPU tensors (every tensor is on the CPU).
 """
 
@@ -15,15 +16,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "TRITONSERVER_RESPONSE_COMPLETE_FINAL",
     "InferenceRequest",
     "InferenceResponse",
+    "InferenceResponseSender",
     "Logger",
     "Tensor",
     "TritonError",
@@ -39,6 +42,9 @@ __all__ = [
 ]
 
 NDArray = npt.NDArray[Any]
+
+#: the flag of a decoupled model's last response to a request (``InferenceResponseSender.send``)
+TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
 
 #: Triton's ``inference.DataType`` enum values (model_config.proto)
 TYPE_INVALID, TYPE_BOOL, TYPE_UINT8, TYPE_UINT16, TYPE_UINT32, TYPE_UINT64 = range(6)
@@ -195,6 +201,8 @@ class InferenceRequest:
         self._model_version = model_version
         self._timeout = timeout
         del preferred_memory, trace  # accepted for Triton compatibility; tensors stay on the CPU
+        #: set by the runtime for requests to a decoupled model
+        self._sender: InferenceResponseSender | None = None
 
     def inputs(self) -> list[Tensor]:
         """Every input tensor of the request."""
@@ -225,8 +233,17 @@ class InferenceRequest:
         return self._model_name
 
     def is_cancelled(self) -> bool:
-        """Whether the client cancelled the request (never observed here yet)."""
-        return False
+        """Whether the client stopped waiting (observed for decoupled models' streams)."""
+        return self._sender is not None and self._sender.is_cancelled()
+
+    def get_response_sender(self) -> InferenceResponseSender:
+        """Decoupled models: the sender of this request's responses."""
+        if self._sender is None:
+            raise TritonModelException(
+                "get_response_sender() is for decoupled models: set "
+                "model_transaction_policy { decoupled: true } in the config"
+            )
+        return self._sender
 
     def model_version(self) -> int:
         """The version a BLS call asks for (-1: the version the server picks)."""
@@ -250,6 +267,31 @@ class InferenceRequest:
         from services.python import bls
 
         return await bls.execute_async(self, decoupled)
+
+
+class InferenceResponseSender:
+    """A decoupled model's way to answer one request: any number of ``send`` calls, from any
+    thread, during or after ``execute``; the last one has
+    ``flags=TRITONSERVER_RESPONSE_COMPLETE_FINAL`` (with a response, or alone)."""
+
+    def __init__(
+        self,
+        deliver: Callable[[InferenceResponse | None, bool], None],
+        cancelled: Callable[[], bool],
+    ) -> None:
+        self._deliver = deliver
+        self._cancelled = cancelled
+
+    def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
+        """Send ``response`` (None: only the flag); raises after the FINAL one was sent."""
+        final = bool(flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        if response is None and not final:
+            raise TritonModelException("send() needs a response unless it carries the FINAL flag")
+        self._deliver(response, final)
+
+    def is_cancelled(self) -> bool:
+        """Whether the client stopped waiting for this request's responses."""
+        return self._cancelled()
 
 
 class InferenceResponse:
@@ -346,7 +388,7 @@ def get_output_config_by_name(model_config: Mapping[str, Any], name: str) -> dic
 
 
 def using_decoupled_model_transaction_policy(model_config: Mapping[str, Any]) -> bool:
-    """Whether the config asks for a decoupled model (not served by this server yet)."""
+    """Whether the config asks for a decoupled model (responses sent by a response sender)."""
     policy = model_config.get("model_transaction_policy") or {}
     return bool(policy.get("decoupled", False))
 

@@ -1,4 +1,5 @@
-"""BLS through the whole mesh: a Python model calls the ONNX model ``simple`` via the gateway.
+"""The Python service in the whole mesh: BLS (a Python model calls the ONNX model ``simple`` via
+the gateway) and a decoupled model streaming its responses through the gateway.
 
 One mesh serves ``simple`` (ONNX service) and ``bls_python`` (Python service) from one repository.
 A client calls ``bls_python`` through the gateway; its ``execute`` sends a BLS request back
@@ -10,8 +11,10 @@ with the BLS error's text reaching the client.
 from __future__ import annotations
 
 import importlib.util
+import queue
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -34,7 +37,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshHandle]:
     repo = root / "models"
     repo.mkdir()
     build_repository(repo, ["simple"])
-    build_python_repository(repo, ["bls_python"])
+    build_python_repository(repo, ["bls_python", "repeat_python"])
     with running_mesh(repo, root) as handle:
         yield handle
 
@@ -57,3 +60,23 @@ def test_bls_error_text_reaches_the_client(mesh: MeshHandle) -> None:
             client.infer("bls_python", inputs, parameters={"bls_model": "no_such_model"})
         result = client.infer("bls_python", inputs)  # the service keeps serving
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), 2 * total)
+
+
+def test_decoupled_model_streams_through_the_gateway(mesh: MeshHandle) -> None:
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client = grpcclient.InferenceServerClient(mesh.grpc_url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        tensor = grpcclient.InferInput("IN", [3], "INT32")
+        tensor.set_data_from_numpy(np.array([7, 8, 9], dtype=np.int32))
+        client.async_stream_infer(
+            "repeat_python", [tensor], request_id="s1", enable_empty_final_response=True
+        )
+        got = [results.get(timeout=10) for _ in range(4)]
+    finally:
+        client.stop_stream()
+        client.close()
+    assert all(error is None for _, error in got)
+    assert [int(r.as_numpy("OUT")[0]) for r, _ in got[:3]] == [7, 8, 9]
+    final = got[3][0].get_response().parameters["triton_final_response"].bool_param
+    assert final and got[3][0].as_numpy("OUT") is None

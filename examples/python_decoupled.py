@@ -1,0 +1,78 @@
+"""A decoupled Python-backend example (Triton's ``model_transaction_policy { decoupled: true }``).
+
+``repeat_python``: INT32 ``IN`` [-1] → one response per element, each ``OUT`` INT32 [1] (the
+element) and ``IDX`` UINT32 [1] (its position), sent from a thread after ``execute`` returned,
+``DELAY_MS`` (optional UINT32 [1], default 0) apart; then the FINAL flag alone. An empty ``IN``
+gets only the FINAL flag; a negative element fails the request with INVALID_ARG after the
+responses before it. The model stops early when the client stops listening
+(``request.is_cancelled()``). Clients use ModelStreamInfer (tritonclient ``start_stream`` +
+``async_stream_infer``). Written as a Triton user writes such a model.
+"""
+
+from __future__ import annotations
+
+REPEAT_CONFIG = """name: "repeat_python"
+backend: "python"
+max_batch_size: 0
+model_transaction_policy { decoupled: true }
+input [
+  { name: "IN" data_type: TYPE_INT32 dims: [ -1 ] },
+  { name: "DELAY_MS" data_type: TYPE_UINT32 dims: [ 1 ] optional: true }
+]
+output [
+  { name: "OUT" data_type: TYPE_INT32 dims: [ 1 ] },
+  { name: "IDX" data_type: TYPE_UINT32 dims: [ 1 ] }
+]
+instance_group [ { kind: KIND_CPU } ]
+"""
+
+REPEAT_MODEL = '''"""Repeat: one response per element of IN, then the FINAL flag (decoupled)."""
+
+import threading
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.threads = []
+
+    def execute(self, requests):
+        for request in requests:
+            values = pb_utils.get_input_tensor_by_name(request, "IN").as_numpy()
+            delay = pb_utils.get_input_tensor_by_name(request, "DELAY_MS")
+            delay_s = float(delay.as_numpy()[0]) / 1000.0 if delay is not None else 0.0
+            thread = threading.Thread(
+                target=self.repeat, args=(request, values.copy(), delay_s), daemon=True
+            )
+            thread.start()
+            self.threads.append(thread)
+        return None
+
+    def repeat(self, request, values, delay_s):
+        sender = request.get_response_sender()
+        for index, value in enumerate(values):
+            if request.is_cancelled():
+                break
+            if value < 0:
+                error = pb_utils.TritonError(
+                    f"IN[{index}] is {value}; repeat takes non-negative values",
+                    pb_utils.TritonError.INVALID_ARG,
+                )
+                sender.send(
+                    pb_utils.InferenceResponse(error=error),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+                )
+                return
+            out = pb_utils.Tensor("OUT", np.array([value], dtype=np.int32))
+            idx = pb_utils.Tensor("IDX", np.array([index], dtype=np.uint32))
+            sender.send(pb_utils.InferenceResponse(output_tensors=[out, idx]))
+            time.sleep(delay_s)
+        sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def finalize(self):
+        for thread in self.threads:
+            thread.join(timeout=5)
+'''
