@@ -33,7 +33,7 @@ from pathlib import Path
 
 from examples.build_python import EXAMPLES as PYTHON_EXAMPLES
 from examples.build_python import build_python_repository
-from examples.cli import builder_main
+from examples.cli import builder_main, write_if_changed
 
 #: the batch size every ensemble (and so every step) accepts
 MAX_BATCH = 8
@@ -199,17 +199,6 @@ def required_models(names: Iterable[str] | None = None) -> RequiredModels:
     )
 
 
-def _write_if_changed(path: Path, text: str) -> None:
-    """Write atomically, and only when the text differs (keeps rebuilds cheap, mtimes stable)."""
-    data = text.encode()
-    if path.is_file() and path.read_bytes() == data:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def build_ensemble_repository(
     root: Path, names: Iterable[str] | None = None, *, steps: bool = True
 ) -> None:
@@ -223,7 +212,7 @@ def build_ensemble_repository(
 
             build_repository(root, needed.onnx)
     for name in needed.ensembles:
-        _write_if_changed(root / name / "config.pbtxt", ENSEMBLES[name].config())
+        write_if_changed(root / name / "config.pbtxt", ENSEMBLES[name].config())
         (root / name / "1").mkdir(parents=True, exist_ok=True)
 
 

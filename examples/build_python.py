@@ -42,7 +42,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from examples.cli import builder_main
+from examples.cli import TRITON_DATATYPES, builder_main, write_if_changed
 from examples.python_decoupled import REPEAT_CONFIG, REPEAT_MODEL
 
 ADD_SUB_CONFIG = """name: "add_sub_python"
@@ -118,22 +118,7 @@ class TritonPythonModel:
 '''
 
 #: the datatypes of ``dtypes_python``: all of Triton's
-DTYPES_DATATYPES = (
-    "BOOL",
-    "UINT8",
-    "UINT16",
-    "UINT32",
-    "UINT64",
-    "INT8",
-    "INT16",
-    "INT32",
-    "INT64",
-    "FP16",
-    "FP32",
-    "FP64",
-    "BF16",
-    "BYTES",
-)
+DTYPES_DATATYPES = TRITON_DATATYPES
 
 
 def _dtypes_config(datatypes: Sequence[str]) -> str:
@@ -478,17 +463,6 @@ EXTRA_FILES: dict[str, dict[str, str]] = {
 }
 
 
-def _write_if_changed(path: Path, text: str) -> None:
-    """Write atomically, and only when the text differs (keeps rebuilds cheap, mtimes stable)."""
-    data = text.encode()
-    if path.is_file() and path.read_bytes() == data:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def build_python_repository(root: Path, names: Iterable[str] | None = None) -> None:
     """Write the named Python example models (all when ``names`` is None) under ``root``."""
     wanted = list(EXAMPLES) if names is None else list(names)
@@ -499,10 +473,10 @@ def build_python_repository(root: Path, names: Iterable[str] | None = None) -> N
         )
     for name in wanted:
         config, model = EXAMPLES[name]
-        _write_if_changed(root / name / "config.pbtxt", config)
-        _write_if_changed(root / name / "1" / "model.py", model)
+        write_if_changed(root / name / "config.pbtxt", config)
+        write_if_changed(root / name / "1" / "model.py", model)
         for filename, text in EXTRA_FILES.get(name, {}).items():
-            _write_if_changed(root / name / filename, text)
+            write_if_changed(root / name / filename, text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,7 +29,7 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from examples.cli import builder_parser
+from examples.cli import builder_parser, write_if_changed
 
 #: onnxruntime 1.31 reads IR versions up to 13; onnx 1.23 would write 14 by default
 IR_VERSION = 8
@@ -362,23 +362,13 @@ BUILDERS: dict[str, Callable[[], ExampleModel]] = {
 }
 
 
-def _write_if_changed(path: Path, data: bytes) -> None:
-    """Write atomically, and only when the bytes differ (keeps rebuilds cheap and mtimes stable)."""
-    if path.is_file() and path.read_bytes() == data:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def write_model(root: Path, name: str, example: ExampleModel) -> None:
     """Write one model directory: config.pbtxt, 1/model.onnx and extra files."""
     model_dir = root / name
-    _write_if_changed(model_dir / "config.pbtxt", example.config.encode())
-    _write_if_changed(model_dir / "1" / "model.onnx", example.model.SerializeToString())
+    write_if_changed(model_dir / "config.pbtxt", example.config.encode())
+    write_if_changed(model_dir / "1" / "model.onnx", example.model.SerializeToString())
     for filename, text in example.extra_files.items():
-        _write_if_changed(model_dir / filename, text.encode())
+        write_if_changed(model_dir / filename, text.encode())
 
 
 def build_repository(root: Path, names: Iterable[str] | None = None) -> None:

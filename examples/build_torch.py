@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from examples.cli import builder_main
+from examples.cli import TRITON_DATATYPES, builder_main, write_if_changed
 
 SEED = 20261121
 MAX_BATCH = 64
@@ -55,21 +55,7 @@ class SimpleAddSub(nn.Module):
 
 
 #: the datatypes of ``dtypes_torch``, in its forward()'s argument order
-DTYPES_DATATYPES = (
-    "BOOL",
-    "UINT8",
-    "UINT16",
-    "UINT32",
-    "UINT64",
-    "INT8",
-    "INT16",
-    "INT32",
-    "INT64",
-    "FP16",
-    "FP32",
-    "FP64",
-    "BF16",
-)
+DTYPES_DATATYPES = tuple(d for d in TRITON_DATATYPES if d != "BYTES")
 
 
 class DtypesIdentity(nn.Module):
@@ -258,23 +244,13 @@ BUILDERS: dict[str, Callable[[], TorchExample]] = {
 }
 
 
-def _write_if_changed(path: Path, data: bytes) -> None:
-    """Write atomically, and only when the bytes differ (keeps rebuilds cheap and mtimes stable)."""
-    if path.is_file() and path.read_bytes() == data:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def write_model(root: Path, name: str, example: TorchExample) -> None:
     """Write one model directory: config.pbtxt, 1/<model file> and extra files."""
     model_dir = root / name
-    _write_if_changed(model_dir / "config.pbtxt", example.config.encode())
-    _write_if_changed(model_dir / "1" / example.filename, example.model)
+    write_if_changed(model_dir / "config.pbtxt", example.config.encode())
+    write_if_changed(model_dir / "1" / example.filename, example.model)
     for filename, text in example.extra_files.items():
-        _write_if_changed(model_dir / filename, text.encode())
+        write_if_changed(model_dir / filename, text.encode())
 
 
 def build_torch_repository(root: Path, names: Iterable[str] | None = None) -> None:

@@ -6,6 +6,35 @@ import argparse
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+#: every Triton datatype, in the protocol's order (the dtypes_* identity examples use them)
+TRITON_DATATYPES = (
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+    "BF16",
+    "BYTES",
+)
+
+
+def write_if_changed(path: Path, data: bytes | str) -> None:
+    """Write atomically, and only when the content differs (rebuilds stay cheap, mtimes stable)."""
+    raw = data.encode() if isinstance(data, str) else data
+    if path.is_file() and path.read_bytes() == raw:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(raw)
+    tmp.replace(path)
+
 
 def builder_parser(prog: str, description: str, names: Iterable[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
