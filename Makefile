@@ -10,10 +10,16 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 setup: $(STAMP)
 
+# xds-protos ships an older copy of opentelemetry/proto/*; which copy wins depends on the install
+# order, and the OTLP exporter needs opentelemetry-proto's own: setup reinstalls it last, as
+# pyproject.toml pins it
+export OTEL_PROTO_PIN := import tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print(next(d for d in deps if d.startswith("opentelemetry-proto")))
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[onnx,torch,tensorflow,python,dev]'
+	$(PY) -m pip install -q --force-reinstall --no-deps "$$($(PY) -c "$$OTEL_PROTO_PIN")"
 	touch $(STAMP)
 
 models: $(STAMP)
