@@ -94,6 +94,11 @@ def build_graph(config: mc.ModelConfig, lookup: ConfigLookup) -> EnsembleGraph:
         if found is None:
             raise fail(f"{step.label}: no model named '{step.model_name}' in the repository")
         configs[step.index] = found
+        if found.model_transaction_policy.decoupled:
+            raise fail(
+                f"{step.label} is decoupled (any number of responses per request); ensemble "
+                "steps are single-response calls: use a model that answers once"
+            )
         if _reaches(step.model_name, name, lookup, set()):
             raise fail(f"{step.label} is an ensemble that calls '{name}' back: a cycle")
 
