@@ -56,6 +56,7 @@ FILE_FAMILY = {
     "model.onnx": "onnx",
     "model.pt": "torch",
     "model.savedmodel": "tensorflow",
+    "model.graphdef": "tensorflow",
     "model.plan": "tensorrt",
     "model.py": "python",
 }

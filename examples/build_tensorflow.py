@@ -10,6 +10,8 @@ services/tensorflow (``<dir>/<name>/1/model.savedmodel/``):
   dynamic batching;
 - ``simple_tf_auto``: the ``simple_tf`` SavedModel with NO config.pbtxt, so the service
   auto-completes its config from the signature (max_batch_size 4, dynamic batching);
+- ``simple_tf_graphdef``: ``simple_tf`` as a frozen GraphDef (``1/model.graphdef``, platform
+  ``tensorflow_graphdef``; Placeholders INPUT0/INPUT1, Identity ops OUTPUT0/OUTPUT1);
 - ``dtypes_tf``: identity per datatype for the conformance suite: signature input
   ``IN_<DTYPE>`` [-1] → output ``OUT_<DTYPE>`` (``tf.identity``) for all 14 Triton datatypes
   (BYTES as tf.string, BF16 as tf.bfloat16), max_batch_size 8.
@@ -41,6 +43,7 @@ import tensorflow as tf  # type: ignore[import-untyped]  # no py.typed
 SEED = 20261121
 MAX_BATCH = 64
 SAVEDMODEL_DIR = "model.savedmodel"
+GRAPHDEF_FILE = "model.graphdef"
 MLP_SIZES = (256, 1024, 1024, 10)
 #: one dense layer: kernel [in, out] and bias [out]
 Layer = tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]
@@ -192,8 +195,33 @@ def build_dtypes(path: Path) -> str:
     return _config("dtypes_tf", inputs, outputs, 8, 0)
 
 
+def build_simple_graphdef(path: Path) -> str:
+    """The simple model as a frozen GraphDef (``model.graphdef`` beside where a SavedModel would
+    go): Placeholders INPUT0/INPUT1, Identity ops OUTPUT0/OUTPUT1; returns its config."""
+    from tensorflow.python.framework.convert_to_constants import (  # type: ignore[import-untyped]
+        convert_variables_to_constants_v2,
+    )
+
+    specs = [tf.TensorSpec([None, 16], tf.int32, name=f"INPUT{i}") for i in range(2)]
+
+    @tf.function(input_signature=specs)  # type: ignore[untyped-decorator]  # untyped in TF
+    def simple(a: Any, b: Any) -> list[Any]:
+        return [tf.identity(a + b, name="OUTPUT0"), tf.identity(a - b, name="OUTPUT1")]
+
+    concrete = simple.get_concrete_function()
+    graph_def = convert_variables_to_constants_v2(concrete).graph.as_graph_def()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.parent / GRAPHDEF_FILE).write_bytes(graph_def.SerializeToString())
+    inputs = [_io(f"INPUT{i}", "TYPE_INT32", [16]) for i in range(2)]
+    outputs = [_io(f"OUTPUT{i}", "TYPE_INT32", [16]) for i in range(2)]
+    return _config("simple_tf_graphdef", inputs, outputs, 8, 0).replace(
+        'platform: "tensorflow_savedmodel"', 'platform: "tensorflow_graphdef"'
+    )
+
+
 BUILDERS: dict[str, Builder] = {
     "simple_tf": build_simple,
+    "simple_tf_graphdef": build_simple_graphdef,
     "mlp_tf": build_mlp,
     "simple_tf_auto": build_simple_auto,
     "dtypes_tf": build_dtypes,

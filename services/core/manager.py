@@ -193,16 +193,18 @@ class ModelManager:
     def _runtime_for(
         self, config: mc.ModelConfig, model_dir: repo.ModelDir
     ) -> type[Runtime] | None:
-        for rt in self._runtimes:
-            if config.platform in rt.platforms or (config.backend and config.backend == rt.backend):
-                return rt
-        if config.platform or config.backend:
-            return None
-        for rt in self._runtimes:
+        """The runtime for a model: by platform; else among the runtimes of its backend (all,
+        with neither) the one whose model file the version folders hold."""
+        if config.platform:
+            return next((rt for rt in self._runtimes if config.platform in rt.platforms), None)
+        candidates = [
+            rt for rt in self._runtimes if not config.backend or rt.backend == config.backend
+        ]
+        for rt in candidates:
             filename = config.default_model_filename or rt.default_model_filename
             if filename and any((p / filename).exists() for p in model_dir.versions.values()):
                 return rt
-        return None
+        return candidates[0] if config.backend and candidates else None
 
     def _prepare(
         self, name: str, model_dir: repo.ModelDir, override: mc.ModelConfig | None

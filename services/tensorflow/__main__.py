@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
+        from services.tensorflow.graphdef import TensorflowGraphdefRuntime
         from services.tensorflow.runtime import TensorflowRuntime
     except ImportError as exc:
         print(
@@ -18,7 +19,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from services.core.server import run_service
 
     return run_service(
-        [TensorflowRuntime], argv, prog="python -m services.tensorflow", family="tensorflow"
+        [TensorflowRuntime, TensorflowGraphdefRuntime],
+        argv,
+        prog="python -m services.tensorflow",
+        family="tensorflow",
     )
 
 

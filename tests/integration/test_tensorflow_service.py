@@ -17,6 +17,7 @@ import tritonclient.http as httpclient  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from examples.build_tensorflow import build_tensorflow_repository, mlp_reference  # noqa: E402
+from services.tensorflow.graphdef import TensorflowGraphdefRuntime  # noqa: E402
 from services.tensorflow.runtime import TensorflowRuntime  # noqa: E402
 from tests.support import ServerThread, batched_counts, settings_for  # noqa: E402
 
@@ -25,7 +26,8 @@ from tests.support import ServerThread, batched_counts, settings_for  # noqa: E4
 def tf_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     root: Path = tmp_path_factory.mktemp("tensorflow_models")
     build_tensorflow_repository(root)
-    server = ServerThread(settings_for(root), [TensorflowRuntime]).start()
+    runtimes = [TensorflowRuntime, TensorflowGraphdefRuntime]
+    server = ServerThread(settings_for(root), runtimes).start()
     try:
         yield server
     finally:
@@ -172,3 +174,16 @@ def test_unknown_output_is_rejected(client: grpcclient.InferenceServerClient) ->
         )
     assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "NOPE" in str(info.value)
+
+
+def test_frozen_graphdef_served_beside_savedmodels(
+    client: grpcclient.InferenceServerClient, http: httpclient.InferenceServerClient
+) -> None:
+    assert client.get_model_metadata("simple_tf_graphdef").platform == "tensorflow_graphdef"
+    a = np.arange(32, dtype=np.int32).reshape(2, 16)
+    b = np.full((2, 16), 5, dtype=np.int32)
+    result = client.infer("simple_tf_graphdef", simple_inputs(a, b))
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+    result = http.infer("simple_tf_graphdef", simple_inputs(a, b, httpclient))
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
