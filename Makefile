@@ -49,6 +49,8 @@ protos: $(STAMP)
 bench: models
 	bash benchmarks/setup_perf_analyzer.sh
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.seed
+	$(PY) -m benchmarks.ensemble
 
 clean:
 	rm -rf $(VENV) $(MODELS) .pytest_cache .mypy_cache .ruff_cache

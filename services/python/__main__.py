@@ -8,6 +8,9 @@ from collections.abc import Sequence
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve every ``backend: "python"`` model of the repository."""
+    from services.core.allocator import tune_for_tensors
+
+    tune_for_tensors()  # before any thread exists: torch's tensors come from malloc
     from services.core.server import run_service
     from services.python.runtime import PythonRuntime
 

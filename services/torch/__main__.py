@@ -7,6 +7,9 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from services.core.allocator import tune_for_tensors
+
+    tune_for_tensors()  # before any thread exists: torch's tensors come from malloc
     try:
         from services.torch.runtime import TorchRuntime
     except ImportError as exc:
