@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from examples.cli import builder_parser, write_if_changed
+from examples.cli import builder_parser, config_type, write_if_changed
+from examples.onnx_convnet import ConvNet, he_weights, initializer
 
 #: onnxruntime 1.31 reads IR versions up to 13; onnx 1.23 would write 14 by default
 IR_VERSION = 8
@@ -50,8 +50,6 @@ CNN_LABELS = (
     "ship",
     "truck",
 )
-
-FloatArray = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,11 +175,6 @@ ONNX_TYPES: dict[str, int] = {
 DTYPES_DATATYPES = tuple(ONNX_TYPES)
 
 
-def _config_type(datatype: str) -> str:
-    """The config enum name of a Triton datatype (BYTES → TYPE_STRING)."""
-    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
-
-
 def _named_io_block(kind: str, tensors: Sequence[tuple[str, str]], dims: str) -> str:
     """A config ``input``/``output`` list of (name, data_type) entries, all with ``dims``."""
     entries = ",\n".join(
@@ -206,21 +199,11 @@ def build_dtypes() -> ExampleModel:
     graph = helper.make_graph(nodes, "dtypes_onnx", inputs, outputs)
     config = (
         'name: "dtypes_onnx"\nbackend: "onnxruntime"\nmax_batch_size: 8\n'
-        + _named_io_block("input", [(f"IN_{d}", _config_type(d)) for d in DTYPES_DATATYPES], "-1")
-        + _named_io_block("output", [(f"OUT_{d}", _config_type(d)) for d in DTYPES_DATATYPES], "-1")
+        + _named_io_block("input", [(f"IN_{d}", config_type(d)) for d in DTYPES_DATATYPES], "-1")
+        + _named_io_block("output", [(f"OUT_{d}", config_type(d)) for d in DTYPES_DATATYPES], "-1")
         + "dynamic_batching { }\n"
     )
     return ExampleModel(config, _model(graph), {})
-
-
-def _he(rng: np.random.Generator, shape: Sequence[int], fan_in: int) -> FloatArray:
-    """He-initialised weights: activations keep their scale through ReLU layers."""
-    weights: FloatArray = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-    return weights
-
-
-def _init(name: str, array: npt.NDArray[np.generic]) -> onnx.TensorProto:
-    return numpy_helper.from_array(array, name)
 
 
 def _batched_config(
@@ -250,8 +233,8 @@ def build_mlp(seed: int = SEED) -> ExampleModel:
         last = i == len(widths) - 2
         out = "OUTPUT0" if last else f"fc{i}"
         inits += [
-            _init(f"fc{i}.weight", _he(rng, (fan_out, fan_in), fan_in)),
-            _init(f"fc{i}.bias", np.zeros(fan_out, dtype=np.float32)),
+            initializer(f"fc{i}.weight", he_weights(rng, (fan_out, fan_in), fan_in)),
+            initializer(f"fc{i}.bias", np.zeros(fan_out, dtype=np.float32)),
         ]
         nodes.append(
             helper.make_node(
@@ -272,59 +255,9 @@ def build_mlp(seed: int = SEED) -> ExampleModel:
     return ExampleModel(config, _model(graph), {})
 
 
-class _ConvNet:
-    """Accumulates the nodes and initialisers of a ResNet-style graph."""
-
-    def __init__(self, rng: np.random.Generator) -> None:
-        self.rng = rng
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-
-    def conv_bn(self, x: str, name: str, c_in: int, c_out: int, k: int, stride: int) -> str:
-        """Conv (no bias) followed by BatchNormalization, as exported from training code."""
-        w = _he(self.rng, (c_out, c_in, k, k), c_in * k * k)
-        gamma = (1.0 + 0.1 * self.rng.standard_normal(c_out)).astype(np.float32)
-        beta = (0.1 * self.rng.standard_normal(c_out)).astype(np.float32)
-        mean = (0.1 * self.rng.standard_normal(c_out)).astype(np.float32)
-        var = (1.0 + 0.1 * self.rng.random(c_out)).astype(np.float32)
-        for suffix, value in (("w", w), ("g", gamma), ("b", beta), ("m", mean), ("v", var)):
-            self.inits.append(_init(f"{name}.{suffix}", value))
-        pad = k // 2
-        self.nodes.append(
-            helper.make_node(
-                "Conv",
-                [x, f"{name}.w"],
-                [f"{name}.conv"],
-                kernel_shape=[k, k],
-                strides=[stride, stride],
-                pads=[pad, pad, pad, pad],
-                name=f"{name}.conv",
-            )
-        )
-        bn_inputs = [f"{name}.conv", *(f"{name}.{s}" for s in "gbmv")]
-        self.nodes.append(
-            helper.make_node("BatchNormalization", bn_inputs, [f"{name}.bn"], name=f"{name}.bn")
-        )
-        return f"{name}.bn"
-
-    def relu(self, x: str) -> str:
-        self.nodes.append(helper.make_node("Relu", [x], [f"{x}.relu"], name=f"{x}.relu"))
-        return f"{x}.relu"
-
-    def basic_block(self, x: str, name: str, c_in: int, c_out: int, stride: int) -> str:
-        """Two 3x3 conv-bn layers plus the (projected when the shape changes) shortcut."""
-        y = self.relu(self.conv_bn(x, f"{name}.a", c_in, c_out, 3, stride))
-        y = self.conv_bn(y, f"{name}.b", c_out, c_out, 3, 1)
-        shortcut = x
-        if stride != 1 or c_in != c_out:
-            shortcut = self.conv_bn(x, f"{name}.proj", c_in, c_out, 1, stride)
-        self.nodes.append(helper.make_node("Add", [y, shortcut], [f"{name}.add"], name=name))
-        return self.relu(f"{name}.add")
-
-
 def build_cnn(seed: int = SEED + 1) -> ExampleModel:
     """FP32 [3, 64, 64] image → 10 class scores: a small ResNet (stem, 4 stages x 2 blocks)."""
-    net = _ConvNet(np.random.default_rng(seed))
+    net = ConvNet(np.random.default_rng(seed))
     x = net.relu(net.conv_bn("INPUT0", "stem", 3, 32, 3, 2))
     stages = [(32, 1), (64, 2), (128, 2), (256, 2)]
     c_in = 32
@@ -338,8 +271,8 @@ def build_cnn(seed: int = SEED + 1) -> ExampleModel:
         helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["OUTPUT0"], transB=1),
     ]
     net.inits += [
-        _init("fc.weight", _he(net.rng, (10, c_in), c_in)),
-        _init("fc.bias", np.zeros(10, dtype=np.float32)),
+        initializer("fc.weight", he_weights(net.rng, (10, c_in), c_in)),
+        initializer("fc.bias", np.zeros(10, dtype=np.float32)),
     ]
     graph = helper.make_graph(
         net.nodes,

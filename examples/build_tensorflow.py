@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from examples.cli import builder_main
+from examples.cli import builder_main, config_type
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # type: ignore[import-untyped]  # no py.typed
@@ -136,11 +136,6 @@ class _Dtypes(tf.Module):  # type: ignore[misc]  # tf.Module is untyped (Any)
         return {f"OUT_{key[3:]}": tf.identity(value) for key, value in inputs.items()}
 
 
-def _config_type(datatype: str) -> str:
-    """The config enum name of a Triton datatype (BYTES → TYPE_STRING)."""
-    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
-
-
 def _io(name: str, type_name: str, dims: Sequence[int]) -> str:
     dim_text = ", ".join(str(d) for d in dims)
     return f'  {{\n    name: "{name}"\n    data_type: {type_name}\n    dims: [ {dim_text} ]\n  }}'
@@ -190,8 +185,8 @@ def build_dtypes(path: Path) -> str:
     """IN_<DTYPE> [-1] → OUT_<DTYPE> unchanged for every datatype; returns its config."""
     module = _Dtypes()
     tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
-    inputs = [_io(f"IN_{d}", _config_type(d), [-1]) for d in DTYPES_DATATYPES]
-    outputs = [_io(f"OUT_{d}", _config_type(d), [-1]) for d in DTYPES_DATATYPES]
+    inputs = [_io(f"IN_{d}", config_type(d), [-1]) for d in DTYPES_DATATYPES]
+    outputs = [_io(f"OUT_{d}", config_type(d), [-1]) for d in DTYPES_DATATYPES]
     return _config("dtypes_tf", inputs, outputs, 8, 0)
 
 

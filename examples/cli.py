@@ -25,6 +25,11 @@ TRITON_DATATYPES = (
 )
 
 
+def config_type(datatype: str) -> str:
+    """The config enum name of a Triton datatype (BYTES → TYPE_STRING)."""
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
 def write_if_changed(path: Path, data: bytes | str) -> None:
     """Write atomically, and only when the content differs (rebuilds stay cheap, mtimes stable)."""
     raw = data.encode() if isinstance(data, str) else data
