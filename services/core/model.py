@@ -90,6 +90,8 @@ class ServedModel:
         self._instances = list(instances)
         self._executor = executor
         self._batched = config.max_batch_size > 0
+        #: the model sends its responses itself (any number; ModelStreamInfer only)
+        self.decoupled = config.model_transaction_policy.decoupled
         self._output_names = [o.name for o in config.output]
         self._output_datatypes = {
             o.name: dtypes.triton_from_config(o.data_type) for o in config.output
@@ -137,11 +139,6 @@ class ServedModel:
             raise
         model.batcher.start()
         return model
-
-    @property
-    def decoupled(self) -> bool:
-        """Whether the model sends its responses itself (any number; ModelStreamInfer only)."""
-        return self.config.model_transaction_policy.decoupled
 
     @property
     def output_names(self) -> list[str]:
