@@ -184,6 +184,9 @@ def _model_cluster(name: str, *, http2: bool) -> cluster_pb2.Cluster:
         connect_timeout=_seconds(1),
         lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,
         typed_extension_protocol_options=_protocol_options(http2),
+        # A replica that left the registry (it deregistered to stop) leaves the load balancer at
+        # once; by default Envoy keeps a removed host until its health checks fail (~2 s)
+        ignore_health_on_host_removal=True,
         # Eject a replica for connection-level failures only (refused, reset, timed out: it is
         # down). A model's own answers (e.g. UNAVAILABLE while it unloads, which gRPC maps to 503)
         # say nothing about the host and must not eject it from the cluster.

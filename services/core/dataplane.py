@@ -82,6 +82,8 @@ class ServerState:
 
     live: bool = True
     ready: bool = False
+    #: inference requests that reached this process (a leaving service waits for it to stand still)
+    arrivals: int = 0
     log_settings: dict[str, str | int | bool] = field(default_factory=dict)
 
 
@@ -169,6 +171,7 @@ class DataPlane:
 
     # ---- inference ------------------------------------------------------------------------------
     async def infer(self, request: InferRequest) -> InferResponse:
+        self.state.arrivals += 1
         if not self.state.live:
             raise Unavailable("server is shutting down")
         model = self.manager.get(request.model_name, request.model_version)
@@ -186,6 +189,7 @@ class DataPlane:
         one it sends, every one with ``triton_final_response`` (true on the last). A FINAL flag
         sent without outputs becomes an empty response only when the request asked for it
         (``triton_enable_empty_final_response``, as tritonclient sets it)."""
+        self.state.arrivals += 1
         if not self.state.live:
             raise Unavailable("server is shutting down")
         model = self.manager.get(request.model_name, request.model_version)

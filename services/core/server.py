@@ -1,9 +1,10 @@
 """Process assembly: model manager + data plane + gRPC, HTTP and metrics listeners + health.
 
 ``start_server`` binds everything (port 0 allowed) and returns a handle; ``serve`` runs until
-SIGINT/SIGTERM and shuts down gracefully: the service deregisters from the mesh (so Envoy stops
-sending), health turns NOT_SERVING for good, listeners stop taking new requests, in-flight
-requests finish (batchers drain), then models are unloaded. With ``control_plane`` or ``consul``
+SIGINT/SIGTERM and shuts down gracefully: health turns NOT_SERVING for good, the service
+deregisters from the mesh and keeps serving until no request arrived for ``leave_quiet_secs``
+(Envoy stopped sending here), then listeners stop taking new requests, in-flight requests finish
+(batchers drain), and models are unloaded. With ``control_plane`` or ``consul``
 set, a registrar announces the service once its models are loaded and again on every change.
 """
 
@@ -13,7 +14,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -64,12 +65,18 @@ class RunningServer:
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop: not ready, no new requests, in-flight ones finish, models unloaded."""
         grace = self.settings.exit_timeout_secs if grace is None else grace
-        if self.registrar is not None:
-            self.manager.on_change = None
-            await self.registrar.close()
-        log.info("shutting down: draining in-flight requests (up to %.0f s)", grace)
         self.plane.state.ready = False
         await self.health.enter_shutdown()
+        if self.registrar is not None:
+            # leave the mesh first and keep serving until the gateway stops sending here (EDS
+            # update, or its health checks seeing NOT_SERVING); only then close the listeners
+            self.manager.on_change = None
+            await self.registrar.close()
+            waited = await wait_quiet(
+                lambda: self.plane.state.arrivals, self.settings.leave_quiet_secs, grace
+            )
+            log.info("left the mesh: no new request for %.1f s after %.2f s", *waited)
+        log.info("shutting down: draining in-flight requests (up to %.0f s)", grace)
         stops: list[asyncio.Future[object] | asyncio.Task[object]] = []
         stops.append(asyncio.ensure_future(self.grpc_server.stop(grace)))
         if self.http_runner is not None:
@@ -81,6 +88,22 @@ class RunningServer:
         if self.metrics_server is not None:
             await self.metrics_server.close()
         log.info("stopped")
+
+
+async def wait_quiet(
+    count: Callable[[], int], quiet_s: float, within_s: float, tick_s: float = 0.05
+) -> tuple[float, float]:
+    """Wait until ``count()`` has not changed for ``quiet_s`` seconds (at most ``within_s``);
+    returns (quiet_s, seconds waited)."""
+    loop = asyncio.get_running_loop()
+    start = last_change = loop.time()
+    seen = count()
+    while quiet_s > 0 and loop.time() - last_change < quiet_s and loop.time() - start < within_s:
+        await asyncio.sleep(tick_s)
+        now, value = loop.time(), count()
+        if value != seen:
+            seen, last_change = value, now
+    return quiet_s, loop.time() - start
 
 
 def _metrics_sources(manager: ModelManager) -> list[ModelMetricsSource]:

@@ -38,6 +38,9 @@ class ServerSettings:
     max_message_bytes: int = MAX_GRPC_MESSAGE_BYTES
     #: seconds in-flight requests get to finish on shutdown
     exit_timeout_secs: float = 30.0
+    #: on shutdown in a mesh: after deregistering, keep serving until no request arrived for
+    #: this long (the gateway stopped routing here), at most ``exit_timeout_secs``
+    leave_quiet_secs: float = 0.3
     #: ServerMetadata name
     server_name: str = "meshserve"
     #: log level name for the service's loggers
@@ -64,6 +67,13 @@ def settings_from_args(argv: Sequence[str] | None, prog: str, family: str = "") 
     p.add_argument("--load-model", action="append", default=[], dest="startup_models")
     p.add_argument("--repository-poll-secs", type=float, default=15.0)
     p.add_argument("--exit-timeout-secs", type=float, default=30.0)
+    p.add_argument(
+        "--leave-quiet-secs",
+        type=float,
+        default=0.3,
+        help="on shutdown in a mesh, after deregistering keep serving until no request arrived "
+        "for this long (the gateway stopped routing here); 0 = stop right away",
+    )
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--control-plane", default="", help="host:port of the mesh registry")
     p.add_argument("--consul", default="", help="host:port of the local Consul agent")
@@ -81,6 +91,7 @@ def settings_from_args(argv: Sequence[str] | None, prog: str, family: str = "") 
         startup_models=tuple(a.startup_models),
         repository_poll_secs=a.repository_poll_secs,
         exit_timeout_secs=a.exit_timeout_secs,
+        leave_quiet_secs=a.leave_quiet_secs,
         log_level=a.log_level.upper(),
         control_plane=a.control_plane,
         consul=a.consul,

@@ -190,3 +190,28 @@ def test_control_plane_restart_keeps_traffic_and_resyncs(
     )
     assert {v for t, v in result.ok if t > switched_at + 0.2} == {"2"}  # the new split took effect
     assert resynced_s < 15, resynced_s
+
+
+def test_sigterm_of_one_of_two_replicas_under_load_loses_nothing(
+    example_repo: Path, tmp_path: Path
+) -> None:
+    """A replica stopped the way a rolling restart stops it (SIGTERM) leaves the mesh first and
+    finishes what it has: not one request fails, before, during or after its stop."""
+    repo = make_repository(example_repo, tmp_path / "models", ["simple"])
+    with (
+        running_mesh(repo, tmp_path) as mesh,
+        running_service(repo, mesh, tmp_path, models=1) as replica,
+    ):
+        wait_for(lambda: len(envoy_hosts(mesh, "model:simple:1")) == 2, 5, "two replicas in EDS")
+        with Load(mesh.grpc_url, threads=6) as load:
+            time.sleep(1.5)
+            stopped_at = time.monotonic()
+            replica.stop()
+            stop_s = time.monotonic() - stopped_at
+            assert replica.proc is not None and replica.proc.returncode == 0, replica.log_tail()
+            time.sleep(1.5)
+        result = load.snapshot()
+
+    print(f"replica stopped in {stop_s:.2f} s; {len(result.ok)} ok, {len(result.failed)} failed")
+    assert result.failed == [], Counter(m for _, m in result.failed)
+    assert sum(t > stopped_at + stop_s for t, _ in result.ok) > 50  # the other replica serves
