@@ -5,7 +5,9 @@ service per framework family found in the repository, each registering with the 
 Readiness: every family's service registered with no model still loading (the control plane's
 status API, read through the gateway), each registered service answering SERVING on its own gRPC
 health endpoint, and the gateway having ACKed the control plane's latest snapshot (so routes to
-every model are in place). Stop: services first (they deregister, then drain), then the gateway,
+every model are in place). Stop: the services stop, callers first (ensemble, then python: the
+later steps and BLS calls of their requests in flight still find their models), each
+deregistering, serving until the gateway stopped sending to it, and draining; then the gateway,
 then the control plane.
 """
 
@@ -20,7 +22,7 @@ import os
 import signal
 import sys
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,17 +236,26 @@ class Mesh:
             await asyncio.sleep(0.3)
         raise TimeoutError(f"the mesh did not become ready within {within_s:.0f} s")
 
+    async def _reap(self, fam: str, within_s: float = 40) -> None:
+        proc = self.services[fam]
+        try:
+            await asyncio.wait_for(proc.wait(), within_s)
+        except TimeoutError:
+            log.warning("service '%s' did not stop in time; killing it", fam)
+            proc.kill()
+            await proc.wait()
+
     async def stop(self) -> None:
-        for proc in self.services.values():
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-        for fam, proc in self.services.items():
-            try:
-                await asyncio.wait_for(proc.wait(), 40)
-            except TimeoutError:
-                log.warning("service '%s' did not stop in time; killing it", fam)
-                proc.kill()
-                await proc.wait()
+        """Stop what was started without losing a request in flight: the services stop callers
+        first (an ensemble's later steps and a Python model's BLS calls still find their models),
+        then the gateway and the control plane. The gateway keeps its listeners open meanwhile:
+        the callers' steps come in through them too (closing them sends every connection a
+        GOAWAY, and a step's reconnect would be refused)."""
+        for group in stop_order(self.services):
+            for fam in group:
+                if self.services[fam].returncode is None:
+                    self.services[fam].send_signal(signal.SIGTERM)
+            await asyncio.gather(*(self._reap(fam) for fam in group))
         if self.metrics is not None:
             await self.metrics.cleanup()
         if self.gateway is not None:
@@ -257,6 +268,20 @@ class Mesh:
                 self.control.kill()
                 with contextlib.suppress(ProcessLookupError):
                     await self.control.wait()
+
+
+#: families whose models call other models through the gateway, stopped before the others (in
+#: this order) so that what they have in flight still reaches its steps
+CALLERS_FIRST = ("ensemble", "python")
+
+
+def stop_order(families: Iterable[str]) -> list[list[str]]:
+    """Groups of families to stop one after the other: each caller family alone, in
+    ``CALLERS_FIRST`` order, then all the others together."""
+    present = set(families)
+    groups = [[f] for f in CALLERS_FIRST if f in present]
+    rest = sorted(present - set(CALLERS_FIRST))
+    return groups + ([rest] if rest else [])
 
 
 def gateway_synced(doc: dict[str, Any]) -> bool:

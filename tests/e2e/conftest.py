@@ -123,6 +123,7 @@ class MeshHandle:
         self.settings = settings
         self.mesh = Mesh(settings)
         self._loop = LoopThread()
+        self._stopped = False
 
     # lifecycle
     def start(self) -> MeshHandle:
@@ -130,6 +131,10 @@ class MeshHandle:
         return self
 
     def stop(self) -> None:
+        """Stop the mesh the way ``meshserve up`` does on Ctrl-C (a second call does nothing)."""
+        if self._stopped:
+            return
+        self._stopped = True
         try:
             self._loop.run(self.mesh.stop(), timeout=60)
         except BaseException:

@@ -59,3 +59,16 @@ def test_not_serving_asks_each_service_health_endpoint() -> None:
     assert "service 'onnx'" in before and "NOT_SERVING" in before
     assert after == ""
     assert "service 'torch'" in gone and "unreachable (UNAVAILABLE)" in gone
+
+
+def test_stop_order_puts_callers_first() -> None:
+    from deploy.supervisor import stop_order
+
+    assert stop_order(["onnx", "python", "ensemble", "torch"]) == [
+        ["ensemble"],
+        ["python"],
+        ["onnx", "torch"],
+    ]
+    assert stop_order(["onnx"]) == [["onnx"]]
+    assert stop_order(["python"]) == [["python"]]
+    assert stop_order([]) == []
