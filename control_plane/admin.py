@@ -1,8 +1,14 @@
-"""The mesh's own API (status, traffic splits) under /meshserve/v1 on the front's HTTP app.
+"""The mesh's own API (status, traffic splits, mirrors) under /meshserve/v1 on the front's HTTP app.
 
-Reached through the gateway like every other front path, so `meshserve status` and
-`meshserve split` only need the gateway's HTTP port. A split takes effect through a new
-snapshot at once and persists in the policy store.
+Reached through the gateway like every other front path, so `meshserve status`, `meshserve split`
+and `meshserve mirror` only need the gateway's HTTP port. A split or mirror takes effect through a
+new snapshot at once and persists in the policy store. Bad policies are refused with HTTP 400 and
+``{"error": "<what to fix>"}``.
+
+    PUT|POST /meshserve/v1/splits/<model>   {"weights": {"1": 90, "2": 10}}
+    DELETE   /meshserve/v1/splits/<model>
+    PUT|POST /meshserve/v1/mirrors/<model>  {"version": "2", "percent": 12.5}
+    DELETE   /meshserve/v1/mirrors/<model>
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from control_plane.mirror import mirror_status
 from control_plane.policy import PolicyError
+from control_plane.translate import ready_replicas
 
 if TYPE_CHECKING:
     from control_plane.app import ControlPlane
@@ -28,11 +36,18 @@ def add_admin_routes(app: web.Application, plane: ControlPlane) -> None:
     app.router.add_put(f"{PREFIX}/splits/{{model}}", _set_split)
     app.router.add_post(f"{PREFIX}/splits/{{model}}", _set_split)
     app.router.add_delete(f"{PREFIX}/splits/{{model}}", _clear_split)
+    app.router.add_put(f"{PREFIX}/mirrors/{{model}}", _set_mirror)
+    app.router.add_post(f"{PREFIX}/mirrors/{{model}}", _set_mirror)
+    app.router.add_delete(f"{PREFIX}/mirrors/{{model}}", _clear_mirror)
 
 
 def status_document(plane: ControlPlane) -> dict[str, Any]:
-    """What `meshserve status` shows: services and their models, splits, xDS state."""
+    """What `meshserve status` shows: services and their models, splits, mirrors (active or why
+    not), xDS state."""
     snapshot = plane.cache.current
+    instances = plane.source.instances()
+    ready = set(ready_replicas(instances))
+    policies = sorted(plane.policies.all().items())
     return {
         "instances": [
             {
@@ -43,9 +58,14 @@ def status_document(plane: ControlPlane) -> dict[str, Any]:
                 "metrics_port": i.metrics_port,
                 "models": [asdict(m) for m in i.models],
             }
-            for i in plane.source.instances()
+            for i in instances
         ],
-        "splits": {m: dict(p.weights) for m, p in sorted(plane.policies.all().items())},
+        "splits": {m: dict(p.weights) for m, p in policies if p.weights},
+        "mirrors": {
+            m: mirror_status(m, p.mirror, {v for name, v in ready if name == m})
+            for m, p in policies
+            if p.mirror is not None
+        },
         "snapshot_version": snapshot.version if snapshot is not None else "",
         "gateways": {
             node: {url.rsplit(".", 1)[-1]: asdict(st) for url, st in types.items()}
@@ -78,6 +98,31 @@ async def _set_split(request: web.Request) -> web.Response:
 async def _clear_split(request: web.Request) -> web.Response:
     plane = request.app[_PLANE]
     plane.policies.clear_split(request.match_info["model"])
+    return web.json_response(
+        {"model": request.match_info["model"], "snapshot_version": plane.publish()}
+    )
+
+
+async def _set_mirror(request: web.Request) -> web.Response:
+    plane = request.app[_PLANE]
+    model = request.match_info["model"]
+    try:
+        body = json.loads(await request.read() or b"{}")
+        if not isinstance(body, dict) or "version" not in body or "percent" not in body:
+            raise PolicyError('send {"version": "<version>", "percent": <0 < p <= 100>}')
+        mirror = plane.policies.set_mirror(model, body["version"], body["percent"])
+    except (ValueError, PolicyError) as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    version = plane.publish()
+    ready = {v for name, v in ready_replicas(plane.source.instances()) if name == model}
+    return web.json_response(
+        {"model": model, **mirror_status(model, mirror, ready), "snapshot_version": version}
+    )
+
+
+async def _clear_mirror(request: web.Request) -> web.Response:
+    plane = request.app[_PLANE]
+    plane.policies.clear_mirror(request.match_info["model"])
     return web.json_response(
         {"model": request.match_info["model"], "snapshot_version": plane.publish()}
     )

@@ -39,11 +39,22 @@ class ServiceInstance:
 
 
 @dataclass(frozen=True, slots=True)
+class Mirror:
+    """Copy ``percent`` % (0 < p <= 100) of a model's version-less requests to ``version``, the
+    shadow; the shadow's answers are thrown away by the gateway."""
+
+    version: str
+    percent: float
+
+
+@dataclass(frozen=True, slots=True)
 class TrafficPolicy:
-    """Weights over versions for requests that name no version, e.g. {"1": 90, "2": 10}."""
+    """A model's traffic policy for requests that name no version: weights over versions, e.g.
+    {"1": 90, "2": 10} (empty: the highest READY version), and an optional mirror."""
 
     model: str
     weights: Mapping[str, int] = field(default_factory=dict)
+    mirror: Mirror | None = None
 
 
 @dataclass(frozen=True, slots=True)

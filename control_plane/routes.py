@@ -25,6 +25,11 @@ this module turns them into the two RDS resources that Envoy's listeners name:
 
 A request that names no version and reaches a weighted default gets the chosen version as the
 ``meshserve-version`` request header, so the service serves exactly what the split picked.
+
+A model with an active mirror (control_plane/mirror.py) gets a request mirror policy on its
+version-less inference routes: ``body:model_name:<m>``, and two extra routes placed just before
+the version-less route they refine, ``hdr:<m>:infer`` (header-routed ModelInfer/ModelStreamInfer)
+and ``path:<m>:infer`` (REST ``/v2/models/<m>/infer``); other calls are routed as without it.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 
-from control_plane.model import cluster_name, http_cluster_name
+from control_plane.mirror import INFER_GRPC_PATH, request_mirror_policy
+from control_plane.model import Mirror, cluster_name, http_cluster_name
 
 GRPC_ROUTES = "grpc_routes"
 HTTP_ROUTES = "http_routes"
@@ -68,6 +74,8 @@ class ModelRoutes:
     versions: tuple[str, ...]
     #: (version, weight) for requests naming no version; one entry means no split
     default: tuple[tuple[str, int], ...]
+    #: the traffic policy's mirror, only while its shadow version is READY (see mirror.py)
+    mirror: Mirror | None = None
 
 
 def grpc_route_config(
@@ -81,8 +89,12 @@ def grpc_route_config(
                 _header_exact(MODEL_HEADER, m.name), _header_exact(VERSION_HEADER, v)
             )
             routes.append(_grpc_route(f"hdr:{m.name}:{v}", match, m, v))
-        match = _grpc_match(_header_exact(MODEL_HEADER, m.name), _header_absent(VERSION_HEADER))
-        routes.append(_grpc_route(f"hdr:{m.name}", match, m, None))
+        headers = [_header_exact(MODEL_HEADER, m.name), _header_absent(VERSION_HEADER)]
+        if m.mirror is not None:
+            infer = rc.RouteMatch(safe_regex=regex_pb2.RegexMatcher(regex=INFER_GRPC_PATH))
+            infer.headers.extend(headers)
+            routes.append(_mirrored(_grpc_route(f"hdr:{m.name}:infer", infer, m, None), m))
+        routes.append(_grpc_route(f"hdr:{m.name}", _grpc_match(*headers), m, None))
     for route in routes:
         _disable_body_filters(route)
 
@@ -112,7 +124,9 @@ def grpc_route_config(
             match.dynamic_metadata.extend(
                 [_metadata_is(name_key, m.name), _metadata_empty(version_key)]
             )
-            routes.append(_grpc_route(f"body:{name_key}:{m.name}", match, m, None))
+            route = _grpc_route(f"body:{name_key}:{m.name}", match, m, None)
+            # only ModelInfer / ModelStreamInfer carry model_name (the rest: name)
+            routes.append(_mirrored(route, m) if name_key == "model_name" else route)
 
     routes.append(_front_grpc_route("front", _grpc_match(), has_front=has_front))
     return _route_config(GRPC_ROUTES, routes)
@@ -133,6 +147,11 @@ def http_route_config(
         # a version that is not READY must not fall through to the model's default
         unknown = _regex_match(f"^{model_path}/versions/[^/]*(/.*)?$")
         routes.append(_front_http_route(f"path:{m.name}:unknown", unknown, has_front=has_front))
+        if m.mirror is not None:
+            infer = _http_route(
+                f"path:{m.name}:infer", _regex_match(f"^{model_path}/infer$"), m, None
+            )
+            routes.append(_mirrored(infer, m, http=True))
         routes.append(_http_route(f"path:{m.name}", _regex_match(f"^{model_path}(/.*)?$"), m, None))
     routes.append(_front_http_route("front", rc.RouteMatch(prefix="/"), has_front=has_front))
     return _route_config(HTTP_ROUTES, routes)
@@ -230,6 +249,19 @@ def _target(route: rc.Route, model: ModelRoutes, version: str | None, *, http: b
         )
         for v, w in model.default
     )
+
+
+def _mirrored(route: rc.Route, model: ModelRoutes, *, http: bool = False) -> rc.Route:
+    """``route`` with ``model``'s mirror (if any): the copy goes to the shadow's cluster and has
+    its ``meshserve-version`` overwritten (it would carry the primary's otherwise)."""
+    if model.mirror is not None:
+        cluster = (http_cluster_name if http else cluster_name)(model.name, model.mirror.version)
+        route.route.request_mirror_policies.append(
+            request_mirror_policy(
+                cluster, model.mirror.percent, [_version_header(model.mirror.version)]
+            )
+        )
+    return route
 
 
 def _retry_policy(retry_on: str) -> rc.RetryPolicy:

@@ -9,7 +9,8 @@ Placement: a model version gets a cluster ``model:<m>:<v>`` (gRPC, HTTP/2) and a
 ``model-http:<m>:<v>`` (REST, HTTP/1.1) as soon as one replica has it READY; their endpoints (EDS)
 are exactly those replicas. A request naming no version goes to the model's default: the traffic
 policy's weights over its READY versions, or, without a policy (or with none of its versions
-READY), the highest READY version. Everything else goes to the control plane's front
+READY), the highest READY version; the policy's mirror applies while its shadow version is READY
+(control_plane/mirror.py). Everything else goes to the control plane's front
 (``front`` / ``front-http``, static clusters). Listener and route details: filters.py, routes.py.
 With ``tracing`` given, a static ``otel-collector`` cluster and Envoy's OpenTelemetry tracer on
 both listeners are added (control_plane/tracing.py).
@@ -31,6 +32,7 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from control_plane.filters import grpc_listener, http_listener
+from control_plane.mirror import active_mirror
 from control_plane.model import Address, MeshState, ServiceInstance, cluster_name, http_cluster_name
 from control_plane.routes import (
     FRONT_CLUSTER,
@@ -121,7 +123,7 @@ def ready_replicas(
 def model_routes(
     state: MeshState, replicas: dict[tuple[str, str], list[ServiceInstance]]
 ) -> list[ModelRoutes]:
-    """Per model with a READY version (sorted by name): its versions and default choice."""
+    """Per model with a READY version (sorted by name): its versions, default choice, mirror."""
     versions: dict[str, list[str]] = defaultdict(list)
     for model, version in replicas:
         versions[model].append(version)
@@ -129,7 +131,12 @@ def model_routes(
     for model in sorted(versions):
         ready = sorted(versions[model], key=version_key)
         result.append(
-            ModelRoutes(name=model, versions=tuple(ready), default=_default(state, model, ready))
+            ModelRoutes(
+                name=model,
+                versions=tuple(ready),
+                default=_default(state, model, ready),
+                mirror=active_mirror(state.policies.get(model), ready),
+            )
         )
     return result
 

@@ -1,4 +1,4 @@
-"""`meshserve` — the command line: up, status, models, load, unload, split.
+"""`meshserve` — the command line: up, status, models, load, unload, split, mirror.
 
 Every command but ``up`` talks to a running mesh through its gateway's HTTP port (default
 127.0.0.1:8000): the control plane's front answers /v2/repository/* and /meshserve/v1/*.
@@ -56,6 +56,8 @@ def _status(base: str) -> int:
             print(f"  {m['name']:24s} v{m['version'] or '-':4s} {m['state']}{reason}")
     for model, weights in doc["splits"].items():
         print(f"split {model}: " + " ".join(f"{v}={w}" for v, w in weights.items()))
+    for model, mirror in doc.get("mirrors", {}).items():
+        print(_mirror_line(model, mirror))
     return 0
 
 
@@ -81,6 +83,23 @@ def _split(base: str, model: str, weights: Sequence[str], clear: bool) -> int:
         parsed[version] = int(weight)
     doc = _call(f"{base}/meshserve/v1/splits/{model}", "PUT", {"weights": parsed})
     print(f"split {model}: " + " ".join(f"{v}={w}" for v, w in doc["weights"].items()))
+    return 0
+
+
+def _mirror_line(model: str, m: dict[str, Any]) -> str:
+    state = "active" if m["active"] else f"inactive: {m['reason']}"
+    return f"mirror {model}: {m['percent']:g}% to version {m['version']} ({state})"
+
+
+def _mirror(base: str, model: str, version: str | None, percent: float, off: bool) -> int:
+    if off == (version is not None):
+        raise SystemExit("meshserve: give the shadow VERSION (e.g. `mirror simple 2`) or --off")
+    if off:
+        _call(f"{base}/meshserve/v1/mirrors/{model}", "DELETE")
+        print(f"mirror of {model} off")
+        return 0
+    body = {"version": version, "percent": percent}
+    print(_mirror_line(model, _call(f"{base}/meshserve/v1/mirrors/{model}", "PUT", body)))
     return 0
 
 
@@ -125,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--load-model", action="append", default=[], help="explicit mode: load at start (* = all)"
     )
-    sub.add_parser("status", help="services, their models, splits, gateway config state")
+    sub.add_parser("status", help="services, their models, splits, mirrors, gateway config state")
     sub.add_parser("models", help="every model of the repository with its state")
     for name in ("load", "unload"):
         sub.add_parser(
@@ -137,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("model")
     split.add_argument("weights", nargs="*")
     split.add_argument("--clear", action="store_true")
+    about = (
+        "copy a share of a model's inference requests that name no version to a shadow version "
+        "(its answers are discarded; requests naming a version are not mirrored), "
+        "e.g. `mirror simple 2 --percent 10`"
+    )
+    mirror = sub.add_parser("mirror", help=about, description=about)
+    mirror.add_argument("model")
+    mirror.add_argument("version", nargs="?", help="the shadow version")
+    mirror.add_argument("--percent", type=float, default=100.0, help="0 < p <= 100 (default 100)")
+    mirror.add_argument("--off", action="store_true", help="stop mirroring the model")
     return p
 
 
@@ -155,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _call(f"{base}/v2/repository/models/{a.model}/{a.command}", "POST", {})
         print(f"{a.command}ed {a.model}")
         return 0
+    if a.command == "mirror":
+        return _mirror(base, a.model, a.version, a.percent, a.off)
     return _split(base, a.model, a.weights, a.clear)
 
 

