@@ -17,6 +17,9 @@
   when that call fails (e.g. an unknown model) the client gets the BLS error's text;
 - ``repeat_python``: a decoupled model (one response per input element, then the FINAL flag;
   examples/python_decoupled.py).
+- ``bls_decoupled_python``: decoupled BLS: calls ``repeat_python`` with ``exec(decoupled=True)``
+  (or ``async_exec``, by request parameter) and returns what it streamed, joined into one response
+  (examples/python_decoupled.py).
 
 The steps of the ensembles in examples/build_ensemble.py (all batched, max_batch_size 8, dynamic
 batching; shapes below leave out the batch dimension):
@@ -43,7 +46,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from examples.cli import TRITON_DATATYPES, builder_main, write_if_changed
-from examples.python_decoupled import REPEAT_CONFIG, REPEAT_MODEL
+from examples.python_decoupled import (
+    BLS_DECOUPLED_CONFIG,
+    BLS_DECOUPLED_MODEL,
+    REPEAT_CONFIG,
+    REPEAT_MODEL,
+)
 from examples.python_ensemble_steps import (
     PREPROCESS_IMAGE_CONFIG,
     PREPROCESS_IMAGE_MODEL,
@@ -269,6 +277,7 @@ EXAMPLES: dict[str, tuple[str, str]] = {
     "slow_a_python": (slow_config("slow_a_python", scale=2, offset=0), SLOW_MODEL),
     "slow_b_python": (slow_config("slow_b_python", scale=1, offset=1), SLOW_MODEL),
     "repeat_python": (REPEAT_CONFIG, REPEAT_MODEL),
+    "bls_decoupled_python": (BLS_DECOUPLED_CONFIG, BLS_DECOUPLED_MODEL),
 }
 #: model name → other files of its model directory (name → text)
 EXTRA_FILES: dict[str, dict[str, str]] = {

@@ -350,6 +350,7 @@ def _other_families(root: Path) -> list[str]:
         "dtypes_python",
         "bls_python",
         "repeat_python",
+        "bls_decoupled_python",
         *ensembles.python,
     ]
     build_python_repository(root, python_models)

@@ -1,4 +1,4 @@
-"""A decoupled Python-backend example (Triton's ``model_transaction_policy { decoupled: true }``).
+"""Decoupled Python-backend examples (Triton's ``model_transaction_policy { decoupled: true }``).
 
 ``repeat_python``: INT32 ``IN`` [-1] → one response per element, each ``OUT`` INT32 [1] (the
 element) and ``IDX`` UINT32 [1] (its position), sent from a thread after ``execute`` returned,
@@ -7,6 +7,15 @@ gets only the FINAL flag; a negative element fails the request with INVALID_ARG 
 responses before it. The model stops early when the client stops listening
 (``request.is_cancelled()``). Clients use ModelStreamInfer (tritonclient ``start_stream`` +
 ``async_stream_infer``). Written as a Triton user writes such a model.
+
+``bls_decoupled_python``: decoupled BLS, a model that is not decoupled calling one that is.
+INT32 ``IN`` [-1] (and optional ``DELAY_MS``, passed on) → ``OUT`` INT32 [-1]: every ``OUT``
+that ``repeat_python`` streamed back, in order, and ``RESPONSES`` UINT32 [1]: how many responses
+the BLS iterator yielded (one per element plus the empty final one). Request parameters:
+``bls_mode`` ``"sync"`` (default: ``exec(decoupled=True)``), ``"async"`` (``await
+async_exec(decoupled=True)``) or ``"unary"`` (``exec()`` without ``decoupled``, which a
+decoupled model refuses); ``bls_model`` names another model to call. An error response from the
+called model (e.g. a negative element) fails the request with its text.
 """
 
 from __future__ import annotations
@@ -75,4 +84,73 @@ class TritonPythonModel:
     def finalize(self):
         for thread in self.threads:
             thread.join(timeout=5)
+'''
+
+BLS_DECOUPLED_CONFIG = """name: "bls_decoupled_python"
+backend: "python"
+max_batch_size: 0
+input [
+  { name: "IN" data_type: TYPE_INT32 dims: [ -1 ] },
+  { name: "DELAY_MS" data_type: TYPE_UINT32 dims: [ 1 ] optional: true }
+]
+output [
+  { name: "OUT" data_type: TYPE_INT32 dims: [ -1 ] },
+  { name: "RESPONSES" data_type: TYPE_UINT32 dims: [ 1 ] }
+]
+instance_group [ { kind: KIND_CPU } ]
+"""
+
+BLS_DECOUPLED_MODEL = '''"""Decoupled BLS: OUT = what ``repeat_python`` streams back."""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    async def execute(self, requests):
+        responses = []
+        for request in requests:
+            params = json.loads(request.parameters())
+            target = params.get("bls_model", "repeat_python")
+            inputs = [pb_utils.get_input_tensor_by_name(request, "IN")]
+            delay = pb_utils.get_input_tensor_by_name(request, "DELAY_MS")
+            if delay is not None:
+                inputs.append(delay)
+            bls_request = pb_utils.InferenceRequest(
+                model_name=target, requested_output_names=["OUT"], inputs=inputs
+            )
+            mode = params.get("bls_mode", "sync")
+            if mode == "async":
+                bls_responses = await bls_request.async_exec(decoupled=True)
+            elif mode == "unary":
+                bls_responses = [bls_request.exec()]
+            else:
+                bls_responses = bls_request.exec(decoupled=True)
+            responses.append(self.combine(target, bls_responses))
+        return responses
+
+    def combine(self, target, bls_responses):
+        values = []
+        count = 0
+        for bls_response in bls_responses:
+            count += 1
+            if bls_response.has_error():
+                error = pb_utils.TritonError(
+                    f"BLS stream from '{target}' failed after {len(values)} responses: "
+                    f"{bls_response.error().message()}"
+                )
+                return pb_utils.InferenceResponse(error=error)
+            # the last response of a decoupled model may be empty
+            if len(bls_response.output_tensors()) > 0:
+                out = pb_utils.get_output_tensor_by_name(bls_response, "OUT")
+                values.append(out.as_numpy().reshape(-1))
+        joined = np.concatenate(values) if values else np.zeros(0, dtype=np.int32)
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor("OUT", joined.astype(np.int32)),
+                pb_utils.Tensor("RESPONSES", np.array([count], dtype=np.uint32)),
+            ]
+        )
 '''

@@ -36,11 +36,23 @@ CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 )
+#: the gateway's routing headers (control_plane/routes.py): model, and version when pinned
+MODEL_HEADER = "meshserve-model"
+VERSION_HEADER = "meshserve-version"
 
 
 def gateway_address() -> str:
     """The gateway's gRPC address in-mesh calls go to."""
     return os.environ.get(GATEWAY_ENV, "").strip() or DEFAULT_GATEWAY
+
+
+def routing_metadata(model_name: str, model_version: str = "") -> list[tuple[str, str]]:
+    """Headers that route a call to ``model_name`` (and ``model_version`` when given) without
+    the gateway reading its body (a stream is routed by them once, for every message)."""
+    metadata = [(MODEL_HEADER, model_name)]
+    if model_version:
+        metadata.append((VERSION_HEADER, model_version))
+    return metadata
 
 
 @dataclass(frozen=True, slots=True)

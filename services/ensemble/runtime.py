@@ -46,6 +46,7 @@ from services.core.gateway_client import (
     gateway_address,
     infer_message,
     response_tensors,
+    routing_metadata,
 )
 from services.core.repository import CONFIG_FILENAME
 from services.core.requests import Array, InferRequest
@@ -54,8 +55,6 @@ from services.ensemble.graph import EnsembleGraph, Step, build_graph
 
 log = logging.getLogger(__name__)
 #: the gateway's routing headers (control_plane/routes.py): model, and version when pinned
-MODEL_HEADER = "meshserve-model"
-VERSION_HEADER = "meshserve-version"
 
 #: how long load-time validation waits for the gateway to describe an auto-completed step model
 CONFIG_LOOKUP_TIMEOUT_S = 2.0
@@ -156,9 +155,7 @@ class EnsembleRuntime(Runtime):
             f"ensemble step {step.index}: {step.model_name}", attributes, SpanKind.CLIENT
         ) as span:
             # routing headers: the gateway routes on them without parsing the body
-            metadata = [(MODEL_HEADER, step.model_name)]
-            if step.model_version:
-                metadata.append((VERSION_HEADER, step.model_version))
+            metadata = routing_metadata(step.model_name, step.model_version)
             metadata += tracing.inject_metadata()
             try:
                 reply = await self._gateway().ModelInfer(

@@ -11,6 +11,11 @@ and thread. Following Triton's Python backend, a failed call does not raise: the
 ``InferenceResponse`` carries a ``TritonError`` (``has_error()`` / ``error()``) whose code is the
 gRPC status translated to Triton's error codes. Each call is a CLIENT span under the executing
 request's span and carries the trace context (``traceparent``) to the gateway.
+
+A call's deadline is the request's ``timeout`` (default ``DEFAULT_TIMEOUT_S``), cut to what is
+left of the deadline of the requests ``execute`` is running (``executing_for``, set by the
+runtime), so a BLS call never outlives the client waiting for it. Calls to decoupled models
+(``exec(decoupled=True)``) stream their responses: services/python/bls_stream.py.
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ import contextlib
 import json
 import math
 import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -31,6 +40,7 @@ from protos.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from services.core import dtypes, tracing
 from services.core.errors import ServingError
 from services.core.gateway_client import CHANNEL_OPTIONS, gateway_address
+from services.core.requests import InferRequest
 from services.python import triton_python_backend_utils as pb_utils
 
 #: deadline of a BLS call whose request sets no ``timeout``
@@ -51,7 +61,42 @@ _stubs: dict[str, pb_grpc.GRPCInferenceServiceStub] = {}
 _stubs_lock = threading.Lock()
 
 
-def _stub() -> pb_grpc.GRPCInferenceServiceStub:
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The requests an ``execute`` call is running, as its BLS calls see them: the latest
+    deadline among them (``time.monotonic_ns()``; 0: one of them has none) and whether every
+    one of them was cancelled (their clients stopped listening)."""
+
+    deadline_ns: int = 0
+    cancelled: Callable[[], bool] = lambda: False
+
+
+_caller: ContextVar[Caller | None] = ContextVar("meshserve_bls_caller", default=None)
+
+
+@contextlib.contextmanager
+def executing_for(requests: Sequence[InferRequest]) -> Iterator[None]:
+    """Make BLS calls in this block (this thread, and the tasks of an ``async def execute`` run
+    in it) bounded by the deadline of ``requests`` and stopped once all of them are cancelled."""
+    deadlines = [r.deadline_ns for r in requests]
+    streams = [r.response_stream for r in requests]
+
+    def cancelled() -> bool:
+        return bool(streams) and all(s is not None and s.cancelled for s in streams)
+
+    token = _caller.set(Caller(max(deadlines) if all(deadlines) else 0, cancelled))
+    try:
+        yield
+    finally:
+        _caller.reset(token)
+
+
+def current_caller() -> Caller:
+    """The requests the running ``execute`` serves (a Caller without limits outside one)."""
+    return _caller.get() or Caller()
+
+
+def stub() -> pb_grpc.GRPCInferenceServiceStub:
     """The process's stub for the current gateway address (channel created once, then reused)."""
     address = gateway_address()
     with _stubs_lock:
@@ -107,7 +152,7 @@ def build_request(request: pb_utils.InferenceRequest) -> pb.ModelInferRequest:
 def parse_response(message: pb.ModelInferResponse) -> pb_utils.InferenceResponse:
     """A v2 protocol response as ``pb_utils.InferenceResponse`` (raw output contents only)."""
     if len(message.raw_output_contents) != len(message.outputs):
-        return _error(
+        return error_response(
             f"BLS response from '{message.model_name}' has {len(message.outputs)} outputs but "
             f"{len(message.raw_output_contents)} raw_output_contents; expected one per output",
             pb_utils.TritonError.INTERNAL,
@@ -123,68 +168,76 @@ def parse_response(message: pb.ModelInferResponse) -> pb_utils.InferenceResponse
                 array = np.frombuffer(raw, dtype=datatype.numpy)
             tensors.append(pb_utils.Tensor(output.name, array.reshape(shape)))
     except (ServingError, ValueError) as exc:
-        return _error(
+        return error_response(
             f"BLS response from '{message.model_name}': {exc}", pb_utils.TritonError.INTERNAL
         )
     return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
-def _error(message: str, code: int) -> pb_utils.InferenceResponse:
+def error_response(message: str, code: int) -> pb_utils.InferenceResponse:
+    """A response carrying only a ``TritonError``."""
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
-def _rpc_error(exc: grpc.RpcError) -> pb_utils.InferenceResponse:
+def rpc_error_response(exc: grpc.RpcError, model: str) -> pb_utils.InferenceResponse:
+    """The error response of a failed call to ``model`` (gRPC status → Triton error code)."""
     status: grpc.StatusCode = exc.code()
     details: str = exc.details() or status.name
     code = _CODE_BY_STATUS.get(status, pb_utils.TritonError.INTERNAL)
     if status == grpc.StatusCode.UNAVAILABLE and "failed to connect" in details.lower():
         details = f"cannot reach the gateway at {gateway_address()} ({details})"
-    return _error(details, code)
-
-
-def _timeout_s(request: pb_utils.InferenceRequest) -> float:
-    """Triton's ``timeout`` is in microseconds; 0 means the default."""
-    micros = request.timeout()
-    return micros / 1e6 if micros > 0 else DEFAULT_TIMEOUT_S
-
-
-def _prepare(
-    request: pb_utils.InferenceRequest, decoupled: bool
-) -> pb.ModelInferRequest | pb_utils.InferenceResponse:
-    if decoupled:
-        return _error(
-            "decoupled BLS (exec(decoupled=True)) is not supported by meshserve",
-            pb_utils.TritonError.UNSUPPORTED,
+    elif status == grpc.StatusCode.INVALID_ARGUMENT and f"'{model}' is decoupled" in details:
+        # what Triton answers a BLS call with decoupled=False to a decoupled model
+        details = (
+            f"model '{model}' uses the decoupled transaction policy: a BLS request to it must "
+            "use exec(decoupled=True) or async_exec(decoupled=True), which return an iterator "
+            "of its responses"
         )
+    return error_response(details, code)
+
+
+def timeout_s(request: pb_utils.InferenceRequest) -> float:
+    """Seconds the call may take: Triton's ``timeout`` (microseconds; 0: ``DEFAULT_TIMEOUT_S``),
+    at most what is left until the executing requests' deadline."""
+    micros = request.timeout()
+    timeout = micros / 1e6 if micros > 0 else DEFAULT_TIMEOUT_S
+    deadline_ns = current_caller().deadline_ns
+    if deadline_ns:
+        timeout = min(timeout, max(0.0, (deadline_ns - time.monotonic_ns()) / 1e9))
+    return timeout
+
+
+def prepare(
+    request: pb_utils.InferenceRequest,
+) -> pb.ModelInferRequest | pb_utils.InferenceResponse:
+    """The request's v2 form, or the error response explaining why it cannot be sent."""
     if not request.model_name():
-        return _error("BLS request names no model_name", pb_utils.TritonError.INVALID_ARG)
+        return error_response("BLS request names no model_name", pb_utils.TritonError.INVALID_ARG)
     try:
         return build_request(request)
     except pb_utils.TritonModelException as exc:
-        return _error(str(exc), pb_utils.TritonError.INVALID_ARG)
+        return error_response(str(exc), pb_utils.TritonError.INVALID_ARG)
 
 
-def execute(request: pb_utils.InferenceRequest, decoupled: bool) -> pb_utils.InferenceResponse:
+def execute(request: pb_utils.InferenceRequest) -> pb_utils.InferenceResponse:
     """Run a BLS request, blocking the calling thread until its response arrives."""
-    message = _prepare(request, decoupled)
+    message = prepare(request)
     if isinstance(message, pb_utils.InferenceResponse):
         return message
     with _client_span(message) as span:
         try:
-            reply = _stub().ModelInfer(
-                message, timeout=_timeout_s(request), metadata=tracing.inject_metadata()
+            reply = stub().ModelInfer(
+                message, timeout=timeout_s(request), metadata=tracing.inject_metadata()
             )
         except grpc.RpcError as exc:
             tracing.set_error(span, f"{exc.code().name}: {exc.details()}")
-            return _rpc_error(exc)
+            return rpc_error_response(exc, message.model_name)
     return parse_response(reply)
 
 
-async def execute_async(
-    request: pb_utils.InferenceRequest, decoupled: bool
-) -> pb_utils.InferenceResponse:
+async def execute_async(request: pb_utils.InferenceRequest) -> pb_utils.InferenceResponse:
     """Run a BLS request without blocking the running event loop (cancelling cancels the call)."""
-    message = _prepare(request, decoupled)
+    message = prepare(request)
     if isinstance(message, pb_utils.InferenceResponse):
         return message
     loop = asyncio.get_running_loop()
@@ -195,8 +248,8 @@ async def execute_async(
             done.set_result(None)
 
     with _client_span(message) as span:
-        call = _stub().ModelInfer.future(
-            message, timeout=_timeout_s(request), metadata=tracing.inject_metadata()
+        call = stub().ModelInfer.future(
+            message, timeout=timeout_s(request), metadata=tracing.inject_metadata()
         )
         call.add_done_callback(lambda _: loop.call_soon_threadsafe(settle))
         try:
@@ -208,7 +261,7 @@ async def execute_async(
             reply = call.result()
         except grpc.RpcError as exc:
             tracing.set_error(span, f"{exc.code().name}: {exc.details()}")
-            return _rpc_error(exc)
+            return rpc_error_response(exc, message.model_name)
     return parse_response(reply)
 
 

@@ -53,6 +53,7 @@ from services.core.errors import (
 )
 from services.core.requests import Array, InferRequest
 from services.core.runtime import InstanceSpec, Runtime
+from services.python import bls
 from services.python import triton_python_backend_utils as pb_utils
 
 logger = logging.getLogger(__name__)
@@ -240,9 +241,9 @@ class PythonRuntime(Runtime):
             for pb_request, request, batch in zip(pb_requests, requests, batches, strict=True):
                 pb_request._sender = self._sender(pb_request, request.response_stream, batch)
         # execute runs in a worker thread, outside the requests' trace context: attach the first
-        # one's, so BLS calls made by execute join its trace
+        # one's, so BLS calls made by execute join its trace (and end by the requests' deadline)
         context = next((r.trace_context for r in requests if r.trace_context is not None), None)
-        with tracing.attached(context):
+        with tracing.attached(context), bls.executing_for(requests):
             return self._execute(pb_requests, batches)
 
     def _execute(

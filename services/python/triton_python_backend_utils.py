@@ -7,9 +7,10 @@ model, then hands ``execute`` a list of :class:`InferenceRequest` and expects on
 tensors live in the same process, so a :class:`Tensor` wraps its numpy array without copying.
 
 BLS (``InferenceRequest(...).exec()`` / ``await ....async_exec()``) calls other models through
-the mesh's gateway (services/python/bls.py). Decoupled models answer through
-``request.get_response_sender()`` (clients use ModelStreamInfer). Not offered yet: decoupled BLS,
-GPU tensors (every tensor is on the CPU).
+the mesh's gateway (services/python/bls.py; with ``decoupled=True``, an iterator of the called
+model's responses: services/python/bls_stream.py). Decoupled models answer through
+``request.get_response_sender()`` (clients use ModelStreamInfer). Not offered yet: GPU tensors
+(every tensor is on the CPU).
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from services.python.bls_stream import ResponseIterator
 
 __all__ = [
     "TRITONSERVER_RESPONSE_COMPLETE_FINAL",
@@ -253,20 +257,23 @@ class InferenceRequest:
         """A BLS call's timeout in microseconds (0: the default)."""
         return self._timeout
 
-    def exec(self, decoupled: bool = False) -> InferenceResponse:
-        """BLS: run this request on ``model_name`` through the gateway, blocking until done.
+    def exec(self, decoupled: bool = False) -> InferenceResponse | ResponseIterator:
+        """BLS: run this request on ``model_name`` through the gateway, blocking until done;
+        ``decoupled=True``: an iterator of the model's responses (needed for decoupled models).
 
         A failure does not raise: check ``has_error()`` on the response, as in Triton.
         """
-        from services.python import bls
+        from services.python import bls, bls_stream
 
-        return bls.execute(self, decoupled)
+        return bls_stream.execute(self) if decoupled else bls.execute(self)
 
-    async def async_exec(self, decoupled: bool = False) -> InferenceResponse:
+    async def async_exec(self, decoupled: bool = False) -> InferenceResponse | ResponseIterator:
         """BLS: as :meth:`exec`, awaitable (for ``async def execute``)."""
-        from services.python import bls
+        from services.python import bls, bls_stream
 
-        return await bls.execute_async(self, decoupled)
+        if decoupled:
+            return await bls_stream.execute_async(self)
+        return await bls.execute_async(self)
 
 
 class InferenceResponseSender:

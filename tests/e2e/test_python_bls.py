@@ -1,11 +1,14 @@
 """The Python service in the whole mesh: BLS (a Python model calls the ONNX model ``simple`` via
-the gateway) and a decoupled model streaming its responses through the gateway.
+the gateway), a decoupled model streaming its responses through the gateway, and decoupled BLS.
 
-One mesh serves ``simple`` (ONNX service) and ``bls_python`` (Python service) from one repository.
-A client calls ``bls_python`` through the gateway; its ``execute`` sends a BLS request back
-through the gateway (``MESHSERVE_GATEWAY``, set by the supervisor) to ``simple`` and doubles the
-sum the ONNX service computed. A BLS call to a model that does not exist fails only that request,
-with the BLS error's text reaching the client.
+One mesh serves ``simple`` (ONNX service) and ``bls_python``, ``repeat_python`` and
+``bls_decoupled_python`` (Python service) from one repository. A client calls ``bls_python``
+through the gateway; its ``execute`` sends a BLS request back through the gateway
+(``MESHSERVE_GATEWAY``, set by the supervisor) to ``simple`` and doubles the sum the ONNX service
+computed. A BLS call to a model that does not exist fails only that request, with the BLS error's
+text reaching the client. ``bls_decoupled_python`` calls the decoupled ``repeat_python`` with
+``exec(decoupled=True)`` / ``async_exec(decoupled=True)``: a ModelStreamInfer through the
+gateway, whose streamed responses it joins into its one answer.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshHandle]:
     repo = root / "models"
     repo.mkdir()
     build_repository(repo, ["simple"])
-    build_python_repository(repo, ["bls_python", "repeat_python"])
+    build_python_repository(repo, ["bls_python", "repeat_python", "bls_decoupled_python"])
     with running_mesh(repo, root) as handle:
         yield handle
 
@@ -80,3 +83,49 @@ def test_decoupled_model_streams_through_the_gateway(mesh: MeshHandle) -> None:
     assert [int(r.as_numpy("OUT")[0]) for r, _ in got[:3]] == [7, 8, 9]
     final = got[3][0].get_response().parameters["triton_final_response"].bool_param
     assert final and got[3][0].as_numpy("OUT") is None
+
+
+def _repeat_inputs(values: list[int], delay_ms: int = 0) -> list[grpcclient.InferInput]:
+    tensor = grpcclient.InferInput("IN", [len(values)], "INT32")
+    tensor.set_data_from_numpy(np.array(values, dtype=np.int32))
+    if not delay_ms:
+        return [tensor]
+    delay = grpcclient.InferInput("DELAY_MS", [1], "UINT32")
+    delay.set_data_from_numpy(np.array([delay_ms], dtype=np.uint32))
+    return [tensor, delay]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_decoupled_bls_returns_what_the_decoupled_model_streamed(
+    mesh: MeshHandle, mode: str
+) -> None:
+    with grpcclient.InferenceServerClient(mesh.grpc_url) as client:
+        before = client.get_inference_statistics("repeat_python", as_json=True)
+        result = client.infer(
+            "bls_decoupled_python",
+            _repeat_inputs([3, 1, 4, 1], delay_ms=5),
+            parameters={"bls_mode": mode},
+        )
+        np.testing.assert_array_equal(result.as_numpy("OUT"), np.array([3, 1, 4, 1], np.int32))
+        # four responses, then the empty final one
+        np.testing.assert_array_equal(result.as_numpy("RESPONSES"), np.array([5], np.uint32))
+        after = client.get_inference_statistics("repeat_python", as_json=True)
+    # the decoupled model served the BLS stream itself
+    count = int(after["model_stats"][0]["inference_count"])
+    assert count > int(before["model_stats"][0].get("inference_count", 0))
+
+
+def test_decoupled_bls_error_text_reaches_the_client(mesh: MeshHandle) -> None:
+    with grpcclient.InferenceServerClient(mesh.grpc_url) as client:
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("bls_decoupled_python", _repeat_inputs([2, -5, 6]))
+        assert "failed after 1 responses" in info.value.message()
+        assert "IN[1] is -5; repeat takes non-negative values" in info.value.message()
+        result = client.infer("bls_decoupled_python", _repeat_inputs([8]))  # still serving
+        np.testing.assert_array_equal(result.as_numpy("OUT"), np.array([8], np.int32))
+
+
+def test_unary_bls_to_a_decoupled_model_is_refused_as_in_triton(mesh: MeshHandle) -> None:
+    refused = pytest.raises(InferenceServerException, match="uses the decoupled transaction")
+    with grpcclient.InferenceServerClient(mesh.grpc_url) as client, refused:
+        client.infer("bls_decoupled_python", _repeat_inputs([1]), parameters={"bls_mode": "unary"})
