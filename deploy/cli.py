@@ -1,4 +1,4 @@
-"""`meshserve` — the command line: up, status, models, load, unload, split, mirror.
+"""`meshserve` — the command line: up, status, models, load, unload, split, mirror, infer.
 
 Every command but ``up`` talks to a running mesh through its gateway's HTTP port (default
 127.0.0.1:8000): the control plane's front answers /v2/repository/* and /meshserve/v1/*.
@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from deploy import infer
 from deploy.supervisor import MeshSettings, run_until_signal
 
 
@@ -166,6 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
     mirror.add_argument("version", nargs="?", help="the shadow version")
     mirror.add_argument("--percent", type=float, default=100.0, help="0 < p <= 100 (default 100)")
     mirror.add_argument("--off", action="store_true", help="stop mirroring the model")
+    about = (
+        "one inference through the gateway (REST): inputs from --input NAME=JSON, the others "
+        "random; prints each output"
+    )
+    run = sub.add_parser("infer", help=about, description=about)
+    run.add_argument("model")
+    run.add_argument("--version", default="", help="a version (default: the model's policy)")
+    run.add_argument(
+        "--input", action="append", default=[], help="NAME=VALUES, JSON, e.g. INPUT0=[1,2,3]"
+    )
+    run.add_argument("--shape", action="append", default=[], help="NAME=DIMS, e.g. INPUT0=1,16")
+    run.add_argument("--batch", type=int, default=1, help="batch size of a batching model")
+    run.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    run.add_argument("--json", action="store_true", help="print the raw JSON response")
     return p
 
 
@@ -186,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if a.command == "mirror":
         return _mirror(base, a.model, a.version, a.percent, a.off)
+    if a.command == "infer":
+        return infer.run(_call, base, a.model, a.version, a.input, a.shape, a.batch, a.seed, a.json)
     return _split(base, a.model, a.weights, a.clear)
 
 

@@ -266,7 +266,9 @@ def test_a_weight_beyond_uint32_is_refused(mesh: MeshHandle, no_split: None) -> 
     assert (code, status["splits"].get("simple")) == (400, {"1": 50, "2": 50}), doc
 
 
-def test_meshserve_command_against_the_running_mesh(mesh: MeshHandle, no_split: None) -> None:
+def test_meshserve_command_against_the_running_mesh(
+    mesh: MeshHandle, second_service: ServiceProcess, no_split: None
+) -> None:
     """The CLI as a user runs it: status, models, split (and its refusal), clear."""
     import subprocess
     import sys
@@ -291,3 +293,19 @@ def test_meshserve_command_against_the_running_mesh(mesh: MeshHandle, no_split: 
     assert refused.returncode != 0 and "add up to 0" in refused.stderr
     assert meshserve("split", "simple", "--clear").returncode == 0
     assert "split simple" not in meshserve("status").stdout
+    answer = meshserve(
+        "infer",
+        "simple",
+        "--version",
+        "1",
+        "--input",
+        "INPUT0=[" + ",".join(str(i) for i in range(16)) + "]",
+        "--input",
+        "INPUT1=2",
+    )
+    assert answer.returncode == 0, answer.stderr
+    assert "model simple version 1" in answer.stdout
+    sums = "OUTPUT0 INT32 [1, 16]: [[" + ", ".join(str(i + 2) for i in range(16)) + "]]"
+    assert sums in answer.stdout, answer.stdout
+    wrong = meshserve("infer", "simple", "--input", "INPUT0=[1,2]")
+    assert wrong.returncode != 0 and "2 value(s) given, shape [1, 16] needs 16" in wrong.stderr
