@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -14,10 +13,9 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from examples.build_python import build_python_repository
-from protos.gen.inference import grpc_service_pb2_grpc as pb_grpc
-from services.core import gateway_client
 from services.core.runtime import Runtime
 from services.python.runtime import PythonRuntime
+from tests.fake_gateway import serving_as_gateway
 from tests.support import ServerThread, settings_for
 from tests.unit.test_python_backend import FakeGateway
 
@@ -190,15 +188,8 @@ def test_batched_requests_reach_execute_apart(tmp_path: Path) -> None:
 def fake_gateway(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGateway]:
     """A gRPC server on port 0 answering ModelInfer for ``simple`` in place of the mesh."""
     fake = FakeGateway()
-    server = grpc.server(ThreadPoolExecutor(max_workers=2))
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(fake, server)  # type: ignore[no-untyped-call]
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    monkeypatch.setenv(gateway_client.GATEWAY_ENV, f"127.0.0.1:{port}")
-    try:
+    with serving_as_gateway(fake, monkeypatch, workers=2):
         yield fake
-    finally:
-        server.stop(None)
 
 
 def test_bls_model_calls_through_the_gateway(

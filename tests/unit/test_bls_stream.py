@@ -15,7 +15,6 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -26,7 +25,7 @@ from examples.build_python import build_python_repository
 from protos.gen.inference import grpc_service_pb2 as pb
 from protos.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.gen.inference import model_config_pb2 as mc
-from services.core import gateway_client, tracing
+from services.core import tracing
 from services.core.config import apply_defaults, load_config_file
 from services.core.dataplane import EMPTY_FINAL_PARAMETER, FINAL_PARAMETER
 from services.core.decoupled import ResponseStream
@@ -37,6 +36,7 @@ from services.python import bls
 from services.python import triton_python_backend_utils as pb_utils
 from services.python.bls_stream import ResponseIterator, convert
 from services.python.runtime import PythonRuntime
+from tests.fake_gateway import serving_as_gateway
 
 CPU = InstanceSpec(name="m_0", kind=mc.ModelInstanceGroup.KIND_CPU)
 
@@ -160,13 +160,8 @@ class StreamingGateway(pb_grpc.GRPCInferenceServiceServicer):
 @pytest.fixture
 def gateway(monkeypatch: pytest.MonkeyPatch) -> Iterator[StreamingGateway]:
     fake = StreamingGateway()
-    server = grpc.server(ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(fake, server)  # type: ignore[no-untyped-call]
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    monkeypatch.setenv(gateway_client.GATEWAY_ENV, f"127.0.0.1:{port}")
-    yield fake
-    server.stop(None)
+    with serving_as_gateway(fake, monkeypatch):
+        yield fake
 
 
 def _request(model: str, values: list[int], model_version: int = -1) -> pb_utils.InferenceRequest:

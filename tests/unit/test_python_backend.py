@@ -6,7 +6,6 @@ import asyncio
 import json
 import textwrap
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from services.core.runtime import InstanceSpec
 from services.python import triton_python_backend_utils as pb_utils
 from services.python.runtime import PythonRuntime
 from tests.datatype_samples import ALL_DATATYPES, assert_identical, edge_values, kit_form
+from tests.fake_gateway import serving_as_gateway
 
 CPU = InstanceSpec(name="m_0", kind=mc.ModelInstanceGroup.KIND_CPU)
 
@@ -333,13 +333,8 @@ class FakeGateway(pb_grpc.GRPCInferenceServiceServicer):
 @pytest.fixture
 def gateway(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGateway]:
     fake = FakeGateway()
-    server = grpc.server(ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(fake, server)  # type: ignore[no-untyped-call]
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    monkeypatch.setenv(gateway_client.GATEWAY_ENV, f"127.0.0.1:{port}")
-    yield fake
-    server.stop(None)
+    with serving_as_gateway(fake, monkeypatch):
+        yield fake
 
 
 def _simple_request(model: str = "simple", **kwargs: Any) -> pb_utils.InferenceRequest:
