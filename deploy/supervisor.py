@@ -30,6 +30,7 @@ from typing import Any
 import grpc
 from aiohttp import web
 
+from deploy.children import child_process_options
 from deploy.mesh_metrics import mesh_metrics_app
 from gateway.launcher import Gateway
 from protos.gen.health import health_pb2 as hpb
@@ -163,9 +164,13 @@ class Mesh:
             progress(
                 f"no service for framework family '{fam}' yet; not serving {', '.join(fams[fam])}"
             )
-        self.control = await asyncio.create_subprocess_exec(*control_plane_command(s, fresh=True))
+        self.control = await asyncio.create_subprocess_exec(
+            *control_plane_command(s, fresh=True), **child_process_options()
+        )
         progress(f"control plane starting (ADS + registry on {s.host}:{s.control_port})")
-        self.gateway = Gateway(s.host, s.control_port, workers=s.gateway_workers)
+        self.gateway = Gateway(
+            s.host, s.control_port, workers=s.gateway_workers, spawn_options=child_process_options()
+        )
         await self.gateway.start(timeout=30)
         progress(f"gateway ready: gRPC {s.host}:{s.grpc_port}, HTTP {s.host}:{s.http_port}")
         if s.metrics_port >= 0:
@@ -196,6 +201,7 @@ class Mesh:
                 *(arg for name in s.load_models for arg in ("--load-model", name)),
                 # BLS calls from Python models go through the gateway (services/python/bls.py)
                 env={**os.environ, "MESHSERVE_GATEWAY": f"{s.host}:{s.grpc_port}"},
+                **child_process_options(),
             )
             progress(f"service '{fam}' starting for {len(runnable[fam])} model(s)")
         await self._wait_ready(set(runnable), progress, ready_within_s)

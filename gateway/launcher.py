@@ -22,7 +22,9 @@ import signal
 import sys
 import tempfile
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -85,6 +87,7 @@ class Gateway:
         log_level: str = "warning",
         envoy: Path | None = None,
         workers: int = 0,
+        spawn_options: Mapping[str, Any] | None = None,
     ) -> None:
         if log_level not in _LEVELS:
             raise GatewayError(f"log level '{log_level}' is not one of {sorted(_LEVELS)}")
@@ -92,6 +95,8 @@ class Gateway:
         self.log_level = log_level
         #: Envoy worker threads (0: Envoy's default, one per core)
         self.workers = workers
+        #: extra keyword arguments for starting the Envoy process (e.g. its own session)
+        self.spawn_options = dict(spawn_options or {})
         self._envoy = envoy
         self._proc: asyncio.subprocess.Process | None = None
         self._stderr_task: asyncio.Task[None] | None = None
@@ -133,6 +138,7 @@ class Gateway:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
+            **self.spawn_options,
         )
         self._stderr_task = asyncio.create_task(self._log_stderr(), name="envoy-stderr")
         log.info("started Envoy (pid %d) with %s", self._proc.pid, config_path)
