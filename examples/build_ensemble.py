@@ -20,6 +20,11 @@ the batch dimension. a, b, x stand for the ensemble's inputs INPUT0, INPUT1 (INT
   inputs: (a + b, a - b) → (2a, 2b) → OUTPUT0 = 2(a + b), OUTPUT1 = 2(a - b).
 - ``nested_ensemble``: ``chain3`` (itself an ensemble) then ``simple``:
   OUTPUT0 = 4a, OUTPUT1 = 4b.
+- ``repeat_then_simple`` (decoupled, so called with ModelStreamInfer): INPUT0 (INT32 [16]) and
+  COUNT (UINT32 [1]) → ``repeat_count_python`` streams COUNT responses (response k: x and k) →
+  ``simple`` runs once per response → one ensemble response per k: OUTPUT0 = x + k,
+  OUTPUT1 = x - k (in the order the ``simple`` calls finish), then the FINAL flag. The ensemble's
+  config does not say decoupled: it is filled in at load, as Triton does.
 
 Rebuilding is idempotent, as for examples/build_repository.py.
 """
@@ -153,6 +158,19 @@ _ALL = (
                 {"OUTPUT0": "chain_sum", "OUTPUT1": "chain_diff"},
             ),
             _simple("chain_sum", "chain_diff", "OUTPUT0", "OUTPUT1"),
+        ),
+    ),
+    Ensemble(
+        "repeat_then_simple",
+        (_int32("INPUT0"), Io("COUNT", "TYPE_UINT32", (1,))),
+        _PAIR_OUT,
+        (
+            Step(
+                "repeat_count_python",
+                {"INPUT0": "INPUT0", "COUNT": "COUNT"},
+                {"OUTPUT0": "repeated", "OUTPUT1": "index"},
+            ),
+            _simple("repeated", "index", "OUTPUT0", "OUTPUT1"),
         ),
     ),
 )

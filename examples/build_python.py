@@ -17,6 +17,8 @@
   when that call fails (e.g. an unknown model) the client gets the BLS error's text;
 - ``repeat_python``: a decoupled model (one response per input element, then the FINAL flag;
   examples/python_decoupled.py).
+- ``repeat_count_python``: a batched decoupled model, the first step of the decoupled ensemble
+  ``repeat_then_simple`` (examples/python_decoupled.py).
 - ``bls_decoupled_python``: decoupled BLS: calls ``repeat_python`` with ``exec(decoupled=True)``
   (or ``async_exec``, by request parameter) and returns what it streamed, joined into one response
   (examples/python_decoupled.py).
@@ -50,6 +52,8 @@ from examples.python_decoupled import (
     BLS_DECOUPLED_CONFIG,
     BLS_DECOUPLED_MODEL,
     REPEAT_CONFIG,
+    REPEAT_COUNT_CONFIG,
+    REPEAT_COUNT_MODEL,
     REPEAT_MODEL,
 )
 from examples.python_ensemble_steps import (
@@ -278,6 +282,7 @@ EXAMPLES: dict[str, tuple[str, str]] = {
     "slow_b_python": (slow_config("slow_b_python", scale=1, offset=1), SLOW_MODEL),
     "repeat_python": (REPEAT_CONFIG, REPEAT_MODEL),
     "bls_decoupled_python": (BLS_DECOUPLED_CONFIG, BLS_DECOUPLED_MODEL),
+    "repeat_count_python": (REPEAT_COUNT_CONFIG, REPEAT_COUNT_MODEL),
 }
 #: model name → other files of its model directory (name → text)
 EXTRA_FILES: dict[str, dict[str, str]] = {

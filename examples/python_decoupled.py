@@ -8,6 +8,14 @@ responses before it. The model stops early when the client stops listening
 (``request.is_cancelled()``). Clients use ModelStreamInfer (tritonclient ``start_stream`` +
 ``async_stream_infer``). Written as a Triton user writes such a model.
 
+``repeat_count_python``: a batched decoupled model, the first step of the decoupled ensemble
+``repeat_then_simple`` (examples/build_ensemble.py). INT32 ``INPUT0`` [16] and UINT32 ``COUNT``
+[1] (max_batch_size 8) → ``COUNT`` responses (the largest of the request's rows), response k
+holding ``OUTPUT0`` = INPUT0 and ``OUTPUT1`` = k everywhere (INT32 [16] both, ``simple``'s
+inputs), each sent after sleeping the config parameter ``delay_ms`` (default 0); then the FINAL
+flag alone. A COUNT above 64 fails the request with INVALID_ARG; the model stops early when the
+caller stops listening.
+
 ``bls_decoupled_python``: decoupled BLS, a model that is not decoupled calling one that is.
 INT32 ``IN`` [-1] (and optional ``DELAY_MS``, passed on) → ``OUT`` INT32 [-1]: every ``OUT``
 that ``repeat_python`` streamed back, in order, and ``RESPONSES`` UINT32 [1]: how many responses
@@ -153,4 +161,79 @@ class TritonPythonModel:
                 pb_utils.Tensor("RESPONSES", np.array([count], dtype=np.uint32)),
             ]
         )
+'''
+
+REPEAT_COUNT_CONFIG = """name: "repeat_count_python"
+backend: "python"
+max_batch_size: 8
+model_transaction_policy { decoupled: true }
+input [
+  { name: "INPUT0" data_type: TYPE_INT32 dims: [ 16 ] },
+  { name: "COUNT" data_type: TYPE_UINT32 dims: [ 1 ] }
+]
+output [
+  { name: "OUTPUT0" data_type: TYPE_INT32 dims: [ 16 ] },
+  { name: "OUTPUT1" data_type: TYPE_INT32 dims: [ 16 ] }
+]
+parameters { key: "delay_ms" value: { string_value: "0" } }
+instance_group [ { kind: KIND_CPU } ]
+"""
+
+REPEAT_COUNT_MODEL = '''"""Repeat INPUT0 COUNT times, response k with OUTPUT1 = k (decoupled)."""
+
+import json
+import threading
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+MAX_COUNT = 64
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        parameters = config.get("parameters", {})
+        delay_ms = parameters.get("delay_ms", {}).get("string_value", "0")
+        self.delay_s = float(delay_ms) / 1000.0
+        self.threads = []
+
+    def execute(self, requests):
+        for request in requests:
+            values = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            count = pb_utils.get_input_tensor_by_name(request, "COUNT").as_numpy()
+            thread = threading.Thread(
+                target=self.repeat,
+                args=(request, values.copy(), int(count.max()) if count.size else 0),
+                daemon=True,
+            )
+            thread.start()
+            self.threads.append(thread)
+        return None
+
+    def repeat(self, request, values, count):
+        sender = request.get_response_sender()
+        if count > MAX_COUNT:
+            error = pb_utils.TritonError(
+                f"COUNT is {count}; at most {MAX_COUNT} responses per request",
+                pb_utils.TritonError.INVALID_ARG,
+            )
+            sender.send(
+                pb_utils.InferenceResponse(error=error),
+                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+            )
+            return
+        for k in range(count):
+            time.sleep(self.delay_s)
+            if request.is_cancelled():
+                break
+            out0 = pb_utils.Tensor("OUTPUT0", values)
+            out1 = pb_utils.Tensor("OUTPUT1", np.full_like(values, k))
+            sender.send(pb_utils.InferenceResponse(output_tensors=[out0, out1]))
+        sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def finalize(self):
+        for thread in self.threads:
+            thread.join(timeout=5)
 '''

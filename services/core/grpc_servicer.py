@@ -221,6 +221,9 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
                 req = decode_infer_request(msg, self._plane.shm)
                 req.arrival_ns = arrival
                 req.trace_context = tracing.current_context()
+                remaining = context.time_remaining()  # the stream's deadline bounds its requests
+                if remaining is not None:
+                    req.deadline_ns = arrival + int(remaining * 1e9)
                 if not req.model_version:
                     req.model_version = routed
                 async for response in self._plane.infer_stream(req):

@@ -222,7 +222,8 @@ class ServedModel:
             if not self._inflight:
                 self._idle.set()
         infer_ns = time.monotonic_ns() - start
-        missing = [n for n in self._output_names if n not in outputs]
+        # a decoupled model's outputs went to the request's response stream
+        missing = [] if self.decoupled else [n for n in self._output_names if n not in outputs]
         if missing:
             raise InternalError(f"model '{self.name}' returned no value for outputs {missing}")
         count = batch_size if self._batched else 1

@@ -11,12 +11,30 @@ required input, an unknown input/output name, a cycle (also through nested ensem
 datatype, shape or batching mismatch between a producer and its consumers. What a step model's
 config does not declare (a model whose config is auto-completed at load) is not checked here;
 the step's own service rejects a bad call at run time, and the error names the step.
+
+Decoupled steps (``model_transaction_policy { decoupled: true }``: any number of responses per
+request), as Triton's ensemble scheduler treats them (triton-inference-server/core,
+src/ensemble_scheduler/ensemble_utils.cc ``ValidateEnsembleConfig`` and ensemble_scheduler.cc):
+
+- each response of a decoupled step is a separate set of its output tensors, and every step
+  reading them runs once per response, on that response's tensors alone;
+- so a step may only combine tensors that come from the same response: Triton labels every tensor
+  with the decoupled step it descends from (none for the ensemble's inputs) and refuses a step
+  whose inputs carry different labels ("receives inputs originated from different decoupled
+  models"); the ensemble's outputs, which form one ensemble response, must agree the same way;
+- the ensemble is decoupled exactly when one of its steps is (also through a nested ensemble):
+  Triton fills the ensemble's ``model_transaction_policy.decoupled`` itself at load, the user
+  need not write it (``is_decoupled``; EnsembleRuntime.autocomplete sets it). Clients then call
+  the ensemble with ModelStreamInfer, as any decoupled model.
+
+``Step.origin`` is that label: the index of the decoupled step whose responses the step runs
+once for, or None when it runs once per request.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from protos.gen.inference import model_config_pb2 as mc
 from services.core import dtypes
@@ -40,6 +58,10 @@ class Step:
     inputs: tuple[tuple[str, str], ...]
     #: (step model output name, ensemble tensor it writes)
     outputs: tuple[tuple[str, str], ...]
+    #: the step model is decoupled (called with ModelStreamInfer; any number of responses)
+    decoupled: bool = False
+    #: the decoupled step whose each response runs this step once (None: once per request)
+    origin: int | None = None
 
     @property
     def label(self) -> str:
@@ -58,6 +80,11 @@ class EnsembleGraph:
     input_types: dict[str, str]
     #: ensemble output names, in config order
     outputs: tuple[str, ...]
+    #: some step is decoupled: the ensemble streams its responses (see the module docstring)
+    decoupled: bool = False
+    #: the decoupled step each of whose responses yields one set of ensemble outputs (None: the
+    #: request yields one)
+    output_origin: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,11 +121,6 @@ def build_graph(config: mc.ModelConfig, lookup: ConfigLookup) -> EnsembleGraph:
         if found is None:
             raise fail(f"{step.label}: no model named '{step.model_name}' in the repository")
         configs[step.index] = found
-        if found.model_transaction_policy.decoupled:
-            raise fail(
-                f"{step.label} is decoupled (any number of responses per request); ensemble "
-                "steps are single-response calls: use a model that answers once"
-            )
         if _reaches(step.model_name, name, lookup, set()):
             raise fail(f"{step.label} is an ensemble that calls '{name}' back: a cycle")
 
@@ -187,12 +209,82 @@ def build_graph(config: mc.ModelConfig, lookup: ConfigLookup) -> EnsembleGraph:
             )
             _check_match(known, want, out.name, fail)
 
+    order, output_origin = _origins(order, config, lookup, fail)
     return EnsembleGraph(
         name=name,
         steps=tuple(order),
         input_types={i.name: dtypes.triton_from_config(i.data_type) for i in config.input},
         outputs=tuple(o.name for o in config.output),
+        decoupled=any(s.decoupled for s in order),
+        output_origin=output_origin,
     )
+
+
+def is_decoupled(config: mc.ModelConfig, lookup: ConfigLookup) -> bool:
+    """Whether an ensemble is decoupled: one of its steps is (Triton's rule, module docstring)."""
+    return any(
+        _decoupled_model(s.model_name, lookup, {config.name})
+        for s in config.ensemble_scheduling.step
+    )
+
+
+def _decoupled_model(model: str, lookup: ConfigLookup, seen: set[str]) -> bool:
+    """Whether ``model`` answers a request with any number of responses: its config says so, or
+    it is an ensemble with such a step (a config read from its file does not say so yet)."""
+    config = lookup(model)
+    if config is None or model in seen:
+        return False
+    if config.model_transaction_policy.decoupled:
+        return True
+    if config.platform != ENSEMBLE_PLATFORM:
+        return False
+    return any(
+        _decoupled_model(s.model_name, lookup, seen | {model})
+        for s in config.ensemble_scheduling.step
+    )
+
+
+def _origins(
+    order: Sequence[Step], config: mc.ModelConfig, lookup: ConfigLookup, fail: _Fail
+) -> tuple[list[Step], int | None]:
+    """Each step with its decoupled flag and origin (steps in dependency order), and the origin of
+    the ensemble outputs; refuses a step or an output set mixing tensors of different origins."""
+    by_index = {s.index: s for s in order}
+    origin_of: dict[str, int | None] = {i.name: None for i in config.input}
+
+    def describe(tensor: str) -> str:
+        origin = origin_of[tensor]
+        if origin is None:
+            return f"'{tensor}' (once per request)"
+        return f"'{tensor}' (once per response of decoupled {by_index[origin].label})"
+
+    def common(tensors: Sequence[str], reader: str) -> int | None:
+        origins = {origin_of[t] for t in tensors}
+        if len(origins) > 1:
+            raise fail(
+                f"{reader} combines tensors of different decoupled responses: "
+                f"{', '.join(describe(t) for t in tensors)}. Each response of a decoupled step "
+                "runs the steps after it on its own, so what is combined must come from the "
+                "same response (Triton: inputs originated from different decoupled models)"
+            )
+        return next(iter(origins), None)
+
+    placed: list[Step] = []
+    for step in order:
+        decoupled = _decoupled_model(step.model_name, lookup, {config.name})
+        origin = common(sorted(step.reads), step.label)
+        for _, tensor in step.outputs:
+            origin_of[tensor] = step.index if decoupled else origin
+        placed.append(replace(step, decoupled=decoupled, origin=origin))
+    if any(s.decoupled for s in placed) and not config.model_transaction_policy.decoupled:
+        first = next(s for s in placed if s.decoupled)
+        raise fail(
+            f"{first.label} is decoupled (any number of responses per request), so the "
+            "ensemble is too: set model_transaction_policy { decoupled: true } in its config "
+            "(filled in at load when the step's config says so) and call it with ModelStreamInfer"
+        )
+    output_origin = common([o.name for o in config.output], "the ensemble's output set")
+    return placed, output_origin
 
 
 def _declares_io(config: mc.ModelConfig) -> bool:

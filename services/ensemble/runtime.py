@@ -14,6 +14,9 @@ Step calls carry the gateway's routing headers (``meshserve-model``, and ``meshs
 when the step pins one), so Envoy routes them without reading the request body. Each step call
 is a client span (the request's server span its parent) and carries the W3C trace
 context, so the step's services continue the same trace.
+
+An ensemble with a decoupled step is decoupled itself (set at load by ``autocomplete``, as Triton
+does) and streams any number of responses per request: services/ensemble/streaming.py runs it.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ from services.core.gateway_client import (
 from services.core.repository import CONFIG_FILENAME
 from services.core.requests import Array, InferRequest
 from services.core.runtime import InstanceSpec, Runtime
-from services.ensemble.graph import EnsembleGraph, Step, build_graph
+from services.ensemble.graph import EnsembleGraph, Step, build_graph, is_decoupled
+from services.ensemble.streaming import StreamingEnsemble
 
 log = logging.getLogger(__name__)
 #: the gateway's routing headers (control_plane/routes.py): model, and version when pinned
@@ -67,6 +71,17 @@ class EnsembleRuntime(Runtime):
     default_model_filename: ClassVar[str] = ""
     async_execution: ClassVar[bool] = True
 
+    @classmethod
+    def autocomplete(cls, config: mc.ModelConfig, model_path: Path) -> None:
+        """Mark the ensemble decoupled exactly when one of its steps is (Triton fills the
+        ensemble's ``model_transaction_policy.decoupled`` itself, whatever the file says)."""
+        repository = model_path.parent.parent
+        lookup = _ConfigLookup(repository, gateway_address(), config.name, ask_gateway=False)
+        decoupled = is_decoupled(config, lookup)
+        if decoupled != config.model_transaction_policy.decoupled:
+            log.info("ensemble %r: decoupled set to %s from its steps", config.name, decoupled)
+        config.model_transaction_policy.decoupled = decoupled
+
     def __init__(self, config: mc.ModelConfig, model_path: Path, instance: InstanceSpec) -> None:
         self.name = config.name
         self._address = gateway_address()
@@ -77,6 +92,12 @@ class EnsembleRuntime(Runtime):
         self._channel: grpc.aio.Channel | None = None
         self._stub: pbg.GRPCInferenceServiceStub | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: runs the requests of a decoupled ensemble (None: one response per request)
+        self._streaming: StreamingEnsemble | None = None
+        if self.graph.decoupled:
+            self._streaming = StreamingEnsemble(
+                self.graph, self._call_step, self._gateway, self._timeout_s
+            )
         log.info(
             "ensemble %r: %d steps (%s); steps go to the gateway at %s",
             self.name,
@@ -89,6 +110,8 @@ class EnsembleRuntime(Runtime):
         raise InternalError(f"ensemble '{self.name}' runs only on the event loop")
 
     async def infer_async(self, request: InferRequest, outputs: Sequence[str]) -> dict[str, Array]:
+        if self._streaming is not None:
+            return await self._streaming.run(request, outputs)
         tensors: dict[str, WireTensor] = {
             name: WireTensor.from_array(self.graph.input_types[name], array)
             for name, array in request.inputs.items()
@@ -142,13 +165,7 @@ class EnsembleRuntime(Runtime):
             [model_output for model_output, _ in step.outputs],
             request.id,
         )
-        timeout: float | None = None
-        if request.deadline_ns:
-            timeout = (request.deadline_ns - time.monotonic_ns()) / 1e9
-            if timeout <= 0:
-                raise QueueTimeout(
-                    f"ensemble '{self.name}': the request's deadline passed before {step.label}"
-                )
+        timeout = self._timeout_s(request, step)
         attributes = tracing.model_attributes(step.model_name, step.model_version, request.id)
         attributes.update({"meshserve.ensemble": self.name, "meshserve.ensemble.step": step.index})
         with tracing.child_span(
@@ -178,6 +195,17 @@ class EnsembleRuntime(Runtime):
             )
         return {tensor: produced[model_output] for model_output, tensor in step.outputs}
 
+    def _timeout_s(self, request: InferRequest, step: Step) -> float | None:
+        """Seconds left to the request's deadline as ``step`` starts (None: no deadline)."""
+        if not request.deadline_ns:
+            return None
+        timeout = (request.deadline_ns - time.monotonic_ns()) / 1e9
+        if timeout <= 0:
+            raise QueueTimeout(
+                f"ensemble '{self.name}': the request's deadline passed before {step.label}"
+            )
+        return timeout
+
     def _gateway(self) -> pbg.GRPCInferenceServiceStub:
         """The stub on this loop's channel to the gateway (created on first use)."""
         if self._stub is None:
@@ -198,10 +226,13 @@ class _ConfigLookup:
     """Step model configs for load-time checks: the repository's config.pbtxt, or, for a model
     whose config is auto-completed, what the gateway says it serves (when it can be reached)."""
 
-    def __init__(self, repository: Path, gateway: str, ensemble: str) -> None:
+    def __init__(
+        self, repository: Path, gateway: str, ensemble: str, *, ask_gateway: bool = True
+    ) -> None:
         self._repository = repository
         self._gateway = gateway
         self._ensemble = ensemble
+        self._ask_gateway = ask_gateway
         self._cache: dict[str, mc.ModelConfig | None] = {}
 
     def __call__(self, name: str) -> mc.ModelConfig | None:
@@ -222,7 +253,7 @@ class _ConfigLookup:
                     f"ensemble '{self._ensemble}': step model '{name}' has a bad config: "
                     f"{err.message}"
                 ) from None
-        if not (config.input or config.output):
+        if self._ask_gateway and not (config.input or config.output):
             served = self._served_config(name)
         if served is not None:
             return served

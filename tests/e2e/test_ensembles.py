@@ -1,14 +1,15 @@
 """Ensembles through the whole mesh: client → Envoy → ensemble service → Envoy → step services.
 
 One mesh serves the example ensembles (examples/build_ensemble.py) and their steps: Python
-models (Pillow pre-processing, top-k, two slow branches) on the Python service, ``simple`` and
-``cnn`` on the ONNX service. Every step is a real ModelInfer through the gateway.
+models (Pillow pre-processing, top-k, two slow branches, a decoupled repeat) on the Python
+service, ``simple`` and ``cnn`` on the ONNX service. Every step is a real ModelInfer through the gateway.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import io
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -205,3 +206,45 @@ def test_deadline_reaches_the_steps(client: grpcclient.InferenceServerClient) ->
         within_s=5,
         what="the branch's request ended when the caller's deadline passed",
     )
+
+
+def test_decoupled_ensemble_streams_through_the_gateway(mesh: MeshHandle) -> None:
+    """repeat_then_simple: ``repeat_count_python`` (Python service) streams COUNT responses, each
+    runs ``simple`` (ONNX service); every call crosses Envoy. One ensemble response per k, then
+    exactly one final flag."""
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    x = np.arange(16, dtype=np.int32).reshape(1, 16)
+    count = grpcclient.InferInput("COUNT", [1, 1], "UINT32")
+    count.set_data_from_numpy(np.array([[4]], dtype=np.uint32))
+    with grpcclient.InferenceServerClient(mesh.grpc_url) as c:
+        c.start_stream(callback=lambda result, error: results.put((result, error)))
+        try:
+            c.async_stream_infer(
+                "repeat_then_simple",
+                [_int_input("INPUT0", x), count],
+                request_id="stream-1",
+                enable_empty_final_response=True,
+            )
+            responses = []
+            while True:
+                result, error = results.get(timeout=20)
+                assert error is None, error
+                responses.append(result)
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    break
+        finally:
+            c.stop_stream()
+    data = [r for r in responses if r.as_numpy("OUTPUT0") is not None]
+    assert sorted(int(r.as_numpy("OUTPUT0")[0, 0]) for r in data) == [0, 1, 2, 3]
+    for r in data:
+        k = int(r.as_numpy("OUTPUT0")[0, 0])
+        np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), x + k)
+        np.testing.assert_array_equal(r.as_numpy("OUTPUT1"), x - k)
+        assert r.get_response().id == "stream-1"
+    assert len(responses) in (4, 5)  # the final flag on the last response, or alone after it
+    with (
+        pytest.raises(InferenceServerException) as err,
+        grpcclient.InferenceServerClient(mesh.grpc_url) as c,
+    ):
+        c.infer("repeat_then_simple", [_int_input("INPUT0", x), count])
+    assert "ModelStreamInfer" in err.value.message()

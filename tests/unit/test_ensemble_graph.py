@@ -223,12 +223,3 @@ def test_wire_tensor_reuses_the_bytes_a_request_arrived_in() -> None:
     strings = WireTensor.from_array("BYTES", np.array([b"ab", b"c"], dtype=object))
     assert strings.raw == b"\x02\x00\x00\x00ab\x01\x00\x00\x00c"
     assert list(strings.array("s")) == [b"ab", b"c"]
-
-
-def test_decoupled_step_is_refused() -> None:
-    streaming = mc.ModelConfig()
-    streaming.CopyFrom(ADD)
-    streaming.name = "streaming"
-    streaming.model_transaction_policy.decoupled = True
-    msg = problem(ensemble(step("streaming", {"X": "IN"}, {"Z": "OUT"})), {"streaming": streaming})
-    assert "step 0 (model 'streaming') is decoupled" in msg

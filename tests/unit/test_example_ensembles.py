@@ -97,6 +97,7 @@ def test_required_models_follow_nested_ensembles() -> None:
         "topk_python",
         "slow_a_python",
         "slow_b_python",
+        "repeat_count_python",
     }
     assert set(everything.onnx) == {"cnn", "simple"}
     nested = required_models(["nested_ensemble"])
