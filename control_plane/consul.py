@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 from collections.abc import Mapping
@@ -85,6 +86,13 @@ def instance_from_entry(entry: Mapping[str, Any]) -> ServiceInstance:
             f"service {instance_id!r} lacks an ID, the {META_FAMILY} Meta, an address or a port; "
             "register it with consul_registration_payload()"
         )
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise BadServiceEntry(
+            f"service {instance_id!r}: address {host!r} is not an IP address; the gateway reaches "
+            "services by IP (start the service with --advertise-host <its IP>)"
+        ) from None
     models = _models_from_meta(meta)
     return ServiceInstance(
         id=instance_id,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -172,6 +173,14 @@ def instance_from_proto(msg: rpb.ServiceInstance) -> ServiceInstance:
             f"(id unique per process, e.g. 'onnx-<host>-<pid>'; family e.g. 'onnx'; "
             f"host the address Envoy reaches the service at)"
         )
+    try:
+        ipaddress.ip_address(msg.host)
+    except ValueError:
+        # Envoy takes EDS endpoints by IP only and would refuse the whole update for one name
+        raise InvalidRegistration(
+            f"instance {msg.id!r}: host {msg.host!r} is not an IP address; the gateway reaches "
+            "services by IP (start the service with --advertise-host <its IP>)"
+        ) from None
     if msg.grpc_port == 0:
         raise InvalidRegistration(
             f"instance {msg.id!r}: grpc_port must be set to the port the service's gRPC listener "

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import logging
 import os
@@ -83,13 +84,37 @@ class ServiceIdentity:
 ModelsFn = Callable[[], list[ModelStatus]]
 
 
+def advertised_address(host: str, advertise_host: str = "") -> str:
+    """The IP address the mesh reaches this service at: ``advertise_host`` when given, else the
+    bound ``host`` (a wildcard bind: this machine's host name resolved). Envoy takes endpoints by
+    IP address only, so a name is resolved here; raises ValueError when it cannot be."""
+    wanted = advertise_host or ("" if host in ("", "0.0.0.0", "::") else host)
+    name = wanted or socket.gethostname()
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    try:
+        return socket.gethostbyname(name)
+    except OSError as exc:
+        raise ValueError(
+            f"cannot resolve '{name}' to the IP address the mesh should reach this service at "
+            f"({exc}); give it with --advertise-host"
+        ) from None
+
+
 def service_identity(
-    family: str, host: str, grpc_port: int, http_port: int, metrics_port: int
+    family: str,
+    host: str,
+    grpc_port: int,
+    http_port: int,
+    metrics_port: int,
+    advertise_host: str = "",
 ) -> ServiceIdentity:
-    """This process's identity: id ``<family>-<hostname>-<pid>``; a wildcard bind advertises the
-    hostname; a port < 0 (listener disabled) is reported as 0."""
+    """This process's identity: id ``<family>-<hostname>-<pid>``, the IP address it is reached
+    at (``advertised_address``); a port < 0 (listener disabled) is reported as 0."""
     hostname = socket.gethostname()
-    advertised = hostname if host in ("", "0.0.0.0", "::") else host
+    advertised = advertised_address(host, advertise_host)
     return ServiceIdentity(
         id=f"{family}-{hostname}-{os.getpid()}",
         family=family,

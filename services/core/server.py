@@ -130,7 +130,9 @@ def build_registrar(
             "settings.family must name the service's framework family (e.g. 'onnx') to register "
             "with the mesh; run_service() takes it from the service's __main__"
         )
-    identity = service_identity(settings.family, settings.host, grpc_port, http_port, metrics_port)
+    identity = service_identity(
+        settings.family, settings.host, grpc_port, http_port, metrics_port, settings.advertise_host
+    )
     if settings.control_plane:
         return Registrar(
             settings.control_plane,

@@ -45,6 +45,9 @@ class ServerSettings:
     server_name: str = "meshserve"
     #: log level name for the service's loggers
     log_level: str = "INFO"
+    #: IP address the mesh reaches this service at ("" = the bound host; a wildcard bind: this
+    #: machine's host name resolved)
+    advertise_host: str = ""
     #: host:port of the control plane's embedded registry to register with ("" = standalone)
     control_plane: str = ""
     #: host:port of the local Consul agent to register with instead ("" = no Consul)
@@ -75,6 +78,12 @@ def settings_from_args(argv: Sequence[str] | None, prog: str, family: str = "") 
         "for this long (the gateway stopped routing here); 0 = stop right away",
     )
     p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--advertise-host",
+        default="",
+        help="IP address the mesh reaches this service at (default: --host; with a wildcard "
+        "--host, this machine's host name resolved)",
+    )
     p.add_argument("--control-plane", default="", help="host:port of the mesh registry")
     p.add_argument("--consul", default="", help="host:port of the local Consul agent")
     p.add_argument("--registration-ttl-secs", type=float, default=3.0)
@@ -93,6 +102,7 @@ def settings_from_args(argv: Sequence[str] | None, prog: str, family: str = "") 
         exit_timeout_secs=a.exit_timeout_secs,
         leave_quiet_secs=a.leave_quiet_secs,
         log_level=a.log_level.upper(),
+        advertise_host=a.advertise_host,
         control_plane=a.control_plane,
         consul=a.consul,
         family=family,

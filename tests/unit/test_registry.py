@@ -166,6 +166,7 @@ async def test_servicer_registers_and_applies_clamped_ttl(
         (_req(id=""), "instance.id"),
         (_req(family="", host=""), "instance.family, instance.host"),
         (_req(grpc_port=0), "grpc_port must be set"),
+        (_req(host="vm"), "host 'vm' is not an IP address"),
         (_req(http_port=70000), "not a TCP port"),
         (_req(models=[rpb.ModelVersion(name="m", version="1", state="OK")]), "use one of"),
         (_req(models=[rpb.ModelVersion(name="m", state="READY")]), "must name its version"),
