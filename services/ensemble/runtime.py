@@ -54,6 +54,7 @@ from services.core.gateway_client import (
 from services.core.repository import CONFIG_FILENAME
 from services.core.requests import Array, InferRequest
 from services.core.runtime import InstanceSpec, Runtime
+from services.ensemble.dataflow import run_dataflow
 from services.ensemble.graph import EnsembleGraph, Step, build_graph, is_decoupled
 from services.ensemble.streaming import StreamingEnsemble
 
@@ -132,26 +133,14 @@ class EnsembleRuntime(Runtime):
                 task = asyncio.ensure_future(self._call_step(step, tensors, request))
                 running[task] = step
 
-        try:
-            while len(waiting) and not running:
-                ready = [s for s in waiting if s.reads <= tensors.keys()]
-                if len(ready) != 1:
-                    break
-                # a lone ready step (a chain) runs in this task: no task to create and wait on
-                waiting.remove(ready[0])
-                tensors.update(await self._call_step(ready[0], tensors, request))
-            launch_ready()
-            while running:
-                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    running.pop(task)
-                    tensors.update(task.result())
-                launch_ready()
-        finally:
-            for task in running:
-                task.cancel()
-            if running:
-                await asyncio.gather(*running, return_exceptions=True)
+        while waiting:
+            ready = [s for s in waiting if s.reads <= tensors.keys()]
+            if len(ready) != 1:
+                break
+            # a lone ready step (a chain) runs in this task: no task to create and wait on
+            waiting.remove(ready[0])
+            tensors.update(await self._call_step(ready[0], tensors, request))
+        await run_dataflow(running, tensors, launch_ready)
         if waiting:  # cannot happen for a graph build_graph accepted
             raise InternalError(f"ensemble '{self.name}': steps never became ready: {waiting}")
 

@@ -40,6 +40,7 @@ from services.core.gateway_client import (
     routing_metadata,
 )
 from services.core.requests import Array, InferRequest
+from services.ensemble.dataflow import run_dataflow
 from services.ensemble.graph import EnsembleGraph, Step
 
 #: runs one single-response step (EnsembleRuntime's ModelInfer through the gateway)
@@ -143,19 +144,7 @@ class _Run:
                     call = self.ensemble._call_step(step, tensors, self.request)
                     running[asyncio.ensure_future(call)] = step
 
-        try:
-            launch_ready()
-            while running:
-                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    running.pop(task)
-                    tensors.update(task.result())
-                launch_ready()
-        finally:
-            for task in running:
-                task.cancel()
-            if running:
-                await asyncio.gather(*running, return_exceptions=True)
+        await run_dataflow(running, tensors, launch_ready)
         if origin == self.graph.output_origin and all(o in tensors for o in self.outputs):
             self._respond(tensors)
 
