@@ -27,6 +27,7 @@ from services.core.dataplane import DataPlane
 from services.core.grpc_servicer import InferenceServicer
 from services.core.health import HealthServicer
 from services.core.http_app import build_http_app
+from services.core.identity import service_identity
 from services.core.manager import ModelManager
 from services.core.metrics import (
     MetricsServer,
@@ -39,7 +40,6 @@ from services.core.registration import (
     Registrar,
     RegistrationLoop,
     manager_models,
-    service_identity,
 )
 from services.core.runtime import Runtime
 from services.core.settings import ServerSettings, settings_from_args

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from services.core.registration import advertised_address, service_identity
+from services.core.identity import advertised_address, service_identity
 
 
 def test_an_ip_bind_is_advertised_as_is() -> None:
