@@ -5,9 +5,10 @@ result goes to validation and the batcher. When the batch is done, ``encode_infe
 turns the InferResponse back into a ModelInferResponse.
 
 Inputs sent as ``raw_input_contents`` (what tritonclient and perf_analyzer send) become numpy
-views over the received bytes: no copy beyond the one protobuf makes when it hands the field to
-Python. Such arrays are read-only. Typed ``contents`` are converted (one copy). Inputs in a
-registered shared-memory region are views over the region (read through SharedMemoryReader).
+views over the received bytes, passed as ``raw``: for large messages, slices of the message as
+gRPC received it (wire.py), so the tensor bytes are never copied; for small ones, the entries
+protobuf parsed. Such arrays are read-only. Typed ``contents`` are converted (one copy). Inputs
+in a registered shared-memory region are views over the region (read through SharedMemoryReader).
 
 Outputs always travel as ``raw_output_contents``, one entry per output in output order (an empty
 entry for outputs written into shared memory), because tritonclient finds an output's data by
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -74,14 +75,17 @@ def decode_infer_request(
     shm: SharedMemoryReader | None,
     *,
     arrival_ns: int | None = None,
+    raw: Sequence[bytes | memoryview] | None = None,
 ) -> InferRequest:
     """Decode a ModelInfer request; raises InvalidArgument naming the input and the fix.
 
     ``shm`` reads inputs that name a shared-memory region (None: such inputs are refused).
-    ``arrival_ns`` defaults to now (time.monotonic_ns()).
+    ``arrival_ns`` defaults to now (time.monotonic_ns()). ``raw``, when given, holds the raw
+    input tensors in place of ``msg.raw_input_contents`` (wire.py keeps them out of ``msg``).
     """
     arrival = time.monotonic_ns() if arrival_ns is None else arrival_ns
-    raw = msg.raw_input_contents
+    if raw is None:
+        raw = msg.raw_input_contents
     raw_count = len(raw)
     raw_used = 0
     inputs: dict[str, Array] = {}

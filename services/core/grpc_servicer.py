@@ -3,6 +3,10 @@
 Each RPC decodes its message, calls the data plane, encodes the answer. Errors are translated in
 one place (``_translate``): a ServingError becomes its gRPC status and message; anything else is
 logged with its traceback and reaches the client as a generic INTERNAL error.
+
+ModelInfer and ModelStreamInfer messages arrive parsed by ``deserialize_infer`` (wire.py: raw input
+tensors stay views over the received message), which server.py registers in place of protobuf's
+``FromString`` for those two RPCs.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from services.core.codec import decode_infer_request, encode_infer_response
 from services.core.dataplane import DataPlane
 from services.core.errors import InvalidArgument, ServingError, Unsupported
 from services.core.log_settings import apply_log_settings
+from services.core.wire import WireInferRequest, parse_infer_request
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,28 @@ Resp = TypeVar("Resp")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Any, Req, Ctx], Awaitable[Resp]]
 Metadata = Iterable[tuple[str, str | bytes]]
+#: what ModelInfer / ModelStreamInfer receive for each message (see ``deserialize_infer``)
+InferMessage = WireInferRequest | InvalidArgument
+
+
+def deserialize_infer(data: bytes) -> InferMessage:
+    """The request deserializer of ModelInfer and ModelStreamInfer.
+
+    gRPC answers an exception raised by a deserializer with UNKNOWN, before ``_translate`` sees
+    it; so a message that does not parse reaches the handler as its error, and the handler
+    raises it there (INVALID_ARGUMENT, traced and answered like any other failure).
+    """
+    try:
+        return parse_infer_request(data)
+    except InvalidArgument as exc:
+        return exc
+
+
+def _parsed(request: InferMessage) -> WireInferRequest:
+    """The parsed request, or the error its message did not parse with, raised."""
+    if isinstance(request, InvalidArgument):
+        raise request
+    return request
 
 
 async def _abort(context: Ctx, exc: BaseException, method: str) -> NoReturn:
@@ -104,6 +131,10 @@ def _span_attributes(method: str, request: Any, metadata: Metadata) -> tracing.A
         "rpc.service": SERVICE,
         "rpc.method": method,
     }
+    if isinstance(request, WireInferRequest):
+        request = request.msg
+    elif isinstance(request, InvalidArgument):  # a ModelInfer message that did not parse
+        return attributes
     fields = _MODEL_FIELDS.get(method)
     if fields is not None and getattr(request, fields[0]):
         name_field, version_field = fields
@@ -184,11 +215,10 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
 
     # ---- inference -----------------------------------------------------------------------------
     @_translate
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: Ctx
-    ) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: InferMessage, context: Ctx) -> pb.ModelInferResponse:
         arrival = time.monotonic_ns()
-        req = decode_infer_request(request, self._plane.shm)
+        wire = _parsed(request)
+        req = decode_infer_request(wire.msg, self._plane.shm, raw=wire.raw)
         req.arrival_ns = arrival
         req.trace_context = tracing.current_context()
         remaining = context.time_remaining()
@@ -199,7 +229,7 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         return encode_infer_response(await self._plane.infer(req))
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Ctx
+        self, request_iterator: AsyncIterator[InferMessage], context: Ctx
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests of one stream run concurrently (so they can share batches); each response is
         written when ready, with the request's id; an error answers that request only."""
@@ -208,17 +238,18 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         routed = _metadata_version(metadata)
         tasks: set[asyncio.Task[None]] = set()
 
-        async def one(msg: pb.ModelInferRequest) -> None:
+        async def one(msg: InferMessage) -> None:
             # one SERVER span per streamed request, each a child of the stream's trace context
             attributes = _span_attributes("ModelInfer", msg, metadata)
             attributes["rpc.method"] = "ModelStreamInfer"
             with tracing.server_span(f"{SERVICE}/ModelStreamInfer", metadata, attributes) as span:
                 await answer(msg, span)
 
-        async def answer(msg: pb.ModelInferRequest, span: tracing.Span) -> None:
+        async def answer(msg: InferMessage, span: tracing.Span) -> None:
             arrival = time.monotonic_ns()
             try:
-                req = decode_infer_request(msg, self._plane.shm)
+                wire = _parsed(msg)
+                req = decode_infer_request(wire.msg, self._plane.shm, raw=wire.raw)
                 req.arrival_ns = arrival
                 req.trace_context = tracing.current_context()
                 remaining = context.time_remaining()  # the stream's deadline bounds its requests
@@ -237,8 +268,10 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
                 else:
                     log.error("ModelStreamInfer request failed", exc_info=exc)
                     text = "internal error; see the server log"
+                # a message that did not parse has no name or id to answer with
+                sent = msg.msg if isinstance(msg, WireInferRequest) else pb.ModelInferRequest()
                 err = pb.ModelInferResponse(
-                    model_name=msg.model_name, model_version=msg.model_version, id=msg.id
+                    model_name=sent.model_name, model_version=sent.model_version, id=sent.id
                 )
                 await results.put(
                     pb.ModelStreamInferResponse(error_message=text, infer_response=err)

@@ -14,17 +14,19 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from protos.gen.health import health_pb2_grpc as hgrpc
+from protos.gen.inference import grpc_service_pb2 as pb
 from protos.gen.inference import grpc_service_pb2_grpc as pbg
 from services.core.dataplane import DataPlane
-from services.core.grpc_servicer import InferenceServicer
+from services.core.grpc_servicer import SERVICE, InferenceServicer, deserialize_infer
 from services.core.health import HealthServicer
 from services.core.http_app import build_http_app
 from services.core.identity import service_identity
@@ -106,6 +108,51 @@ async def wait_quiet(
     return quiet_s, loop.time() - start
 
 
+class _HandlerTable:
+    """Stands in for the server in the generated ``add_GRPCInferenceServiceServicer_to_server`` to
+    read the method handler table it builds (the generated code hands it out no other way)."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def add_generic_rpc_handlers(
+        self, handlers: Iterable[grpc.GenericRpcHandler[Any, Any]]
+    ) -> None:
+        """The same table as one generic handler: ``add_inference_service`` builds its own."""
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self.handlers.update(handlers)
+
+
+def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Serve ``servicer`` as the generated ``add_GRPCInferenceServiceServicer_to_server`` would,
+    except that ModelInfer and ModelStreamInfer messages are parsed by ``deserialize_infer``
+    (wire.py: raw input tensors stay views over the received bytes, never copied)."""
+    table = _HandlerTable()
+    pbg.add_GRPCInferenceServiceServicer_to_server(servicer, table)  # type: ignore[no-untyped-call]
+    if "ModelInfer" not in table.handlers:
+        raise RuntimeError(
+            "the generated add_GRPCInferenceServiceServicer_to_server registered no method table;"
+            " regenerate the protos with the pinned grpcio-tools (make protos)"
+        )
+    handlers = dict(table.handlers)
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInfer,
+        request_deserializer=deserialize_infer,
+        response_serializer=pb.ModelInferResponse.SerializeToString,
+    )
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        servicer.ModelStreamInfer,
+        request_deserializer=deserialize_infer,
+        response_serializer=pb.ModelStreamInferResponse.SerializeToString,
+    )
+    # both, as the generated code does: registered methods skip the generic lookup per call
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)  # type: ignore[attr-defined]  # not in the grpc stubs yet
+
+
 def _metrics_sources(manager: ModelManager) -> list[ModelMetricsSource]:
     return [
         ModelMetricsSource(
@@ -155,7 +202,7 @@ async def start_server(
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(options=options)
-    pbg.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)  # type: ignore[no-untyped-call]
+    add_inference_service(InferenceServicer(plane), server)
     hgrpc.add_HealthServicer_to_server(health, server)  # type: ignore[no-untyped-call]
     grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
     if grpc_port == 0:
