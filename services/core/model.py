@@ -35,6 +35,9 @@ R = TypeVar("R")
 
 #: batches whose recent execution time (moving average) is below this run on the event loop
 INLINE_EXECUTION_NS = 150_000
+#: ... and below this when the batch holds every request the model has in flight: nothing else
+#: is waiting, so a worker-thread round trip (two thread wake-ups) would only add latency
+INLINE_WHEN_ALONE_NS = 1_000_000
 
 
 @dataclass(slots=True)
@@ -101,6 +104,9 @@ class ServedModel:
         self._exec_ewma_ns = 10 * INLINE_EXECUTION_NS
         #: the instance that runs requests itself on the event loop (an ensemble), else None
         self._direct = next((r for r in self._instances if r.async_execution), None)
+        #: requests between submit and result on the batched path (the direct path counts
+        #: in ``_inflight``)
+        self._queued = 0
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -151,6 +157,7 @@ class ServedModel:
         """Validate, queue, execute; record statistics either way."""
         if self._direct is not None:
             return await self._infer_direct(self._direct, request)
+        self._queued += 1
         try:
             batch_size, signature = self.validator(request)
             result = await self.batcher.submit(
@@ -169,6 +176,8 @@ class ServedModel:
         except Exception:
             self.stats.record_request_failure(request_ns=self._elapsed(request), reason="BACKEND")
             raise
+        finally:
+            self._queued -= 1
         self.stats.record_request_success(
             request_ns=self._elapsed(request),
             queue_ns=result.queue_ns,
@@ -254,7 +263,11 @@ class ServedModel:
         loop = asyncio.get_running_loop()
         payloads = [it.payload for it in items]
         sizes = [it.batch_size for it in items]
-        if self._exec_ewma_ns < INLINE_EXECUTION_NS and len(self._instances) == 1:
+        ewma = self._exec_ewma_ns
+        if len(self._instances) == 1 and (
+            ewma < INLINE_EXECUTION_NS
+            or (ewma < INLINE_WHEN_ALONE_NS and self._queued == len(items))
+        ):
             # Short executions run on the loop thread: a worker-thread round trip would cost
             # more than the work itself (and the loop has nothing else to overlap it with).
             t_in, t_infer, t_out, outputs = self._execute(runtime, payloads, sizes)
