@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from benchmarks.cpu import Meter, describe
 from benchmarks.results import IN_PROCESS, Measurement, percentile
 
 _ORT_TYPES: dict[str, type[np.generic]] = {
@@ -82,7 +83,12 @@ def measure_batch(
     warmup_s: float,
     rng: np.random.Generator,
 ) -> Measurement | None:
-    """Run `session` at `batch` for `duration_s` after `warmup_s`; None if it cannot batch."""
+    """Run `session` at `batch` for `duration_s` after `warmup_s`; None if it cannot batch.
+
+    The row's `cpu` has this process's CPU time over the timed loop (onnxruntime's threads and
+    the calling thread), so the model's core-seconds per inference is `cpu.server_s` over the
+    inferences run.
+    """
     feed = batch_feed(session, batch, rng)
     if feed is None:
         return None
@@ -90,6 +96,7 @@ def measure_batch(
     while time.perf_counter() < warm_until:
         session.run(None, feed)
     latencies: list[float] = []
+    meter = Meter()
     start = time.perf_counter()
     end = start + duration_s
     now = start
@@ -99,6 +106,7 @@ def measure_batch(
         now = time.perf_counter()
         latencies.append(now - before)
     elapsed = now - start
+    use = meter.finish(this_process=True)
     latencies.sort()
     return Measurement(
         scenario=IN_PROCESS,
@@ -107,6 +115,7 @@ def measure_batch(
         infer_per_s=batch * len(latencies) / elapsed,
         p50_ms=percentile(latencies, 50) * 1000.0,
         p99_ms=percentile(latencies, 99) * 1000.0,
+        cpu=use,
     )
 
 
@@ -127,5 +136,8 @@ def run_in_process(
             row = measure_batch(session, model, batch, duration_s, warmup_s, rng)
             if row is not None:
                 rows.append(row)
-                print(f"  {IN_PROCESS} {model} batch {batch}: {row.infer_per_s:,.0f} infer/s")
+                print(
+                    f"  {IN_PROCESS} {model} batch {batch}: {row.infer_per_s:,.0f} infer/s; "
+                    f"{describe(row.cpu, served=False)}"
+                )
     return rows

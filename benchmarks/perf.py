@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from benchmarks.cpu import CpuUse, Meter, Processes, wait_child
 from benchmarks.results import Measurement
 
 DEFAULT_PERF_ANALYZER = Path(__file__).resolve().parent / ".tools" / "perf_analyzer"
@@ -103,20 +104,23 @@ def _command(
 
 
 def _attempt(
-    command: list[str], report: Path, timeout_s: float
-) -> tuple[dict[str, str] | None, str]:
-    """Run perf_analyzer once: (the report row or None, its output)."""
+    command: list[str], report: Path, timeout_s: float, server: Processes | None
+) -> tuple[dict[str, str] | None, str, CpuUse]:
+    """Run perf_analyzer once: (the report row or None, its output, the CPU used meanwhile)."""
     report.unlink(missing_ok=True)
-    try:
-        done = subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout_s, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return None, f"timed out after {timeout_s:.0f} s"
-    output = done.stdout + done.stderr
-    if done.returncode != 0 or not report.exists():
-        return None, f"exited {done.returncode}:\n" + "\n".join(output.strip().splitlines()[-8:])
-    return parse_report(report), output
+    with tempfile.TemporaryFile() as out:
+        meter = Meter(server)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        code, client_s, timed_out = wait_child(process, timeout_s)
+        use = meter.finish(client_s)
+        out.seek(0)
+        output = out.read().decode(errors="replace")
+    if timed_out:
+        return None, f"timed out after {timeout_s:.0f} s", use
+    if code != 0 or not report.exists():
+        tail = "\n".join(output.strip().splitlines()[-8:])
+        return None, f"exited {code}:\n{tail}", use
+    return parse_report(report), output, use
 
 
 def run_perf_analyzer(
@@ -126,8 +130,12 @@ def run_perf_analyzer(
     concurrency: int,
     options: PerfOptions,
     data_file: Path,
+    server: Processes | None = None,
 ) -> Measurement:
     """One perf_analyzer run over gRPC at one concurrency level.
+
+    The row's `cpu` covers the attempt that produced it: perf_analyzer's own CPU time, the CPU
+    time of `server`'s processes (None: not measured) and the machine's busy/idle time.
 
     perf_analyzer reports nothing when its windows never agree within the stability percentage
     (likely on a small, shared machine); the run is then repeated once with LOOSE_STABILITY and
@@ -137,11 +145,11 @@ def run_perf_analyzer(
     with tempfile.TemporaryDirectory(prefix="meshserve-pa-") as tmp:
         report = Path(tmp) / "report.csv"
         command = _command(url, model, concurrency, options, data_file, report)
-        row, output = _attempt(command, report, options.timeout_s)
+        row, output, use = _attempt(command, report, options.timeout_s, server)
         if row is None and "stable measurement" in output:
             loose = replace(options, stability_percent=LOOSE_STABILITY, max_trials=4)
             command = _command(url, model, concurrency, loose, data_file, report)
-            row, output = _attempt(command, report, options.timeout_s)
+            row, output, use = _attempt(command, report, options.timeout_s, server)
             note = f"stable only within {LOOSE_STABILITY}%"
         if row is None:
             raise PerfAnalyzerError(f"perf_analyzer {model} c{concurrency} {output}")
@@ -153,6 +161,7 @@ def run_perf_analyzer(
         p50_ms=float(row["p50 latency"]) / 1000.0,
         p99_ms=float(row["p99 latency"]) / 1000.0,
         note=note,
+        cpu=use,
     )
 
 

@@ -3,6 +3,10 @@
 Ratios compare each row with the in-process reference of its model: the best batched throughput
 for a model that is served batched (cnn), the batch-1 throughput for one whose point is per-request
 overhead (mlp). Goals are the issue's performance targets, checked for every served scenario.
+
+Each row also says where the CPU went (`benchmarks.cpu`), and each served row has a *ceiling*: the
+throughput it could reach on this machine if the server cost nothing, given the model's CPU cost
+per inference (from the in-process reference) and perf_analyzer's (measured in the row).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.cpu import ceiling, fmt, per_inference
 from benchmarks.results import IN_PROCESS, Measurement
 
 BATCH_ONE = "batch-1"
@@ -37,6 +42,46 @@ def reference(rows: Sequence[Measurement], model: str) -> Measurement | None:
 def find(rows: Sequence[Measurement], scenario: str, model: str, load: int) -> Measurement | None:
     """The row for one scenario, model and load, if measured."""
     return next((r for r in rows if (r.scenario, r.model, r.load) == (scenario, model, load)), None)
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """The best a served row could do if the server itself cost nothing."""
+
+    infer_per_s: float
+    """x with x * (model + client core-seconds per inference) = the machine's CPUs."""
+    ratio: float
+    """`infer_per_s` over the model's in-process reference."""
+    model_core_ms: float
+    """The model's core-ms per inference, from the in-process reference row."""
+    client_core_ms: float
+    """perf_analyzer's core-ms per inference, from the served row."""
+
+
+def ceiling_of(rows: Sequence[Measurement], row: Measurement) -> Ceiling | None:
+    """`row`'s ceiling; None for in-process rows and where CPU figures are missing."""
+    ref = reference(rows, row.model)
+    if not row.served or row.cpu is None or ref is None or ref.cpu is None:
+        return None
+    model = per_inference(ref.cpu.server_cores, ref.infer_per_s)
+    client = per_inference(row.cpu.client_cores, row.infer_per_s)
+    if model is None or client is None or not row.cpu.cpus:
+        return None
+    best = ceiling(row.cpu.cpus, model, client)
+    if best is None:
+        return None
+    return Ceiling(best, best / ref.infer_per_s, model * 1000.0, client * 1000.0)
+
+
+def ceiling_note(fraction: float, found: Ceiling | None) -> str:
+    """The goal line's remark on the ceiling ("" when unknown)."""
+    if found is None:
+        return ""
+    if found.ratio < fraction:
+        return (
+            f" (ceiling here {found.ratio:.3f}: the goal needs the load generator on other cores)"
+        )
+    return f" (ceiling here {found.ratio:.3f})"
 
 
 @dataclass(frozen=True)
@@ -76,7 +121,8 @@ def _throughput_goal(
             return None
         need = fraction * ref.infer_per_s
         ok = served.infer_per_s >= need
-        return ok, f"{served.infer_per_s:,.0f} infer/s vs needed {need:,.0f}"
+        note = ceiling_note(fraction, ceiling_of(rows, served))
+        return ok, f"{served.infer_per_s:,.0f} infer/s vs needed {need:,.0f}{note}"
 
     return check
 
@@ -114,36 +160,88 @@ def _ratio(rows: Sequence[Measurement], row: Measurement) -> str:
     return f"{row.infer_per_s / ref.infer_per_s:.2f}"
 
 
+TABLE_HEADER = (
+    *("scenario", "model", "conc/batch", "infer/s", "p50 ms", "p99 ms", "ratio"),
+    *("pa cores", "srv cores", "other", "idle", "srv ms/inf", "ceil inf/s", "ceil ratio", "note"),
+)
+_LEFT = {0, 1, 2, len(TABLE_HEADER) - 1}
+
+
+def core_ms(cores: float | None, infer_per_s: float) -> float | None:
+    """Core-milliseconds per inference from average cores and throughput (None if unknown)."""
+    seconds = per_inference(cores, infer_per_s)
+    return None if seconds is None else seconds * 1000.0
+
+
+def table_cells(rows: Sequence[Measurement], r: Measurement) -> tuple[str, ...]:
+    """One row of the table as text, in TABLE_HEADER's order."""
+    use, found = r.cpu, ceiling_of(rows, r)
+    client = None if use is None else use.client_cores
+    server = None if use is None else use.server_cores
+    return (
+        r.scenario,
+        r.model,
+        f"c{r.load}" if r.served else f"b{r.load}",
+        f"{r.infer_per_s:,.0f}",
+        f"{r.p50_ms:.3f}",
+        f"{r.p99_ms:.3f}",
+        _ratio(rows, r),
+        fmt(client) if r.served else "-",
+        fmt(server),
+        fmt(None if use is None else use.other_cores),
+        fmt(None if use is None else use.idle_cores),
+        fmt(core_ms(server, r.infer_per_s), 3),
+        ("n/a" if found is None else f"{found.infer_per_s:,.0f}") if r.served else "-",
+        fmt(None if found is None else found.ratio) if r.served else "-",
+        r.note,
+    )
+
+
 def format_table(rows: Sequence[Measurement]) -> str:
     """The side-by-side table; `load` is batch size in-process and concurrency when served."""
-    header = ("scenario", "model", "conc/batch", "infer/s", "p50 ms", "p99 ms", "ratio", "note")
-    lines = [header]
-    for r in rows:
-        load = f"b{r.load}" if not r.served else f"c{r.load}"
-        lines.append(
-            (
-                r.scenario,
-                r.model,
-                load,
-                f"{r.infer_per_s:,.0f}",
-                f"{r.p50_ms:.3f}",
-                f"{r.p99_ms:.3f}",
-                _ratio(rows, r),
-                r.note,
-            )
-        )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    numeric = {3, 4, 5, 6}
+    lines = [TABLE_HEADER, *(table_cells(rows, r) for r in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(TABLE_HEADER))]
     out = []
     for line in lines:
         cells = [
-            cell.rjust(widths[i]) if i in numeric else cell.ljust(widths[i])
+            cell.ljust(widths[i]) if i in _LEFT else cell.rjust(widths[i])
             for i, cell in enumerate(line)
         ]
         out.append("  ".join(cells).rstrip())
     refs = ", ".join(f"{m}: in-process {k}" for m, k in REFERENCE_KIND.items())
     out.append(f"ratio = infer/s over the model's reference ({refs}; others: {BEST_BATCHED})")
+    out += [
+        "cores (averages over the run): pa = perf_analyzer; srv = the server's processes",
+        "  (in-process: this process); other = the rest of the machine's busy time; idle",
+        "srv ms/inf = srv core-ms per inference (in-process: the model's cost)",
+        "ceil inf/s = infer/s if the server cost nothing: cpus / (reference's srv ms/inf + this",
+        "  row's pa ms/inf); ceil ratio = that over the reference",
+    ]
     return "\n".join(out)
+
+
+BUSY_MACHINE_CORES = 0.25
+"""Average cores of "other" work above which a row counts as disturbed by other work."""
+
+
+def busy_machine_note(rows: Sequence[Measurement]) -> str:
+    """A warning when other work used the machine during some rows ("" on a quiet machine):
+    the in-process references then run slower, and the ceilings (which assume every core is
+    for the benchmark) come out too high."""
+    others = {
+        f"{r.scenario} {r.model} {'c' if r.served else 'b'}{r.load}": r.cpu.other_cores
+        for r in rows
+        if r.cpu is not None and r.cpu.other_cores is not None
+    }
+    busy = {k: v for k, v in others.items() if v > BUSY_MACHINE_CORES}
+    if not busy:
+        return ""
+    worst = max(busy, key=lambda k: busy[k])
+    return (
+        f"warning: other work used the machine during {len(busy)} of {len(others)} rows "
+        f"(up to {busy[worst]:.2f} cores, {worst}); in-process references and ceilings are "
+        "disturbed: rerun on a quiet machine"
+    )
 
 
 def format_gateway_table(rows: Sequence[Measurement], direct: str, gateway: str) -> str:
@@ -190,6 +288,26 @@ def format_goals(results: Sequence[GoalResult]) -> str:
     return "\n".join(f"{g.status:4}  [{g.scenario}] {g.goal}: {g.detail}" for g in results)
 
 
+def derived(rows: Sequence[Measurement], row: Measurement) -> dict[str, float | None]:
+    """Figures computed from `row` and its reference: ratio, CPU per inference, ceiling."""
+    ref, use, found = reference(rows, row.model), row.cpu, ceiling_of(rows, row)
+    ratio = row.infer_per_s / ref.infer_per_s if ref is not None and ref.infer_per_s > 0 else None
+
+    return {
+        "ratio": ratio,
+        "client_core_ms_per_inference": core_ms(
+            None if use is None else use.client_cores, row.infer_per_s
+        ),
+        "server_core_ms_per_inference": core_ms(
+            None if use is None else use.server_cores, row.infer_per_s
+        ),
+        "ceiling_infer_per_s": None if found is None else found.infer_per_s,
+        "ceiling_ratio": None if found is None else found.ratio,
+        "ceiling_model_core_ms": None if found is None else found.model_core_ms,
+        "ceiling_client_core_ms": None if found is None else found.client_core_ms,
+    }
+
+
 def save_json(
     directory: Path,
     rows: Sequence[Measurement],
@@ -205,7 +323,7 @@ def save_json(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "settings": settings,
-        "rows": [r.to_json() for r in rows],
+        "rows": [r.to_json() | {"derived": derived(rows, r)} for r in rows],
         "goals": [g.__dict__ for g in goals],
         "errors": list(errors),
     }

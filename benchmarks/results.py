@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from benchmarks.cpu import CpuUse
+
 IN_PROCESS = "in-process"
 
 
@@ -33,6 +35,8 @@ class Measurement:
     """99th percentile latency of one call."""
     note: str = ""
     """Anything that qualifies the row (e.g. perf_analyzer's stability warning)."""
+    cpu: CpuUse | None = None
+    """Where the CPU went during the measurement (None: not measured)."""
 
     @property
     def served(self) -> bool:
@@ -40,8 +44,10 @@ class Measurement:
         return self.scenario != IN_PROCESS
 
     def to_json(self) -> dict[str, Any]:
-        """The row as a JSON-ready dict."""
-        return asdict(self)
+        """The row as a JSON-ready dict (`cpu` with its per-core averages)."""
+        document = asdict(self)
+        document["cpu"] = None if self.cpu is None else self.cpu.to_json()
+        return document
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:

@@ -23,6 +23,7 @@ from types import FrameType
 
 from tritonclient.utils import InferenceServerException
 
+from benchmarks.cpu import describe
 from benchmarks.inprocess import run_in_process
 from benchmarks.perf import (
     PerfAnalyzerError,
@@ -31,6 +32,7 @@ from benchmarks.perf import (
     write_input_data,
 )
 from benchmarks.report import (
+    busy_machine_note,
     check_goals,
     format_gateway_table,
     format_goals,
@@ -153,7 +155,10 @@ def run_target(
                     continue
                 for level in concurrency:
                     try:
-                        row = run_perf_analyzer(url, target.name, model, level, options, data)
+                        server = target.server_processes()
+                        row = run_perf_analyzer(
+                            url, target.name, model, level, options, data, server
+                        )
                     except PerfAnalyzerError as exc:
                         errors.append(f"[{target.name}] {exc}")
                         print(f"  ERROR {exc}", file=sys.stderr)
@@ -161,7 +166,7 @@ def run_target(
                     rows.append(row)
                     print(
                         f"  {target.name} {model} c{level}: {row.infer_per_s:,.0f} infer/s, "
-                        f"p50 {row.p50_ms:.3f} ms"
+                        f"p50 {row.p50_ms:.3f} ms; {describe(row.cpu)}"
                     )
     except TargetError as exc:
         errors.append(f"[{target.name}] {exc}")
@@ -213,6 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     goals = check_goals(rows)
     print()
     print(format_table(rows))
+    busy = busy_machine_note(rows)
+    if busy:
+        print(busy)
     overhead = format_gateway_table(rows, DIRECT, GATEWAY)
     if overhead:
         print()

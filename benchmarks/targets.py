@@ -27,6 +27,7 @@ from typing import Any, BinaryIO, Protocol, TypeVar
 
 import tritonclient.grpc as grpcclient
 
+from benchmarks.cpu import Processes
 from deploy.supervisor import Mesh, MeshSettings
 
 _T = TypeVar("_T")
@@ -44,6 +45,11 @@ class Target(Protocol):
 
     def serve(self) -> contextlib.AbstractContextManager[str]:
         """Make the target ready, yield its gRPC `host:port`, and clean up on exit."""
+        ...
+
+    def server_processes(self) -> Processes | None:
+        """While serving: the processes (and threads of this process) whose CPU time is the
+        server's; None when unknown."""
         ...
 
 
@@ -109,6 +115,13 @@ class ServiceTarget:
     ready_timeout_s: float = 180.0
     name: str = "direct"
     ports: dict[str, int] = field(default_factory=dict)
+    _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    def server_processes(self) -> Processes | None:
+        """The service process (with its threads and any children) while it runs."""
+        if self._process is None or self._process.poll() is not None:
+            return None
+        return Processes(pids=(self._process.pid,))
 
     def command(self) -> list[str]:
         """The service command line with free ports filled in."""
@@ -129,6 +142,7 @@ class ServiceTarget:
         print(f"  starting {self.name}: {shlex.join(command)} (log: {self.log_path})")
         with self.log_path.open("wb") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            self._process = process
             try:
                 wait_ready(url, self.models, self.ready_timeout_s, process)
                 yield url
@@ -136,6 +150,7 @@ class ServiceTarget:
                 tail = self.log_path.read_text(errors="replace").strip().splitlines()[-20:]
                 raise TargetError(f"{exc}\n--- {self.log_path} ---\n" + "\n".join(tail)) from exc
             finally:
+                self._process = None
                 stop_process(process)
 
 
@@ -228,6 +243,23 @@ class GatewayTarget:
     ready_timeout_s: float = 180.0
     name: str = "gateway"
     ports: dict[str, int] = field(default_factory=dict)
+    _running: tuple[Mesh, _LoopThread] | None = field(default=None, init=False, repr=False)
+
+    def server_processes(self) -> Processes | None:
+        """While serving: the control plane, Envoy and the services (with their threads and
+        children), and this process's thread that runs the mesh's event loop (it reads Envoy's
+        log)."""
+        if self._running is None:
+            return None
+        mesh, runner = self._running
+        pids = [mesh.control.pid if mesh.control is not None else None]
+        pids.append(mesh.gateway.pid if mesh.gateway is not None else None)
+        pids += [p.pid for p in mesh.services.values()]
+        threads = (runner.thread.native_id,)
+        return Processes(
+            pids=tuple(p for p in pids if p is not None),
+            threads=tuple(t for t in threads if t is not None),
+        )
 
     def settings(self) -> MeshSettings:
         """Mesh settings with free gateway gRPC/HTTP and control-plane ports, no metrics port."""
@@ -264,6 +296,7 @@ class GatewayTarget:
                     with _output_to(log):
                         runner.run(mesh.start(progress, self.ready_timeout_s))
                     wait_ready(url, self.models, 30.0)
+                    self._running = (mesh, runner)
                 except (RuntimeError, TimeoutError, OSError) as exc:
                     tail = self.log_path.read_text(errors="replace").strip().splitlines()[-20:]
                     raise TargetError(
@@ -271,6 +304,7 @@ class GatewayTarget:
                     ) from exc
                 yield url
             finally:
+                self._running = None
                 try:
                     runner.run(mesh.stop())
                 finally:
@@ -285,6 +319,10 @@ class ExistingTarget:
     models: Sequence[str]
     ready_timeout_s: float = 10.0
     name: str = "server"
+
+    def server_processes(self) -> Processes | None:
+        """Unknown: somebody else runs this server."""
+        return None
 
     @contextlib.contextmanager
     def serve(self) -> Iterator[str]:
