@@ -4,7 +4,7 @@ Each RPC decodes its message, calls the data plane, encodes the answer. Errors a
 one place (``_translate``): a ServingError becomes its gRPC status and message; anything else is
 logged with its traceback and reaches the client as a generic INTERNAL error.
 
-ModelInfer and ModelStreamInfer messages arrive parsed by ``deserialize_infer`` (wire.py: raw input
+ModelInfer and ModelStreamInfer messages arrive parsed by ``wire.deserialize_infer`` (raw input
 tensors stay views over the received message), which server.py registers in place of protobuf's
 ``FromString`` for those two RPCs.
 """
@@ -28,7 +28,7 @@ from services.core.codec import decode_infer_request, encode_infer_response
 from services.core.dataplane import DataPlane
 from services.core.errors import InvalidArgument, ServingError, Unsupported
 from services.core.log_settings import apply_log_settings
-from services.core.wire import WireInferRequest, parse_infer_request
+from services.core.wire import InferMessage, WireInferRequest, parsed
 
 log = logging.getLogger(__name__)
 
@@ -53,28 +53,6 @@ Resp = TypeVar("Resp")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Any, Req, Ctx], Awaitable[Resp]]
 Metadata = Iterable[tuple[str, str | bytes]]
-#: what ModelInfer / ModelStreamInfer receive for each message (see ``deserialize_infer``)
-InferMessage = WireInferRequest | InvalidArgument
-
-
-def deserialize_infer(data: bytes) -> InferMessage:
-    """The request deserializer of ModelInfer and ModelStreamInfer.
-
-    gRPC answers an exception raised by a deserializer with UNKNOWN, before ``_translate`` sees
-    it; so a message that does not parse reaches the handler as its error, and the handler
-    raises it there (INVALID_ARGUMENT, traced and answered like any other failure).
-    """
-    try:
-        return parse_infer_request(data)
-    except InvalidArgument as exc:
-        return exc
-
-
-def _parsed(request: InferMessage) -> WireInferRequest:
-    """The parsed request, or the error its message did not parse with, raised."""
-    if isinstance(request, InvalidArgument):
-        raise request
-    return request
 
 
 async def _abort(context: Ctx, exc: BaseException, method: str) -> NoReturn:
@@ -217,7 +195,7 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
     @_translate
     async def ModelInfer(self, request: InferMessage, context: Ctx) -> pb.ModelInferResponse:
         arrival = time.monotonic_ns()
-        wire = _parsed(request)
+        wire = parsed(request)
         req = decode_infer_request(wire.msg, self._plane.shm, raw=wire.raw)
         req.arrival_ns = arrival
         req.trace_context = tracing.current_context()
@@ -248,7 +226,7 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         async def answer(msg: InferMessage, span: tracing.Span) -> None:
             arrival = time.monotonic_ns()
             try:
-                wire = _parsed(msg)
+                wire = parsed(msg)
                 req = decode_infer_request(wire.msg, self._plane.shm, raw=wire.raw)
                 req.arrival_ns = arrival
                 req.trace_context = tracing.current_context()

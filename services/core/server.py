@@ -26,7 +26,7 @@ from protos.gen.health import health_pb2_grpc as hgrpc
 from protos.gen.inference import grpc_service_pb2 as pb
 from protos.gen.inference import grpc_service_pb2_grpc as pbg
 from services.core.dataplane import DataPlane
-from services.core.grpc_servicer import SERVICE, InferenceServicer, deserialize_infer
+from services.core.grpc_servicer import SERVICE, InferenceServicer
 from services.core.health import HealthServicer
 from services.core.http_app import build_http_app
 from services.core.identity import service_identity
@@ -46,6 +46,7 @@ from services.core.registration import (
 from services.core.runtime import Runtime
 from services.core.settings import ServerSettings, settings_from_args
 from services.core.tracing import configure_tracing
+from services.core.wire import deserialize_infer
 
 log = logging.getLogger(__name__)
 

@@ -58,6 +58,31 @@ def parse_infer_request(data: bytes) -> WireInferRequest:
     return WireInferRequest(msg, msg.raw_input_contents)
 
 
+#: what ModelInfer / ModelStreamInfer receive for each message (see ``deserialize_infer``)
+InferMessage = WireInferRequest | InvalidArgument
+
+
+def deserialize_infer(data: bytes) -> InferMessage:
+    """The request deserializer of ModelInfer and ModelStreamInfer.
+
+    gRPC answers an exception raised by a deserializer with UNKNOWN, before the servicer's error
+    translation sees it; so a message that does not parse reaches the handler as its error, and
+    the handler raises it there (``parsed``: INVALID_ARGUMENT, traced and answered like any
+    other failure).
+    """
+    try:
+        return parse_infer_request(data)
+    except InvalidArgument as exc:
+        return exc
+
+
+def parsed(request: InferMessage) -> WireInferRequest:
+    """The parsed request, or the error its message did not parse with, raised."""
+    if isinstance(request, InvalidArgument):
+        raise request
+    return request
+
+
 def walk_infer_request(data: bytes) -> WireInferRequest:
     """Like ``parse_infer_request`` at any size: raw inputs always become views over ``data``."""
     view = memoryview(data)

@@ -23,8 +23,12 @@ from protos.gen.inference import grpc_service_pb2 as pb
 from protos.gen.inference import grpc_service_pb2_grpc as pbg
 from services.core.codec import decode_infer_request
 from services.core.errors import InvalidArgument
-from services.core.grpc_servicer import deserialize_infer
-from services.core.wire import WALK_MIN_BYTES, parse_infer_request, walk_infer_request
+from services.core.wire import (
+    WALK_MIN_BYTES,
+    deserialize_infer,
+    parse_infer_request,
+    walk_infer_request,
+)
 from tests.support import ServerThread, settings_for
 from tests.unit.tensor_samples import ALL, assert_same, sample
 
