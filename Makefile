@@ -6,9 +6,9 @@ STAMP := $(VENV)/.installed
 MODELS := examples/models
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: run test unit integration e2e lint typecheck protos bench models setup clean
+.PHONY: run test unit integration e2e lint typecheck protos bench models setup clean native
 
-setup: $(STAMP)
+setup: $(STAMP) native
 
 # xds-protos ships an older copy of opentelemetry/proto/*; which copy wins depends on the install
 # order, and the OTLP exporter needs opentelemetry-proto's own: setup reinstalls it last, as
@@ -22,18 +22,32 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --force-reinstall --no-deps "$$($(PY) -c "$$OTEL_PROTO_PIN")"
 	touch $(STAMP)
 
-models: $(STAMP)
+# grpc_front: the C++ gRPC front every service puts on its port (services/core/native_front.py).
+# Needs Debian's libgrpc++-dev (.ci/run installs it); without it services fall back to grpc.aio.
+FRONT := services/core/native/build/grpc_front
+native: $(FRONT)
+$(FRONT): services/core/native/grpc_front.cc
+	@if pkg-config --exists grpc++ 2>/dev/null; then \
+	  mkdir -p $(@D) && echo "building $@" && \
+	  g++ -O2 -std=c++17 -Wall -Wextra -o $@.tmp $< $$(pkg-config --cflags --libs grpc++) -lpthread && \
+	  mv $@.tmp $@; \
+	else \
+	  echo "note: libgrpc++-dev is not installed (apt-get install libgrpc++-dev pkg-config);" \
+	       "services will serve gRPC with grpc.aio instead of grpc_front"; \
+	fi
+
+models: $(STAMP) native
 	$(PY) -m examples.build_repository $(MODELS)
 
 # The whole mesh on loopback: gateway gRPC :8001, HTTP :8000, metrics :8002 (Ctrl-C drains).
 run: models
 	$(VENV)/bin/meshserve up --model-repository $(MODELS)
 
-test: $(STAMP)
+test: $(STAMP) native
 	$(PY) -m pytest -q tests/unit
 	$(PY) -m pytest -q tests/integration tests/e2e
 
-unit: $(STAMP)
+unit: $(STAMP) native
 	$(PY) -m pytest -q tests/unit
 
 lint: $(STAMP)
@@ -53,4 +67,4 @@ bench: models
 	$(PY) -m benchmarks.ensemble
 
 clean:
-	rm -rf $(VENV) $(MODELS) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MODELS) .pytest_cache .mypy_cache .ruff_cache $(dir $(FRONT))

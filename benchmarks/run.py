@@ -1,7 +1,8 @@
 """`python -m benchmarks.run` (`make bench`): served throughput and latency beside in-process ORT.
 
 In one run: onnxruntime in this process on the repository's model files (the ceiling), then each
-served target driven by perf_analyzer over gRPC: `direct` (the ONNX service on free ports) and
+served target driven by perf_analyzer over gRPC: `direct` (the ONNX service on free ports, its
+C++ grpc_front on the port where built), `direct-aio` (the same with grpc.aio on the port), and
 `gateway` (the whole mesh, load through Envoy), each started and always stopped. Prints one table,
 the gateway's overhead over direct, and PASS/FAIL for the issue's goals, and saves everything as
 JSON under benchmarks/results/. Needs perf_analyzer from
@@ -52,7 +53,9 @@ from benchmarks.targets import (
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 IN_PROCESS_SCENARIO, DIRECT, GATEWAY = "in-process", "direct", "gateway"
-SCENARIOS = (IN_PROCESS_SCENARIO, DIRECT, GATEWAY)
+#: the service with grpc.aio on its port instead of grpc_front (where the front is built)
+DIRECT_AIO = "direct-aio"
+SCENARIOS = (IN_PROCESS_SCENARIO, DIRECT, DIRECT_AIO, GATEWAY)
 
 
 def _ints(text: str) -> list[int]:
@@ -121,6 +124,16 @@ def build_targets(args: argparse.Namespace, models: Sequence[str], stamp: str) -
                 log_path=args.results_dir / f"service-{stamp}.log",
                 command_template=args.service_cmd,
                 name=DIRECT,
+            )
+        )
+    if DIRECT_AIO in args.scenarios:
+        targets.append(
+            ServiceTarget(
+                repository=args.repository,
+                models=models,
+                log_path=args.results_dir / f"service-aio-{stamp}.log",
+                command_template=f"{args.service_cmd} --grpc-frontend aio",
+                name=DIRECT_AIO,
             )
         )
     if GATEWAY in args.scenarios:

@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from services.core.native_front import front_binary
 from tests.support import ServerThread, settings_for
+
+#: the gRPC transports a service can run here: grpc_front where built (make native), and grpc.aio
+GRPC_FRONTENDS = ("native", "aio") if front_binary() is not None else ("aio",)
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +30,12 @@ def repo_copy(example_repo: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "models"
     shutil.copytree(example_repo, dst)
     return dst
+
+
+@pytest.fixture(scope="module", params=GRPC_FRONTENDS)
+def grpc_frontend(request: pytest.FixtureRequest) -> str:
+    """Each gRPC transport in turn, for the modules that check the gRPC surface on both."""
+    return str(request.param)
 
 
 @pytest.fixture(scope="module")

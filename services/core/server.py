@@ -37,6 +37,7 @@ from services.core.metrics import (
     TritonMetricsCollector,
     start_metrics_server,
 )
+from services.core.native_front import NativeFront, front_binary
 from services.core.registration import (
     ConsulRegistrar,
     Registrar,
@@ -57,7 +58,7 @@ class RunningServer:
     plane: DataPlane
     manager: ModelManager
     health: HealthServicer
-    grpc_server: grpc.aio.Server
+    grpc_server: grpc.aio.Server | NativeFront
     grpc_port: int
     http_runner: web.AppRunner | None
     http_port: int
@@ -127,7 +128,9 @@ class _HandlerTable:
         self.handlers.update(handlers)
 
 
-def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+def add_inference_service(
+    servicer: InferenceServicer, server: grpc.aio.Server | NativeFront
+) -> None:
     """Serve ``servicer`` as the generated ``add_GRPCInferenceServiceServicer_to_server`` would,
     except that ModelInfer and ModelStreamInfer messages are parsed by ``deserialize_infer``
     (wire.py: raw input tensors stay views over the received bytes, never copied)."""
@@ -151,7 +154,7 @@ def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) 
     )
     # both, as the generated code does: registered methods skip the generic lookup per call
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    server.add_registered_method_handlers(SERVICE, handlers)  # type: ignore[attr-defined]  # not in the grpc stubs yet
+    server.add_registered_method_handlers(SERVICE, handlers)  # type: ignore[union-attr]  # not in the grpc stubs yet
 
 
 def _metrics_sources(manager: ModelManager) -> list[ModelMetricsSource]:
@@ -191,24 +194,40 @@ def build_registrar(
     return ConsulRegistrar(settings.consul, identity, manager_models(manager))
 
 
+def grpc_transport(settings: ServerSettings) -> grpc.aio.Server | NativeFront:
+    """The gRPC server ``settings.grpc_frontend`` asks for (see native_front.py)."""
+    binary = front_binary() if settings.grpc_frontend != "aio" else None
+    if binary is not None:
+        return NativeFront(binary, settings.max_message_bytes)
+    if settings.grpc_frontend == "native":
+        raise OSError(
+            "--grpc-frontend native: grpc_front is not built; run `make native` (needs Debian's"
+            " libgrpc++-dev) or set MESHSERVE_GRPC_FRONT to its path"
+        )
+    options = [
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    return grpc.aio.server(options=options)
+
+
 async def start_server(
     settings: ServerSettings, runtimes: Sequence[type[Runtime]]
 ) -> RunningServer:
     manager = ModelManager(settings, runtimes)
     plane = DataPlane(manager, settings.server_name)
     health = HealthServicer()
-    options = [
-        ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ]
-    server = grpc.aio.server(options=options)
+    server = grpc_transport(settings)
     add_inference_service(InferenceServicer(plane), server)
     hgrpc.add_HealthServicer_to_server(health, server)  # type: ignore[no-untyped-call]
-    grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
-    if grpc_port == 0:
-        raise OSError(f"cannot bind gRPC port {settings.host}:{settings.grpc_port}")
-    await server.start()
+    if isinstance(server, NativeFront):
+        grpc_port = await server.start(settings.host, settings.grpc_port)
+    else:
+        grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        if grpc_port == 0:
+            raise OSError(f"cannot bind gRPC port {settings.host}:{settings.grpc_port}")
+        await server.start()
 
     http_runner: web.AppRunner | None = None
     http_port = -1
@@ -272,7 +291,12 @@ async def serve(settings: ServerSettings, runtimes: Sequence[type[Runtime]]) -> 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     running = await start_server(settings, runtimes)
-    await stop.wait()
+    waits = [asyncio.ensure_future(stop.wait())]
+    if isinstance(running.grpc_server, NativeFront):  # the front died: stop, for a restart
+        waits.append(asyncio.ensure_future(running.grpc_server.closed.wait()))
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()
     await running.stop()
 
 

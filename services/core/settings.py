@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Literal
 
 ControlMode = Literal["none", "poll", "explicit"]
+#: who owns the gRPC port: grpc_front (C++, native_front.py), grpc.aio, or the front where built
+GrpcFrontend = Literal["auto", "native", "aio"]
 
 #: tritonclient allows messages up to INT32_MAX; grpcio's server default is 4 MiB.
 MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
@@ -56,6 +58,9 @@ class ServerSettings:
     family: str = ""
     #: lease asked of the embedded registry, in seconds (heartbeats every third of it)
     registration_ttl_secs: float = 3.0
+    #: gRPC transport: "native" (grpc_front, built by ``make native``), "aio" (grpc.aio in this
+    #: process), "auto" (native where built, else aio)
+    grpc_frontend: GrpcFrontend = "auto"
 
 
 def settings_from_args(argv: Sequence[str] | None, prog: str, family: str = "") -> ServerSettings:
@@ -87,6 +92,13 @@ def settings_from_args(argv: Sequence[str] | None, prog: str, family: str = "") 
     p.add_argument("--control-plane", default="", help="host:port of the mesh registry")
     p.add_argument("--consul", default="", help="host:port of the local Consul agent")
     p.add_argument("--registration-ttl-secs", type=float, default=3.0)
+    p.add_argument(
+        "--grpc-frontend",
+        choices=("auto", "native", "aio"),
+        default="auto",
+        help="who serves the gRPC port: native = the C++ grpc_front (make native), aio = "
+        "grpc.aio in this process, auto = native where it is built (default)",
+    )
     a = p.parse_args(argv)
     if a.control_plane and a.consul:
         p.error("register with one registry: give --control-plane or --consul, not both")
@@ -107,4 +119,5 @@ def settings_from_args(argv: Sequence[str] | None, prog: str, family: str = "") 
         consul=a.consul,
         family=family,
         registration_ttl_secs=a.registration_ttl_secs,
+        grpc_frontend=a.grpc_frontend,
     )

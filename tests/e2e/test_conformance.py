@@ -401,7 +401,16 @@ def test_unload_then_load_through_the_gateway(mesh: MeshHandle, family: Family) 
         print(f"{family.name}: settled {time.monotonic() - unloaded_at:.2f} s after unload")
         c.load_model(family.model)
         start = time.monotonic()
-        wait_for(lambda: c.is_model_ready(family.model), 15, f"{family.model} loaded")
+
+        def ready() -> bool:
+            try:
+                return bool(c.is_model_ready(family.model))
+            except InferenceServerException as exc:  # the gateway's cluster is still warming
+                if exc.status() != "StatusCode.UNAVAILABLE":
+                    raise
+                return False
+
+        wait_for(ready, 15, f"{family.model} loaded")
 
         def serves() -> bool:
             try:

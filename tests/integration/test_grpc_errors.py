@@ -48,7 +48,9 @@ dynamic_batching {
 
 
 @pytest.fixture(scope="module")
-def server(example_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+def server(
+    example_repo: Path, tmp_path_factory: pytest.TempPathFactory, grpc_frontend: str
+) -> Iterator[ServerThread]:
     from services.onnx.runtime import OnnxRuntime
 
     root = tmp_path_factory.mktemp("error_models")
@@ -65,7 +67,7 @@ def server(example_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         (example_repo / "simple" / "config.pbtxt").read_text().replace('"simple"', '"broken_model"')
     )
     (root / "broken_model" / "1" / "model.onnx").write_bytes(b"this is not an onnx model")
-    srv = ServerThread(settings_for(root), [OnnxRuntime]).start()
+    srv = ServerThread(settings_for(root, grpc_frontend=grpc_frontend), [OnnxRuntime]).start()
     try:
         yield srv
     finally:

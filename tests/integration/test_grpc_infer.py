@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import queue
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,20 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
-from tests.support import ServerThread, batched_counts
+from tests.support import ServerThread, batched_counts, settings_for
+
+
+@pytest.fixture(scope="module")
+def onnx_server(example_repo: Path, grpc_frontend: str) -> Iterator[ServerThread]:
+    """The ONNX service over the example repository, on each gRPC transport in turn."""
+    from services.onnx.runtime import OnnxRuntime
+
+    settings = settings_for(example_repo, grpc_frontend=grpc_frontend)
+    server = ServerThread(settings, [OnnxRuntime]).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

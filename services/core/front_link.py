@@ -1,0 +1,233 @@
+"""The service's end of the Unix socket to grpc_front: frames in, frames out (native/PROTOCOL.md).
+
+``FrameLink`` is an asyncio ``BufferedProtocol``: the kernel writes straight into its buffer and
+every complete frame is handed to its ``FrameSink`` as it is found, many per read under load.
+A frame too large for the shared buffer gets a buffer of its own that the socket fills directly,
+and its payload reaches the sink as a view of that buffer: a large ModelInfer message is never
+copied on this side. Frames the service sends are gathered and written once per loop iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+# frame kinds (PROTOCOL.md)
+CALL, MESSAGE, HALF_CLOSE, CANCEL, FINISH, SHUTDOWN, DRAINED = 1, 2, 3, 4, 5, 6, 7
+STREAMING_REQUEST = 1  # CALL flags bit 0
+
+_LEN = struct.Struct("<I")
+_HEAD = struct.Struct("<IBQ")  # body length, kind, call
+_CALL = struct.Struct("<qBH")  # timeout_us, flags, method length
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_FINISH = struct.Struct("<IBQIBI")  # body length, kind, call, code, has_payload, details length
+_SHUTDOWN = struct.Struct("<IBQI")
+
+#: reads land in a shared buffer of this size; a longer frame gets a buffer of its own
+SHARED_BUFFER_BYTES = 1 << 20
+#: payloads at least this long, in a frame with its own buffer, are handed over as views
+VIEW_MIN_BYTES = 32 * 1024
+
+Metadata = tuple[tuple[str, str | bytes], ...]
+
+
+@dataclass(slots=True)
+class CallStart:
+    """A CALL frame: one RPC as the client started it."""
+
+    call: int
+    method: str
+    timeout_us: int  # -1: no deadline
+    streaming_request: bool
+    peer: str
+    metadata: Metadata
+    payload: bytes | memoryview  # the request message (empty for streaming-request calls)
+
+
+class FrameSink(Protocol):
+    """What the link hands complete frames to (native_front.Dispatcher)."""
+
+    def on_call(self, start: CallStart) -> None: ...
+    def on_message(self, call: int, payload: bytes | memoryview) -> None: ...
+    def on_half_close(self, call: int) -> None: ...
+    def on_cancel(self, call: int) -> None: ...
+    def on_drained(self) -> None: ...
+    def on_link_lost(self, exc: Exception | None) -> None: ...
+
+
+def parse_call(call: int, body: memoryview, owned: bool = False) -> CallStart:
+    """The fields of a CALL frame's body (after kind and call); ``owned``: the body's buffer
+    belongs to this frame alone, so its payload may stay a view of it."""
+    timeout_us, flags, n = _CALL.unpack_from(body, 0)
+    pos = _CALL.size
+    method = str(body[pos : pos + n], "utf-8")
+    pos += n
+    (n,) = _U16.unpack_from(body, pos)
+    pos += 2
+    peer = str(body[pos : pos + n], "utf-8")
+    pos += n
+    (count,) = _U16.unpack_from(body, pos)
+    pos += 2
+    metadata: list[tuple[str, str | bytes]] = []
+    for _ in range(count):
+        (n,) = _U16.unpack_from(body, pos)
+        pos += 2
+        key = str(body[pos : pos + n], "ascii")
+        pos += n
+        (n,) = _U32.unpack_from(body, pos)
+        pos += 4
+        raw = bytes(body[pos : pos + n])
+        pos += n
+        metadata.append((key, raw if key.endswith("-bin") else raw.decode("latin-1")))
+    payload = body[pos:]
+    return CallStart(
+        call,
+        method,
+        timeout_us,
+        bool(flags & STREAMING_REQUEST),
+        peer,
+        tuple(metadata),
+        _payload(payload, owned),
+    )
+
+
+def _payload(payload: memoryview, owned: bool) -> bytes | memoryview:
+    """A view when the frame has a buffer of its own and the payload is long, else a copy."""
+    return payload if owned and len(payload) >= VIEW_MIN_BYTES else bytes(payload)
+
+
+def encode_message(call: int, payload: bytes) -> bytes:
+    return _HEAD.pack(9 + len(payload), MESSAGE, call) + payload
+
+
+def encode_finish(
+    call: int,
+    code: int,
+    details: str = "",
+    payload: bytes | None = None,
+    trailing: Sequence[tuple[str, str | bytes]] = (),
+) -> bytes:
+    text = details.encode("utf-8")
+    meta = [_U16.pack(len(trailing))]
+    for key, value in trailing:
+        k = key.lower().encode("ascii")
+        v = value.encode("latin-1") if isinstance(value, str) else value
+        meta += (_U16.pack(len(k)), k, _U32.pack(len(v)), v)
+    tail = b"".join(meta)
+    body = 9 + 4 + 1 + 4 + len(text) + len(tail) + (len(payload) if payload is not None else 0)
+    head = _FINISH.pack(body, FINISH, call, code, payload is not None, len(text))
+    return b"".join((head, text, tail, payload or b""))
+
+
+def encode_shutdown(grace_ms: int) -> bytes:
+    return _SHUTDOWN.pack(9 + 4, SHUTDOWN, 0, grace_ms)
+
+
+class FrameLink(asyncio.BufferedProtocol):
+    """Frames from the front to ``sink``; ``send`` queues frames to the front."""
+
+    def __init__(self, sink: FrameSink) -> None:
+        self._sink = sink
+        self._shared = bytearray(SHARED_BUFFER_BYTES)
+        self._view = memoryview(self._shared)
+        self._start = 0  # first unparsed byte in the shared buffer
+        self._end = 0  # end of the received bytes in the shared buffer
+        self._big: bytearray | None = None  # a long frame's own buffer (body only), being filled
+        self._big_kind = 0
+        self._big_call = 0
+        self._big_filled = 0
+        self._transport: asyncio.Transport | None = None
+        self._out: list[bytes] = []
+        self.connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # ---- asyncio protocol ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        if not self.connected.done():
+            self.connected.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._sink.on_link_lost(exc)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._big is not None:
+            return memoryview(self._big)[self._big_filled :]
+        if self._end == len(self._shared):  # full: keep the unparsed tail, at the front
+            tail = self._end - self._start
+            self._shared[:tail] = self._view[self._start : self._end]
+            self._start, self._end = 0, tail
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._big is not None:
+            self._big_filled += nbytes
+            if self._big_filled == len(self._big):
+                body = memoryview(self._big)
+                self._big = None
+                self._frame(self._big_kind, self._big_call, body[9:], owned=True)
+            return
+        self._end += nbytes
+        self._parse()
+
+    def _parse(self) -> None:
+        view, start, end = self._view, self._start, self._end
+        while end - start >= 13:
+            length, kind, call = _HEAD.unpack_from(view, start)
+            total = 4 + length
+            if end - start < total:
+                if total > len(self._shared) // 2:  # long: give it a buffer of its own
+                    self._take_big(length, kind, call, view[start + 4 : end])
+                    start = end
+                break
+            self._frame(kind, call, view[start + 13 : start + total], owned=False)
+            start += total
+        if start == end:
+            start = end = 0
+        self._start, self._end = start, end
+
+    def _take_big(self, length: int, kind: int, call: int, received: memoryview) -> None:
+        self._big = bytearray(length)
+        self._big[: len(received)] = received
+        self._big_filled = len(received)
+        self._big_kind, self._big_call = kind, call
+
+    def _frame(self, kind: int, call: int, body: memoryview, owned: bool) -> None:
+        sink = self._sink
+        if kind == CALL:
+            sink.on_call(parse_call(call, body, owned))
+        elif kind == MESSAGE:
+            sink.on_message(call, _payload(body, owned))
+        elif kind == HALF_CLOSE:
+            sink.on_half_close(call)
+        elif kind == CANCEL:
+            sink.on_cancel(call)
+        elif kind == DRAINED:
+            sink.on_drained()
+
+    # ---- frames to the front -------------------------------------------------------------------
+    def send(self, frame: bytes) -> None:
+        """Queue one frame; everything queued in this loop iteration goes in one write."""
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(frame)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._flush()
+            self._transport.close()
+
+
+def frame_length(head: bytes) -> int:
+    """Body length of a frame from its first four bytes (tests)."""
+    return int(_LEN.unpack_from(head)[0])
