@@ -284,8 +284,9 @@ async def start_server(
     return running
 
 
-async def serve(settings: ServerSettings, runtimes: Sequence[type[Runtime]]) -> None:
-    """Run until SIGINT or SIGTERM, then stop gracefully."""
+async def serve(settings: ServerSettings, runtimes: Sequence[type[Runtime]]) -> int:
+    """Run until SIGINT or SIGTERM, then stop gracefully (exit status 0). A gRPC front that
+    exits on its own also stops the service, with status 1, so that its supervisor restarts it."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -297,7 +298,11 @@ async def serve(settings: ServerSettings, runtimes: Sequence[type[Runtime]]) -> 
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for w in waits:
         w.cancel()
+    front_died = not stop.is_set()
+    if front_died:
+        log.error("the gRPC front exited: stopping the service (exit status 1)")
     await running.stop()
+    return 1 if front_died else 0
 
 
 def run_service(
@@ -316,11 +321,10 @@ def run_service(
     # OpenTelemetry SDK, only when OTEL_EXPORTER_OTLP_ENDPOINT is set; flushed once serve returns
     trace_control = configure_tracing(f"meshserve-{family or 'service'}")
     try:
-        asyncio.run(serve(settings, runtimes))
+        return asyncio.run(serve(settings, runtimes))
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
     finally:
         if trace_control is not None:
             trace_control.shutdown()
-    return 0

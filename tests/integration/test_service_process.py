@@ -3,6 +3,7 @@ SIGTERM while requests wait in the queue — every one of them still gets its an
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -23,6 +24,20 @@ platform: "onnxruntime_onnx"
 max_batch_size: 8
 dynamic_batching { max_queue_delay_microseconds: 700000 preferred_batch_size: [ 8 ] }
 """
+
+
+def _child_named(parent: int, name: str) -> int:
+    """The pid of ``parent``'s child process whose command is ``name`` (from /proc)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)
+            command = fields[0].split("(", 1)[1]
+            ppid = int(fields[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and command == name:
+            return int(stat.parent.name)
+    raise AssertionError(f"no child process {name!r} of {parent}")
 
 
 def free_port() -> int:
@@ -115,3 +130,43 @@ def test_service_process_serves_and_drains_on_sigterm(example_repo: Path, tmp_pa
             proc.wait(10)
         out = proc.stdout.read() if proc.stdout else ""
         print(out)
+
+
+def test_a_service_whose_grpc_front_dies_exits_with_status_1(
+    example_repo: Path, tmp_path: Path
+) -> None:
+    """A service that cannot answer gRPC any more stops, so that its supervisor restarts it."""
+    import pytest
+
+    from services.core.native_front import front_binary
+
+    if front_binary() is None:
+        pytest.skip("grpc_front is not built (make native; needs Debian's libgrpc++-dev)")
+    root = tmp_path / "models"
+    shutil.copytree(example_repo / "simple", root / "simple")
+    grpc_port = free_port()
+    command = [sys.executable, "-m", "services.onnx", "--model-repository", str(root)]
+    command += ["--grpc-port", str(grpc_port), "--http-port", "-1", "--metrics-port", "-1"]
+    proc = subprocess.Popen(
+        [*command, "--grpc-frontend", "native"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if client.is_server_ready():
+                    break
+            except Exception:
+                time.sleep(0.2)
+        os.kill(_child_named(proc.pid, "grpc_front"), signal.SIGKILL)
+        assert proc.wait(30) == 1
+        assert proc.stdout is not None
+        assert "the gRPC front exited: stopping the service" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
