@@ -116,26 +116,17 @@ def build_targets(args: argparse.Namespace, models: Sequence[str], stamp: str) -
     if args.url:
         return [ExistingTarget(url=args.url, models=models)]
     targets: list[Target] = []
-    if DIRECT in args.scenarios:
-        targets.append(
-            ServiceTarget(
-                repository=args.repository,
-                models=models,
-                log_path=args.results_dir / f"service-{stamp}.log",
-                command_template=args.service_cmd,
-                name=DIRECT,
+    for scenario, suffix, extra in ((DIRECT, "", ""), (DIRECT_AIO, "-aio", " --grpc-frontend aio")):
+        if scenario in args.scenarios:
+            targets.append(
+                ServiceTarget(
+                    repository=args.repository,
+                    models=models,
+                    log_path=args.results_dir / f"service{suffix}-{stamp}.log",
+                    command_template=args.service_cmd + extra,
+                    name=scenario,
+                )
             )
-        )
-    if DIRECT_AIO in args.scenarios:
-        targets.append(
-            ServiceTarget(
-                repository=args.repository,
-                models=models,
-                log_path=args.results_dir / f"service-aio-{stamp}.log",
-                command_template=f"{args.service_cmd} --grpc-frontend aio",
-                name=DIRECT_AIO,
-            )
-        )
     if GATEWAY in args.scenarios:
         targets.append(
             GatewayTarget(

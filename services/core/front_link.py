@@ -21,7 +21,7 @@ STREAMING_REQUEST = 1  # CALL flags bit 0
 
 _LEN = struct.Struct("<I")
 _HEAD = struct.Struct("<IBQ")  # body length, kind, call
-_CALL = struct.Struct("<qBH")  # timeout_us, flags, method length
+_CALL = struct.Struct("<qB")  # timeout_us, flags
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _FINISH = struct.Struct("<IBQIBI")  # body length, kind, call, code, has_payload, details length
@@ -62,37 +62,33 @@ class FrameSink(Protocol):
 def parse_call(call: int, body: memoryview, owned: bool = False) -> CallStart:
     """The fields of a CALL frame's body (after kind and call); ``owned``: the body's buffer
     belongs to this frame alone, so its payload may stay a view of it."""
-    timeout_us, flags, n = _CALL.unpack_from(body, 0)
-    pos = _CALL.size
-    method = str(body[pos : pos + n], "utf-8")
-    pos += n
-    (n,) = _U16.unpack_from(body, pos)
-    pos += 2
-    peer = str(body[pos : pos + n], "utf-8")
-    pos += n
+    timeout_us, flags = _CALL.unpack_from(body, 0)
+    method, pos = _field(body, _CALL.size, _U16)
+    peer, pos = _field(body, pos, _U16)
     (count,) = _U16.unpack_from(body, pos)
     pos += 2
     metadata: list[tuple[str, str | bytes]] = []
     for _ in range(count):
-        (n,) = _U16.unpack_from(body, pos)
-        pos += 2
-        key = str(body[pos : pos + n], "ascii")
-        pos += n
-        (n,) = _U32.unpack_from(body, pos)
-        pos += 4
-        raw = bytes(body[pos : pos + n])
-        pos += n
+        key_bytes, pos = _field(body, pos, _U16)
+        raw, pos = _field(body, pos, _U32)
+        key = key_bytes.decode("ascii")
         metadata.append((key, raw if key.endswith("-bin") else raw.decode("latin-1")))
-    payload = body[pos:]
     return CallStart(
         call,
-        method,
+        method.decode("utf-8"),
         timeout_us,
         bool(flags & STREAMING_REQUEST),
-        peer,
+        peer.decode("utf-8"),
         tuple(metadata),
-        _payload(payload, owned),
+        _payload(body[pos:], owned),
     )
+
+
+def _field(body: memoryview, pos: int, length: struct.Struct) -> tuple[bytes, int]:
+    """The length-prefixed bytes at ``pos`` and the position after them."""
+    (n,) = length.unpack_from(body, pos)
+    start = pos + length.size
+    return bytes(body[start : start + n]), start + n
 
 
 def _payload(payload: memoryview, owned: bool) -> bytes | memoryview:
