@@ -199,6 +199,8 @@ def grpc_transport(settings: ServerSettings) -> grpc.aio.Server | NativeFront:
     binary = front_binary() if settings.grpc_frontend != "aio" else None
     if binary is not None:
         return NativeFront(binary, settings.max_message_bytes)
+    if settings.grpc_frontend == "auto":
+        log.info("gRPC served by grpc.aio: grpc_front is not built (make native)")
     if settings.grpc_frontend == "native":
         raise OSError(
             "--grpc-frontend native: grpc_front is not built; run `make native` (needs Debian's"
