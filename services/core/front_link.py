@@ -19,7 +19,6 @@ from typing import Protocol
 CALL, MESSAGE, HALF_CLOSE, CANCEL, FINISH, SHUTDOWN, DRAINED = 1, 2, 3, 4, 5, 6, 7
 STREAMING_REQUEST = 1  # CALL flags bit 0
 
-_LEN = struct.Struct("<I")
 _HEAD = struct.Struct("<IBQ")  # body length, kind, call
 _CALL = struct.Struct("<qB")  # timeout_us, flags
 _U16 = struct.Struct("<H")
@@ -222,8 +221,3 @@ class FrameLink(asyncio.BufferedProtocol):
         if self._transport is not None:
             self._flush()
             self._transport.close()
-
-
-def frame_length(head: bytes) -> int:
-    """Body length of a frame from its first four bytes (tests)."""
-    return int(_LEN.unpack_from(head)[0])

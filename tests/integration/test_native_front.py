@@ -65,12 +65,16 @@ def _front(server: ServerThread) -> NativeFront:
     return front
 
 
-def _simple(client: grpcclient.InferenceServerClient, value: int = 1) -> None:
-    a = np.full((1, 16), value, np.int32)
+def _inputs(value: int = 1) -> list[grpcclient.InferInput]:
+    """INPUT0 and INPUT1 of ``simple``, one row of ``value``."""
     inputs = [grpcclient.InferInput(n, [1, 16], "INT32") for n in ("INPUT0", "INPUT1")]
     for i in inputs:
-        i.set_data_from_numpy(a)
-    out = client.infer("simple", inputs).as_numpy("OUTPUT0")
+        i.set_data_from_numpy(np.full((1, 16), value, np.int32))
+    return inputs
+
+
+def _simple(client: grpcclient.InferenceServerClient, value: int = 1) -> None:
+    out = client.infer("simple", _inputs(value)).as_numpy("OUTPUT0")
     assert out is not None and (out == 2 * value).all()
 
 
@@ -116,12 +120,8 @@ def test_a_stream_the_client_abandons_is_cancelled_in_the_service(server: Server
     client = grpcclient.InferenceServerClient(server.grpc_url)
     try:
         client.start_stream(callback=lambda result, error: results.put(error or result))
-        a = np.ones((1, 16), np.int32)
-        inputs = [grpcclient.InferInput(n, [1, 16], "INT32") for n in ("INPUT0", "INPUT1")]
-        for i in inputs:
-            i.set_data_from_numpy(a)
         for n in range(3):
-            client.async_stream_infer("simple", inputs, request_id=str(n))
+            client.async_stream_infer("simple", _inputs(), request_id=str(n))
         got = sorted(results.get(timeout=30).get_response().id for _ in range(3))  # type: ignore[attr-defined]
         assert got == ["0", "1", "2"]
         assert len(front._calls) == 1  # the open stream
@@ -135,11 +135,7 @@ def test_a_stream_the_client_abandons_is_cancelled_in_the_service(server: Server
 
 def test_a_deadline_reaches_the_service_as_time_remaining(server: ServerThread) -> None:
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        a = np.ones((1, 16), np.int32)
-        inputs = [grpcclient.InferInput(n, [1, 16], "INT32") for n in ("INPUT0", "INPUT1")]
-        for i in inputs:
-            i.set_data_from_numpy(a)
-        assert client.infer("simple", inputs, client_timeout=5.0).as_numpy("OUTPUT0") is not None
+        assert client.infer("simple", _inputs(), client_timeout=5.0).as_numpy("OUTPUT0") is not None
 
 
 def test_a_large_message_round_trips(server: ServerThread) -> None:

@@ -37,6 +37,11 @@ def frame(kind: int, call: int, fields: bytes = b"") -> bytes:
     return struct.pack("<IBQ", 9 + len(fields), kind, call) + fields
 
 
+def frame_length(data: bytes) -> int:
+    """A frame's body length, from its first four bytes."""
+    return int(struct.unpack_from("<I", data)[0])
+
+
 def s16(text: bytes) -> bytes:
     return struct.pack("<H", len(text)) + text
 
@@ -150,7 +155,7 @@ async def test_frames_sent_in_one_loop_iteration_go_out_in_one_write() -> None:
     assert len(writes) == 1
     # what the front reads back: MESSAGE then FINISH with its payload
     data = writes[0]
-    length = fl.frame_length(data)
+    length = frame_length(data)
     assert data[4:13] == struct.pack("<BQ", fl.MESSAGE, 3) and data[13 : 4 + length] == b"one"
     rest = data[4 + length :]
     code, has_payload, n = struct.unpack_from("<IBI", rest, 13)
@@ -160,7 +165,7 @@ async def test_frames_sent_in_one_loop_iteration_go_out_in_one_write() -> None:
 
 def test_finish_frames_carry_status_details_trailers_and_an_empty_payload() -> None:
     data = fl.encode_finish(7, 3, "bad input", b"", (("X-Key", "v"),))
-    assert fl.frame_length(data) == len(data) - 4
+    assert frame_length(data) == len(data) - 4
     kind, call, code, has_payload, n = struct.unpack_from("<BQIBI", data, 4)
     assert (kind, call, code, has_payload) == (fl.FINISH, 7, 3, 1)
     pos = 22
