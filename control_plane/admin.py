@@ -22,6 +22,7 @@ from aiohttp import web
 from control_plane.mirror import mirror_status
 from control_plane.policy import PolicyError
 from control_plane.translate import ready_replicas
+from services.core.route_watch import CALLER_NODE_PREFIX
 
 if TYPE_CHECKING:
     from control_plane.app import ControlPlane
@@ -48,6 +49,10 @@ def status_document(plane: ControlPlane) -> dict[str, Any]:
     instances = plane.source.instances()
     ready = set(ready_replicas(instances))
     policies = sorted(plane.policies.all().items())
+    nodes = {
+        node: {url.rsplit(".", 1)[-1]: asdict(st) for url, st in types.items()}
+        for node, types in plane.ads.status().items()
+    }
     return {
         "instances": [
             {
@@ -67,10 +72,9 @@ def status_document(plane: ControlPlane) -> dict[str, Any]:
             if p.mirror is not None
         },
         "snapshot_version": snapshot.version if snapshot is not None else "",
-        "gateways": {
-            node: {url.rsplit(".", 1)[-1]: asdict(st) for url, st in types.items()}
-            for node, types in plane.ads.status().items()
-        },
+        # Envoy gateways, and in-mesh callers that route by the same routes (route_watch.py)
+        "gateways": {n: t for n, t in nodes.items() if not n.startswith(CALLER_NODE_PREFIX)},
+        "callers": {n: t for n, t in nodes.items() if n.startswith(CALLER_NODE_PREFIX)},
     }
 
 

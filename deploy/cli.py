@@ -44,12 +44,13 @@ def _call(url: str, method: str = "GET", body: dict[str, Any] | None = None) -> 
 def _status(base: str) -> int:
     doc = _call(f"{base}/meshserve/v1/status")
     print(f"snapshot {doc['snapshot_version'] or '-'}")
-    for node, types in doc["gateways"].items():
+    nodes = [("gateway", doc["gateways"]), ("caller", doc.get("callers", {}))]
+    for kind, node, types in ((k, n, t) for k, of_kind in nodes for n, t in of_kind.items()):
         acked = ", ".join(
             f"{t}={st['acked_version'][:8] or '-'}" for t, st in sorted(types.items())
         )
         errors = [f"{t}: {st['error']}" for t, st in types.items() if st.get("error")]
-        print(f"gateway {node}: {acked}" + (f"  REJECTED {'; '.join(errors)}" if errors else ""))
+        print(f"{kind} {node}: {acked}" + (f"  REJECTED {'; '.join(errors)}" if errors else ""))
     for inst in doc["instances"]:
         print(f"service {inst['id']} ({inst['family']}) at {inst['address']}")
         for m in inst["models"]:

@@ -199,8 +199,14 @@ class Mesh:
                 "--control-plane",
                 f"{s.host}:{s.control_port}",
                 *(arg for name in s.load_models for arg in ("--load-model", name)),
-                # BLS calls from Python models go through the gateway (services/python/bls.py)
-                env={**os.environ, "MESHSERVE_GATEWAY": f"{s.host}:{s.grpc_port}"},
+                # BLS calls from Python models go through the gateway (services/python/bls.py);
+                # ensemble steps follow the gateway's routes read from the control plane's ADS
+                # (services/core/mesh_caller.py)
+                env={
+                    **os.environ,
+                    "MESHSERVE_GATEWAY": f"{s.host}:{s.grpc_port}",
+                    "MESHSERVE_XDS": f"{s.host}:{s.control_port}",
+                },
                 **child_process_options(),
             )
             progress(f"service '{fam}' starting for {len(runnable[fam])} model(s)")

@@ -1,19 +1,21 @@
-"""Triton ensembles (``platform: "ensemble"``) run as chained ModelInfer calls through the gateway.
+"""Triton ensembles (``platform: "ensemble"``) run as chained ModelInfer calls across the mesh.
 
 One request of an ensemble is a small dataflow run on the event loop: every step whose input
 tensors exist is called at once (steps without a dependency between them run concurrently),
-each step is a gRPC ModelInfer to the mesh's gateway (so splits, retries and load balancing
-apply to steps too), and its outputs become tensors for the steps after it. Tensors stay in wire
-form between steps (the bytes a step's response brought are the bytes the next step's request
-sends). The caller's gRPC deadline bounds every step; cancelling the request (the caller gave
-up) cancels the steps in flight, which cancels their calls downstream. The first failing step
-fails the request with its status and a message naming the step and its model; the other
-steps in flight are cancelled.
+each step is a gRPC ModelInfer routed by the gateway's own routes (services/core/mesh_caller.py:
+the control plane's route table followed over ADS, so splits, retries and load balancing apply
+to steps too, and the call goes straight to the replica the routes pick, without the gateway
+hop; without ``MESHSERVE_XDS`` it goes through the gateway), and its outputs become tensors for
+the steps after it. Tensors stay in wire form between steps (the bytes a step's response brought
+are the bytes the next step's request sends). The caller's gRPC deadline bounds every step;
+cancelling the request (the caller gave up) cancels the steps in flight, which cancels their
+calls downstream. The first failing step fails the request with its status and a message naming
+the step and its model; the other steps in flight are cancelled.
 
 Step calls carry the gateway's routing headers (``meshserve-model``, and ``meshserve-version``
-when the step pins one), so Envoy routes them without reading the request body. Each step call
-is a client span (the request's server span its parent) and carries the W3C trace
-context, so the step's services continue the same trace.
+when the step pins one): the routes match on them (and Envoy, where a call goes through it,
+routes without reading the body). Each step call is a client span (the request's server span its
+parent) and carries the W3C trace context, so the step's services continue the same trace.
 
 An ensemble with a decoupled step is decoupled itself (set at load by ``autocomplete``, as Triton
 does) and streams any number of responses per request: services/ensemble/streaming.py runs it.
@@ -34,7 +36,7 @@ from opentelemetry.trace import SpanKind
 from protos.gen.inference import grpc_service_pb2 as pb
 from protos.gen.inference import grpc_service_pb2_grpc as pbg
 from protos.gen.inference import model_config_pb2 as mc
-from services.core import tracing
+from services.core import mesh_caller, tracing
 from services.core.config import ENSEMBLE_PLATFORM, load_config_file
 from services.core.errors import (
     InternalError,
@@ -51,6 +53,7 @@ from services.core.gateway_client import (
     response_tensors,
     routing_metadata,
 )
+from services.core.mesh_caller import CallFailed, xds_address
 from services.core.repository import CONFIG_FILENAME
 from services.core.requests import Array, InferRequest
 from services.core.runtime import InstanceSpec, Runtime
@@ -100,11 +103,11 @@ class EnsembleRuntime(Runtime):
                 self.graph, self._call_step, self._gateway, self._timeout_s
             )
         log.info(
-            "ensemble %r: %d steps (%s); steps go to the gateway at %s",
+            "ensemble %r: %d steps (%s); steps routed by %s",
             self.name,
             len(self.graph.steps),
             ", ".join(s.model_name for s in self.graph.steps),
-            self._address,
+            f"the gateway's routes from {xds}" if (xds := xds_address()) else self._address,
         )
 
     def infer(self, inputs: Mapping[str, Array], outputs: Sequence[str]) -> dict[str, Array]:
@@ -164,12 +167,12 @@ class EnsembleRuntime(Runtime):
             metadata = routing_metadata(step.model_name, step.model_version)
             metadata += tracing.inject_metadata()
             try:
-                reply = await self._gateway().ModelInfer(
-                    message, timeout=timeout, metadata=tuple(metadata)
+                reply = await mesh_caller.for_loop(self._address, "ensemble").model_infer(
+                    message, metadata, timeout
                 )
-            except grpc.aio.AioRpcError as exc:
+            except CallFailed as exc:
                 error = error_for_status(
-                    exc.code(), f"ensemble '{self.name}' {step.label} failed: {exc.details()}"
+                    exc.code, f"ensemble '{self.name}' {step.label} failed: {exc.details}"
                 )
                 tracing.set_error(span, error.message)
                 raise error from None

@@ -195,15 +195,16 @@ class MeshHandle:
         self.wait_acked(doc["snapshot_version"], within_s)
 
     def acked(self, version: str) -> bool:
+        """Whether every gateway, and every in-mesh caller following the routes (an ensemble
+        service's route watch), ACKed snapshot ``version``."""
         doc = self.status()
         if doc is None or not doc["gateways"]:
             return False
-        return all(
-            t["acked_version"] == version for g in doc["gateways"].values() for t in g.values()
-        )
+        nodes = [*doc["gateways"].values(), *doc.get("callers", {}).values()]
+        return all(t["acked_version"] == version for g in nodes for t in g.values())
 
     def wait_acked(self, version: str, within_s: float = 10) -> None:
-        wait_for(lambda: self.acked(version), within_s, f"gateway ACK of snapshot {version}")
+        wait_for(lambda: self.acked(version), within_s, f"ACKs of snapshot {version}")
 
     def instance_ids(self) -> set[str]:
         doc = self.status()

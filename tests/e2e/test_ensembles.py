@@ -1,8 +1,9 @@
-"""Ensembles through the whole mesh: client → Envoy → ensemble service → Envoy → step services.
+"""Ensembles through the whole mesh: client → Envoy → ensemble service → step services.
 
 One mesh serves the example ensembles (examples/build_ensemble.py) and their steps: Python
 models (Pillow pre-processing, top-k, two slow branches, a decoupled repeat) on the Python
-service, ``simple`` and ``cnn`` on the ONNX service. Every step is a real ModelInfer through the gateway.
+service, ``simple`` and ``cnn`` on the ONNX service. Every step is a real ModelInfer, routed by
+the gateway's routes straight to the step's service (services/core/mesh_caller.py).
 """
 
 from __future__ import annotations

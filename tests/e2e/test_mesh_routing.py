@@ -1,7 +1,7 @@
 """The whole mesh through Envoy: routing with no client header, splits, big and compressed bodies.
 
 One mesh for the module (``deploy.supervisor.Mesh``: control plane, Envoy, one ONNX service
-serving ``simple`` versions 1 and 2) plus a second ONNX service process serving
+serving ``simple`` versions 1 and 2, the ensemble service with ``chain3`` on ``simple``) plus a second ONNX service process serving
 ``simple_string`` and ``simple_identity``, so requests reach two different processes. Every call
 goes to the gateway's ports with stock tritonclient and no extra header, unless a test is about
 headers.
@@ -20,6 +20,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from examples.build_ensemble import build_ensemble_repository
 from tests.e2e.conftest import (
     Load,
     MeshHandle,
@@ -38,6 +39,8 @@ STRING_B = ["2"] * 16
 def mesh(example_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshHandle]:
     tmp = tmp_path_factory.mktemp("mesh")
     repo = make_repository(example_repo, tmp / "models", ["simple"], simple_versions=2)
+    # chain3 (simple three times): its steps follow the gateway's routes, splits included
+    build_ensemble_repository(repo, ["chain3"], steps=False)
     with running_mesh(repo, tmp) as handle:
         yield handle
 
@@ -187,6 +190,29 @@ def test_split_90_10_over_1000_requests(
     assert named == by_header == {"2"}
 
 
+def _served(client: grpcclient.InferenceServerClient, version: str) -> int:
+    stats = client.get_inference_statistics("simple", version).model_stats
+    return sum(s.inference_stats.success.count for s in stats)
+
+
+def test_ensemble_steps_follow_the_split(
+    mesh: MeshHandle, no_split: None, grpc_client: grpcclient.InferenceServerClient
+) -> None:
+    """The ensemble service routes its steps by the gateway's routes (read over ADS, not through
+    the gateway): each split decides which version of ``simple`` runs all three steps."""
+    inputs, expected = simple_inputs()
+    for weights, served_by in (({"1": 100, "2": 0}, "1"), ({"1": 0, "2": 100}, "2")):
+        mesh.set_split("simple", weights)
+        before = {v: _served(grpc_client, v) for v in ("1", "2")}
+        for _ in range(10):
+            result = grpc_client.infer("chain3", inputs, client_timeout=10)
+            assert np.array_equal(result.as_numpy("OUTPUT0"), 2 * expected)
+        after = {v: _served(grpc_client, v) for v in ("1", "2")}
+        other = "2" if served_by == "1" else "1"
+        assert after[served_by] - before[served_by] == 30, (weights, before, after)
+        assert after[other] == before[other], (weights, before, after)
+
+
 def test_weights_change_under_load_without_failures(mesh: MeshHandle, no_split: None) -> None:
     phases = [{"1": 100, "2": 0}, {"1": 0, "2": 100}, {"1": 50, "2": 50}]
     seen: list[Counter[str]] = []
@@ -288,7 +314,9 @@ def test_meshserve_command_against_the_running_mesh(
     assert models.returncode == 0 and "simple_string" in models.stdout
     done = meshserve("split", "simple", "1=70", "2=30")
     assert done.returncode == 0 and "1=70 2=30" in done.stdout, done.stderr
-    assert "split simple: 1=70 2=30" in meshserve("status").stdout
+    status_text = meshserve("status").stdout
+    assert "split simple: 1=70 2=30" in status_text
+    assert "caller meshserve-caller/ensemble/" in status_text  # chain3's route watch
     refused = meshserve("split", "simple", "1=0", "2=0")
     assert refused.returncode != 0 and "add up to 0" in refused.stderr
     assert meshserve("split", "simple", "--clear").returncode == 0

@@ -1,5 +1,5 @@
-"""One trace across the whole mesh: client → Envoy → service (→ BLS or ensemble step → Envoy →
-service).
+"""One trace across the whole mesh: client → Envoy → service (→ BLS call → Envoy → service, or
+ensemble step → the step's service, routed by the gateway's routes without the gateway hop).
 
 The mesh starts with ``OTEL_EXPORTER_OTLP_ENDPOINT`` pointing at a real OTLP receiver of this
 test: the control plane configures Envoy's OpenTelemetry tracer over xDS (service
@@ -173,8 +173,10 @@ BRANCH_JOIN_STEPS = {
 def test_ensemble_trace_has_every_step_and_its_service(
     mesh: MeshHandle, receiver: OtlpReceiver
 ) -> None:
-    """client → gateway → ensemble service → one CLIENT span per step → gateway → the step's
-    service (two Python branches, then the ONNX join), all in the client's trace."""
+    """client → gateway → ensemble service → one CLIENT span per step → the step's service
+    (two Python branches, then the ONNX join), all in the client's trace. The steps go straight
+    to the replicas the gateway's routes pick (services/core/mesh_caller.py): no gateway span
+    sits between a step and its service."""
     header, trace_id, client_span = traceparent()
     x = np.arange(16, dtype=np.int32).reshape(1, 16)
     tensor = grpcclient.InferInput("INPUT0", [1, 16], "INT32")
@@ -185,7 +187,7 @@ def test_ensemble_trace_has_every_step_and_its_service(
     def complete(spans: list[ReceivedSpan]) -> bool:
         mine = [s for s in spans if s.trace_id == trace_id]
         served = {s.attributes.get("model.name") for s in mine if s.name == INFER and s.kind == 2}
-        return sum(s.service == GATEWAY for s in mine) >= 4 and served >= {
+        return any(s.service == GATEWAY for s in mine) and served >= {
             "branch_join",
             *BRANCH_JOIN_STEPS,
         }
@@ -203,9 +205,7 @@ def test_ensemble_trace_has_every_step_and_its_service(
     for step in steps:
         model = step.attributes["model.name"]
         assert step.attributes["request.id"] == "ens-1"
-        hop = only(children(spans, step), f"gateway span under the {model} step")
-        assert hop.service == GATEWAY
-        served = only(children(spans, hop), f"{model}'s service span")
+        served = only(children(spans, step), f"{model}'s service span")
         assert (served.service, served.attributes["model.name"]) == (
             BRANCH_JOIN_STEPS[model],
             model,

@@ -208,6 +208,12 @@ def test_compose_commands_parse_and_addresses_agree(monkeypatch: pytest.MonkeyPa
         if gateway is not None:
             host, port = gateway.rsplit(":", 1)
             assert host in cp_names and int(port) == cp.gateway_grpc_port, name
+        xds = launches[name].env.get("MESHSERVE_XDS")
+        if s.family == "ensemble":
+            assert xds is not None, f"{name}: steps cannot follow the routes without the ADS"
+        if xds is not None:  # the control plane's ADS shares its control port
+            host, port = xds.rsplit(":", 1)
+            assert host in cp_names and int(port) == cp.control_port, name
 
 
 def test_compose_environment_is_read_by_the_code() -> None:
@@ -479,6 +485,10 @@ def test_k8s_services_advertise_their_pod_ip_and_reach_the_mesh(
             if s.family in ("python", "ensemble"):
                 gateway = launch.env["MESHSERVE_GATEWAY"]
                 _assert_reaches(gateway, k8s_services, "grpc", cp.gateway_grpc_port)
+            if s.family == "ensemble":
+                _assert_reaches(
+                    launch.env["MESHSERVE_XDS"], k8s_services, "control", cp.control_port
+                )
     assert families == {"onnx", "torch", "tensorflow", "python", "ensemble"}
     assert len(model_claims) == 1 and model_claims <= claims, model_claims
 
