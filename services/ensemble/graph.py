@@ -85,6 +85,9 @@ class EnsembleGraph:
     #: the decoupled step each of whose responses yields one set of ensemble outputs (None: the
     #: request yields one)
     output_origin: int | None = None
+    #: ``ensemble_scheduling.max_inflight_requests``: per request, how many flows a decoupled
+    #: step's responses may have running at once before its stream is read on (0: no limit)
+    max_inflight_requests: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +220,7 @@ def build_graph(config: mc.ModelConfig, lookup: ConfigLookup) -> EnsembleGraph:
         outputs=tuple(o.name for o in config.output),
         decoupled=any(s.decoupled for s in order),
         output_origin=output_origin,
+        max_inflight_requests=config.ensemble_scheduling.max_inflight_requests,
     )
 
 

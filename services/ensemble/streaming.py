@@ -10,6 +10,11 @@ what it reads exists, independent ones concurrently. A flow of the outputs' orig
 the ensemble outputs sends them as one response through the request's ResponseStream (which
 services/core/dataplane.infer_stream turns into ModelStreamInfer responses).
 
+With ``ensemble_scheduling.max_inflight_requests`` N > 0 (Triton's backpressure for decoupled
+steps), a decoupled step starts no more than N flows at once per request: its next response is
+read only when one of its flows ended, so a step that produces faster than the steps after it
+consume waits (gRPC flow control then holds back its service) instead of piling up flows.
+
 As in Triton's ensemble scheduler, ensemble responses leave in the order their flows finish, not
 necessarily in the order the decoupled step sent its responses (the ensemble's ``IDX``-like
 outputs say which is which). The FINAL flag goes with the last response when nothing else is in
@@ -116,18 +121,25 @@ class _Run:
         self.final_sent = False
 
     def start(
-        self, origin: int | None, tensors: dict[str, WireTensor], ctx: contextvars.Context
+        self,
+        origin: int | None,
+        tensors: dict[str, WireTensor],
+        ctx: contextvars.Context,
+        slot: asyncio.Semaphore | None = None,
     ) -> None:
-        """A flow (in the request's trace context ``ctx``) running the steps of ``origin``."""
+        """A flow (in the request's trace context ``ctx``) running the steps of ``origin``;
+        it releases ``slot`` (acquired by the caller) when it ends."""
         assert self.group is not None
         self.live += 1
-        self.group.create_task(self._counted(self._flow(origin, tensors)), context=ctx)
+        self.group.create_task(self._counted(self._flow(origin, tensors), slot), context=ctx)
 
-    async def _counted(self, work: Awaitable[None]) -> None:
+    async def _counted(self, work: Awaitable[None], slot: asyncio.Semaphore | None = None) -> None:
         try:
             await work
         finally:
             self.live -= 1
+            if slot is not None:
+                slot.release()
 
     async def _flow(self, origin: int | None, tensors: dict[str, WireTensor]) -> None:
         waiting = list(self.ensemble._steps.get(origin, ()))
@@ -180,9 +192,16 @@ class _Run:
             call = self.ensemble._gateway().ModelStreamInfer(
                 iter((message,)), timeout=timeout, metadata=tuple(metadata)
             )
+            limit = self.graph.max_inflight_requests
+            slot = asyncio.Semaphore(limit) if limit > 0 else None
             try:
                 async for reply in call:
-                    if self._take(step, reply, request_ctx):
+                    final, child = self._take(step, reply)
+                    if child is not None:
+                        if slot is not None:
+                            await slot.acquire()  # backpressure: read on once a flow ended
+                        self.start(step.index, child, request_ctx, slot)
+                    if final:
                         return
             except grpc.aio.AioRpcError as exc:
                 error = error_for_status(
@@ -200,9 +219,10 @@ class _Run:
         )
 
     def _take(
-        self, step: Step, reply: pb.ModelStreamInferResponse, ctx: contextvars.Context
-    ) -> bool:
-        """Start a flow on one streamed response's tensors; whether it was the last response."""
+        self, step: Step, reply: pb.ModelStreamInferResponse
+    ) -> tuple[bool, dict[str, WireTensor] | None]:
+        """Whether one streamed response was the last, and the tensors of the flow it starts
+        (None: a response without outputs, e.g. a bare FINAL flag)."""
         source = f"ensemble '{self.graph.name}' {step.label}"
         if reply.error_message:
             # a stream carries the error's text only (Triton's default code: INTERNAL)
@@ -211,17 +231,16 @@ class _Run:
         final = True
         if FINAL_PARAMETER in response.parameters:
             final = response.parameters[FINAL_PARAMETER].bool_param
-        if response.outputs:
-            try:
-                produced = response_tensors(response, source)
-            except ServingError as err:
-                raise InternalError(err.message) from None
-            missing = [o for o, _ in step.outputs if o not in produced]
-            if missing:
-                raise InternalError(f"{source} answered without outputs {missing}")
-            child = {tensor: produced[model_output] for model_output, tensor in step.outputs}
-            self.start(step.index, child, ctx)
-        return final
+        if not response.outputs:
+            return final, None
+        try:
+            produced = response_tensors(response, source)
+        except ServingError as err:
+            raise InternalError(err.message) from None
+        missing = [o for o, _ in step.outputs if o not in produced]
+        if missing:
+            raise InternalError(f"{source} answered without outputs {missing}")
+        return final, {tensor: produced[model_output] for model_output, tensor in step.outputs}
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:
