@@ -5,6 +5,9 @@ every complete frame is handed to its ``FrameSink`` as it is found, many per rea
 A frame too large for the shared buffer gets a buffer of its own that the socket fills directly,
 and its payload reaches the sink as a view of that buffer: a large ModelInfer message is never
 copied on this side. Frames the service sends are gathered and written once per loop iteration.
+
+The same link carries the service's outbound unary calls: OUT_CALL / OUT_CANCEL out, OUT_RESULT
+in (front_calls.py waits on them).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Protocol
 
 # frame kinds (PROTOCOL.md)
 CALL, MESSAGE, HALF_CLOSE, CANCEL, FINISH, SHUTDOWN, DRAINED = 1, 2, 3, 4, 5, 6, 7
+OUT_CALL, OUT_CANCEL, OUT_RESULT = 8, 9, 10
 STREAMING_REQUEST = 1  # CALL flags bit 0
 
 _HEAD = struct.Struct("<IBQ")  # body length, kind, call
@@ -25,6 +29,8 @@ _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _FINISH = struct.Struct("<IBQIBI")  # body length, kind, call, code, has_payload, details length
 _SHUTDOWN = struct.Struct("<IBQI")
+_OUT_CALL = struct.Struct("<IBQqH")  # body length, kind, call, timeout_us, target length
+_OUT_RESULT = struct.Struct("<II")  # code, details length
 
 #: reads land in a shared buffer of this size; a longer frame gets a buffer of its own
 SHARED_BUFFER_BYTES = 1 << 20
@@ -47,6 +53,17 @@ class CallStart:
     payload: bytes | memoryview  # the request message (empty for streaming-request calls)
 
 
+@dataclass(slots=True)
+class OutResult:
+    """An OUT_RESULT frame: how one of the service's outbound calls ended."""
+
+    call: int
+    code: int  # grpc status code
+    details: str
+    metadata: Metadata  # the response's trailing metadata
+    payload: bytes | memoryview | None  # the response message (status OK only)
+
+
 class FrameSink(Protocol):
     """What the link hands complete frames to (native_front.Dispatcher)."""
 
@@ -55,6 +72,7 @@ class FrameSink(Protocol):
     def on_half_close(self, call: int) -> None: ...
     def on_cancel(self, call: int) -> None: ...
     def on_drained(self) -> None: ...
+    def on_out_result(self, result: OutResult) -> None: ...
     def on_link_lost(self, exc: Exception | None) -> None: ...
 
 
@@ -64,6 +82,30 @@ def parse_call(call: int, body: memoryview, owned: bool = False) -> CallStart:
     timeout_us, flags = _CALL.unpack_from(body, 0)
     method, pos = _field(body, _CALL.size, _U16)
     peer, pos = _field(body, pos, _U16)
+    metadata, pos = _meta(body, pos)
+    return CallStart(
+        call,
+        method.decode("utf-8"),
+        timeout_us,
+        bool(flags & STREAMING_REQUEST),
+        peer.decode("utf-8"),
+        metadata,
+        _payload(body[pos:], owned),
+    )
+
+
+def parse_out_result(call: int, body: memoryview, owned: bool = False) -> OutResult:
+    """The fields of an OUT_RESULT frame's body (after kind and call); ``owned`` as for CALL."""
+    code, n = _OUT_RESULT.unpack_from(body, 0)
+    pos = _OUT_RESULT.size
+    details = bytes(body[pos : pos + n]).decode("utf-8", "replace")
+    metadata, pos = _meta(body, pos + n)
+    payload = _payload(body[pos + 1 :], owned) if body[pos] else None
+    return OutResult(call, code, details, metadata, payload)
+
+
+def _meta(body: memoryview, pos: int) -> tuple[Metadata, int]:
+    """The ``meta`` field at ``pos`` (``-bin`` values stay bytes) and the position after it."""
     (count,) = _U16.unpack_from(body, pos)
     pos += 2
     metadata: list[tuple[str, str | bytes]] = []
@@ -72,15 +114,7 @@ def parse_call(call: int, body: memoryview, owned: bool = False) -> CallStart:
         raw, pos = _field(body, pos, _U32)
         key = key_bytes.decode("ascii")
         metadata.append((key, raw if key.endswith("-bin") else raw.decode("latin-1")))
-    return CallStart(
-        call,
-        method.decode("utf-8"),
-        timeout_us,
-        bool(flags & STREAMING_REQUEST),
-        peer.decode("utf-8"),
-        tuple(metadata),
-        _payload(body[pos:], owned),
-    )
+    return tuple(metadata), pos
 
 
 def _field(body: memoryview, pos: int, length: struct.Struct) -> tuple[bytes, int]:
@@ -107,12 +141,7 @@ def encode_finish(
     trailing: Sequence[tuple[str, str | bytes]] = (),
 ) -> bytes:
     text = details.encode("utf-8")
-    meta = [_U16.pack(len(trailing))]
-    for key, value in trailing:
-        k = key.lower().encode("ascii")
-        v = value.encode("latin-1") if isinstance(value, str) else value
-        meta += (_U16.pack(len(k)), k, _U32.pack(len(v)), v)
-    tail = b"".join(meta)
+    tail = encode_meta(trailing)
     body = 9 + 4 + 1 + 4 + len(text) + len(tail) + (len(payload) if payload is not None else 0)
     head = _FINISH.pack(body, FINISH, call, code, payload is not None, len(text))
     return b"".join((head, text, tail, payload or b""))
@@ -120,6 +149,34 @@ def encode_finish(
 
 def encode_shutdown(grace_ms: int) -> bytes:
     return _SHUTDOWN.pack(9 + 4, SHUTDOWN, 0, grace_ms)
+
+
+def encode_meta(metadata: Sequence[tuple[str, str | bytes]]) -> bytes:
+    """A ``meta`` field: keys lower-cased (as gRPC sends them), text values as latin-1."""
+    meta = [_U16.pack(len(metadata))]
+    for key, value in metadata:
+        k = key.lower().encode("ascii")
+        v = value.encode("latin-1") if isinstance(value, str) else value
+        meta += (_U16.pack(len(k)), k, _U32.pack(len(v)), v)
+    return b"".join(meta)
+
+
+def encode_out_call(
+    call: int,
+    target: bytes,
+    method: bytes,
+    payload: bytes | bytearray | memoryview,
+    meta: bytes = b"\0\0",
+    timeout_us: int = -1,
+) -> bytes:
+    """OUT_CALL; ``target``, ``method`` encoded, ``meta`` from ``encode_meta`` (default: none)."""
+    body = 9 + 8 + 2 + len(target) + 2 + len(method) + len(meta) + len(payload)
+    head = _OUT_CALL.pack(body, OUT_CALL, call, timeout_us, len(target))
+    return b"".join((head, target, _U16.pack(len(method)), method, meta, payload))
+
+
+def encode_out_cancel(call: int) -> bytes:
+    return _HEAD.pack(9, OUT_CANCEL, call)
 
 
 class FrameLink(asyncio.BufferedProtocol):
@@ -202,6 +259,8 @@ class FrameLink(asyncio.BufferedProtocol):
             sink.on_half_close(call)
         elif kind == CANCEL:
             sink.on_cancel(call)
+        elif kind == OUT_RESULT:
+            sink.on_out_result(parse_out_result(call, body, owned))
         elif kind == DRAINED:
             sink.on_drained()
 

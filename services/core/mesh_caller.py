@@ -27,10 +27,12 @@ import random
 import time
 from collections import Counter
 from collections.abc import Sequence
+from typing import cast
 
 import grpc
 
 from protos.gen.inference import grpc_service_pb2 as pb
+from services.core.front_calls import CallFailed, current_caller
 from services.core.gateway_client import CHANNEL_OPTIONS
 from services.core.route_watch import RouteWatch
 
@@ -46,29 +48,24 @@ FIRST_ROUTES_WAIT_S = 2.0
 Metadata = Sequence[tuple[str, str | bytes]]
 
 
-class CallFailed(Exception):
-    """A call ended with a non-OK status."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
-
-
 def xds_address() -> str:
     """The ADS address in-mesh callers read the gateway's routes from ("" when none)."""
     return os.environ.get(XDS_ENV, "").strip()
 
 
-class AioTransport:
-    """Unary calls over grpc.aio channels, one per address (made on first use)."""
+class Transport:
+    """Unary calls: through this loop's grpc_front where one runs (front_calls.py), else over
+    grpc.aio channels, one per address (made on first use)."""
 
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def unary(
         self, target: str, method: str, request: bytes, metadata: Metadata, timeout_s: float | None
-    ) -> bytes:
+    ) -> bytes | memoryview:
+        front = current_caller()
+        if front is not None:
+            return await front.unary(target, method, request, metadata=metadata, timeout=timeout_s)
         channel = self._channels.get(target)
         if channel is None:
             channel = self._channels[target] = grpc.aio.insecure_channel(
@@ -93,7 +90,7 @@ class MeshCaller:
     def __init__(self, gateway: str, xds: str, caller: str) -> None:
         self.gateway = gateway
         self._watch = RouteWatch(xds, caller) if xds else None
-        self._transport = AioTransport()
+        self._transport = Transport()
         #: calls in flight per replica address (least-request picking)
         self._outstanding: Counter[str] = Counter()
         self._started = False
@@ -108,7 +105,8 @@ class MeshCaller:
         (gateway_client.routing_metadata). Raises CallFailed with the call's status."""
         payload = request.SerializeToString()
         reply = await self._call(payload, metadata, timeout_s)
-        return pb.ModelInferResponse.FromString(reply)
+        # upb parses any buffer: a long answer stays the front's memoryview, uncopied
+        return pb.ModelInferResponse.FromString(cast(bytes, reply))
 
     def start(self) -> None:
         """Start following the routes (the first call does it too); idempotent."""
@@ -122,7 +120,9 @@ class MeshCaller:
         """Set once calls can go straight to replicas; None without a route watch."""
         return None if self._watch is None else self._watch.ready
 
-    async def _call(self, payload: bytes, metadata: Metadata, timeout_s: float | None) -> bytes:
+    async def _call(
+        self, payload: bytes, metadata: Metadata, timeout_s: float | None
+    ) -> bytes | memoryview:
         self.start()
         table = None
         if self._watch is not None:

@@ -7,6 +7,8 @@ front, gRPC runs in C++ and each call reaches Python as one frame on a Unix sock
 generated ``add_*Servicer_to_server`` functions work unchanged, and runs each handler with a
 ``FrontContext`` that answers what our servicers ask of a ``grpc.aio.ServicerContext``.
 
+The front also makes the service's outbound unary calls: ``NativeFront.caller`` (front_calls.py).
+
 ``front_binary()`` finds the front (built by ``make native``); server.py falls back to grpc.aio
 where it is not built.
 """
@@ -26,10 +28,12 @@ from typing import Any, NoReturn
 
 import grpc
 
+from services.core.front_calls import FrontCaller, clear_current_caller, set_current_caller
 from services.core.front_link import (
     CallStart,
     FrameLink,
     Metadata,
+    OutResult,
     encode_finish,
     encode_message,
     encode_shutdown,
@@ -127,6 +131,8 @@ class NativeFront:
         self._folder = ""
         self._drained: asyncio.Event = asyncio.Event()
         self.port = 0
+        #: outbound unary calls through this front (usable once started, failing once stopped)
+        self.caller = FrontCaller()
         #: set when the front's link is gone (the front exited or was stopped)
         self.closed: asyncio.Event = asyncio.Event()
 
@@ -171,6 +177,8 @@ class NativeFront:
             raise OSError(f"cannot bind gRPC port {host}:{port} (grpc_front exited {code})")
         await link.connected
         self._link = link
+        self.caller.attach(link.send)
+        set_current_caller(self.caller)
         self.port = int(line.split()[1])
         log.info("gRPC front %s serving %s:%d", self._binary.name, host, self.port)
         return self.port
@@ -193,6 +201,9 @@ class NativeFront:
                 await self._process.wait()
         if self._link is not None:
             self._link.close()
+        # only now: the calls still finishing during the grace period may call out
+        clear_current_caller(self.caller)
+        self.caller.close("the gRPC front is stopped")
         if self._server is not None:
             self._server.close()
         self._cleanup_folder()
@@ -235,11 +246,15 @@ class NativeFront:
     def on_drained(self) -> None:
         self._drained.set()
 
+    def on_out_result(self, result: OutResult) -> None:
+        self.caller.on_result(result)
+
     def on_link_lost(self, exc: Exception | None) -> None:
         if not self.closed.is_set():
             if not self._drained.is_set():
                 log.error("gRPC front link lost (%s): gRPC calls are no longer served", exc)
             self.closed.set()
+        self.caller.close(f"the gRPC front is gone (link lost: {exc or 'closed'})")
         for call_id in list(self._calls):
             self.on_cancel(call_id)
 

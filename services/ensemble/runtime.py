@@ -45,6 +45,7 @@ from services.core.errors import (
     ServingError,
     error_for_status,
 )
+from services.core.front_calls import CallFailed
 from services.core.gateway_client import (
     CHANNEL_OPTIONS,
     WireTensor,
@@ -53,7 +54,7 @@ from services.core.gateway_client import (
     response_tensors,
     routing_metadata,
 )
-from services.core.mesh_caller import CallFailed, xds_address
+from services.core.mesh_caller import xds_address
 from services.core.repository import CONFIG_FILENAME
 from services.core.requests import Array, InferRequest
 from services.core.runtime import InstanceSpec, Runtime

@@ -1,7 +1,10 @@
 """services/core/mesh_caller.py routes in-mesh ModelInfer calls by the gateway's routes, over real
 sockets: the control plane's real ADS server serves translate()'s snapshot of two replicas (small
 grpc.aio GRPCInferenceService servers on port 0 that answer which replica they are and which
-``meshserve-version`` they were sent), and a third such server stands in for the gateway."""
+``meshserve-version`` they were sent), and a third such server stands in for the gateway.
+
+Every test runs twice: calls over grpc.aio channels, and through a real grpc_front started on the
+test's loop (as a service behind the front makes them: front_calls.current_caller())."""
 
 from __future__ import annotations
 
@@ -27,8 +30,10 @@ from control_plane.snapshot import SnapshotCache, make_snapshot
 from control_plane.translate import translate
 from protos.gen.inference import grpc_service_pb2 as pb
 from protos.gen.inference import grpc_service_pb2_grpc as pbg
+from services.core.front_calls import CallFailed, current_caller
 from services.core.gateway_client import routing_metadata
-from services.core.mesh_caller import CallFailed, MeshCaller
+from services.core.mesh_caller import MeshCaller
+from services.core.native_front import NativeFront, front_binary
 
 WITHIN_S = 10.0
 
@@ -76,8 +81,26 @@ class Mesh:
         self.cache.set(make_snapshot(translate(state, grpc_port=1, http_port=2)))
 
 
+@pytest.fixture(params=["aio", "front"])
+async def transport(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """How calls leave: grpc.aio, or a grpc_front running on this loop (skipped if not built)."""
+    if request.param == "aio":
+        yield "aio"
+        return
+    binary = front_binary()
+    if binary is None:
+        pytest.skip("grpc_front is not built (make native; needs Debian's libgrpc++-dev)")
+    front = NativeFront(binary, 64 << 20)
+    await front.start("127.0.0.1", 0)
+    try:
+        assert current_caller() is front.caller
+        yield "front"
+    finally:
+        await front.stop(0)
+
+
 @pytest.fixture
-async def mesh() -> AsyncIterator[Mesh]:
+async def mesh(transport: str) -> AsyncIterator[Mesh]:
     servers = []
     replicas = {n: Replica(n) for n in ("a", "b", "gateway")}
     ports = {}

@@ -29,6 +29,9 @@ class Sink:
     def on_drained(self) -> None:
         self.events.append(("drained", None))
 
+    def on_out_result(self, result: fl.OutResult) -> None:
+        self.events.append(("out_result", result))
+
     def on_link_lost(self, exc: Exception | None) -> None:
         self.events.append(("lost", exc))
 
@@ -174,3 +177,105 @@ def test_finish_frames_carry_status_details_trailers_and_an_empty_payload() -> N
     assert data[pos:] == struct.pack("<H", 1) + s16(b"x-key") + struct.pack("<I", 1) + b"v"
     no_payload = fl.encode_finish(7, 0)
     assert struct.unpack_from("<B", no_payload, 17)[0] == 0
+
+
+def out_result_frame(
+    call: int,
+    code: int,
+    details: bytes = b"",
+    payload: bytes | None = None,
+    meta: tuple[tuple[bytes, bytes], ...] = (),
+) -> bytes:
+    """OUT_RESULT as grpc_front writes it (PROTOCOL.md)."""
+    fields = struct.pack("<II", code, len(details)) + details + struct.pack("<H", len(meta))
+    for key, value in meta:
+        fields += s16(key) + struct.pack("<I", len(value)) + value
+    fields += struct.pack("<B", payload is not None) + (payload or b"")
+    return frame(fl.OUT_RESULT, call, fields)
+
+
+OUT = 1 << 63  # the service's outbound call ids
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 13, 4096, 1 << 22])
+async def test_out_result_frames_are_parsed_however_the_reads_split_them(chunk: int) -> None:
+    link, sink = make_link()
+    data = (
+        out_result_frame(OUT | 1, 0, payload=b"response")
+        + frame(fl.MESSAGE, 4, b"m")
+        + out_result_frame(
+            OUT | 2,
+            5,
+            "no such model «x»".encode(),
+            meta=((b"x-why", b"gone"), (b"detail-bin", b"\x00\x01\xff")),
+        )
+        + out_result_frame(OUT | 3, 0, payload=b"")  # an OK answer with an empty message
+    )
+    feed(link, data, chunk)
+    assert [k for k, _ in sink.events] == ["out_result", "message", "out_result", "out_result"]
+    ok, failed, empty = (e[1] for e in sink.events if e[0] == "out_result")
+    assert ok == fl.OutResult(OUT | 1, 0, "", (), b"response")
+    assert failed == fl.OutResult(
+        OUT | 2, 5, "no such model «x»", (("x-why", "gone"), ("detail-bin", b"\x00\x01\xff")), None
+    )
+    assert isinstance(empty, fl.OutResult) and empty.payload == b"" and empty.code == 0
+
+
+async def test_a_long_out_result_payload_is_a_view_of_its_frames_own_buffer() -> None:
+    link, sink = make_link()
+    big = bytes(range(256)) * (3 * fl.SHARED_BUFFER_BYTES // 256)
+    feed(link, out_result_frame(OUT | 7, 0, payload=big, meta=((b"k", b"v"),)), 65536)
+    ((kind, result),) = sink.events
+    assert kind == "out_result" and isinstance(result, fl.OutResult)
+    assert isinstance(result.payload, memoryview) and result.payload == big
+    assert result.metadata == (("k", "v"),)
+
+
+def parse_out_call(data: bytes) -> tuple[int, int, bytes, bytes, list[tuple[bytes, bytes]], bytes]:
+    """OUT_CALL as grpc_front reads it (PROTOCOL.md): call, timeout, target, method, meta, payload."""
+    assert frame_length(data) == len(data) - 4
+    kind, call, timeout_us = struct.unpack_from("<BQq", data, 4)
+    assert kind == fl.OUT_CALL
+    pos = 21
+
+    def field(length: str) -> bytes:
+        nonlocal pos
+        (n,) = struct.unpack_from(length, data, pos)
+        pos += struct.calcsize(length)
+        pos += n
+        return data[pos - n : pos]
+
+    target, method = field("<H"), field("<H")
+    (count,) = struct.unpack_from("<H", data, pos)
+    pos += 2
+    meta = [(field("<H"), field("<I")) for _ in range(count)]
+    return call, timeout_us, target, method, meta, data[pos:]
+
+
+def test_out_call_frames_carry_target_method_deadline_metadata_and_request() -> None:
+    meta = fl.encode_meta((("X-Trace", "abc"), ("ctx-bin", b"\x00\xff"), ("latin", "é")))
+    data = fl.encode_out_call(
+        OUT | 42, b"127.0.0.1:8001", b"/s.S/M", b"\x08\x01request", meta, 1_500_000
+    )
+    assert parse_out_call(data) == (
+        OUT | 42,
+        1_500_000,
+        b"127.0.0.1:8001",
+        b"/s.S/M",
+        [(b"x-trace", b"abc"), (b"ctx-bin", b"\x00\xff"), (b"latin", b"\xe9")],
+        b"\x08\x01request",
+    )
+    # no metadata, no deadline, an empty request message
+    assert parse_out_call(fl.encode_out_call(OUT, b"h:1", b"/a/b", b"")) == (
+        OUT,
+        -1,
+        b"h:1",
+        b"/a/b",
+        [],
+        b"",
+    )
+
+
+def test_out_cancel_frames_name_the_call() -> None:
+    data = fl.encode_out_cancel(OUT | 9)
+    assert data == struct.pack("<IBQ", 9, fl.OUT_CANCEL, OUT | 9)

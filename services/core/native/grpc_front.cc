@@ -3,13 +3,17 @@
 // handlers and answers with frames. The frame protocol and the command line are in PROTOCOL.md
 // (next to this file); services/core/native_front.py is the other end.
 //
-// Threads: one completion-queue thread runs every call's state machine (grpc's async API: no
-// grpc-owned callback threads, no executor hops); one reader thread parses frames from the
-// service and drives the calls; one writer thread writes the frames queued by everyone else (many
-// frames per syscall under load); one thread waits for SIGTERM/SIGINT; the main thread waits for
-// the end (backend gone, signal, or SHUTDOWN) and exits.
+// It also makes the service's outbound unary calls (OUT_CALL): the service asks, the front calls
+// the target with grpc's C++ client and sends the result back (OUT_RESULT).
+//
+// Threads: one completion-queue thread runs every call's state machine, inbound and outbound
+// (grpc's async API: no grpc-owned callback threads, no executor hops); one reader thread parses
+// frames from the service and drives the calls; one writer thread writes the frames queued by
+// everyone else (many frames per syscall under load); one thread waits for SIGTERM/SIGINT; the
+// main thread waits for the end (backend gone, signal, or SHUTDOWN) and exits.
 
 #include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/server_context.h>
 #include <grpcpp/grpcpp.h>
 
@@ -30,6 +34,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -43,11 +48,14 @@ namespace {
 
 enum Kind : uint8_t {
   kCall = 1, kMessage = 2, kHalfClose = 3, kCancel = 4, kFinish = 5, kShutdown = 6, kDrained = 7,
+  kOutCall = 8, kOutCancel = 9, kOutResult = 10,
 };
 constexpr uint8_t kStreamingRequest = 1;       // CALL flags bit 0
 constexpr size_t kReadChunk = 256 * 1024;      // reader buffer; larger frames are read in place
 constexpr size_t kCopyBelow = 4096;            // smaller payload slices are copied into the batch
 constexpr int kCallsRequested = 32;            // incoming calls requested ahead
+// Outbound timeouts this long (100 years) are no deadline: the clock arithmetic would overflow.
+constexpr int64_t kFarTimeoutUs = int64_t(100) * 365 * 24 * 3600 * 1000000;
 
 // ---- encoding (little-endian) ---------------------------------------------------------------
 
@@ -65,6 +73,24 @@ void PutStr16(std::string& out, const char* data, size_t size) {
 void PutBytes32(std::string& out, const char* data, size_t size) {
   PutInt<uint32_t>(out, static_cast<uint32_t>(size));
   out.append(data, size);
+}
+
+using Metadata = std::multimap<grpc::string_ref, grpc::string_ref>;
+using MetadataList = std::vector<std::pair<std::string, std::string>>;
+
+// `meta`: the entries of `meta` but grpc's own pseudo-headers (`:path`...).
+void PutMeta(std::string& out, const Metadata& meta) {
+  size_t count_at = out.size();
+  uint16_t count = 0;
+  PutInt<uint16_t>(out, 0);
+  for (const auto& [key, value] : meta) {
+    if (key.empty() || key.data()[0] == ':' || count == UINT16_MAX) continue;
+    PutStr16(out, key.data(), key.size());
+    PutBytes32(out, value.data(), value.size());
+    ++count;
+  }
+  out[count_at] = static_cast<char>(count & 0xff);
+  out[count_at + 1] = static_cast<char>(count >> 8);
 }
 
 // A frame's length prefix (patched by Output::Send), kind and call number.
@@ -96,6 +122,14 @@ struct Cursor {
     std::string value(at, size);
     Skip(size);
     return value;
+  }
+  MetadataList Meta() {
+    MetadataList meta(Int<uint16_t>());
+    for (auto& [key, value] : meta) {
+      key = Bytes(Int<uint16_t>());
+      value = Bytes(Int<uint32_t>());
+    }
+    return meta;
   }
   void Skip(size_t size) { at += size; left -= size; }
   template <class T>
@@ -221,6 +255,15 @@ uint32_t g_grace_ms = 0;
 bool g_shutdown_returned = false;   // Server::Shutdown has returned
 
 std::unordered_set<std::string> g_streaming_methods;
+int g_max_message_bytes = INT_MAX;
+
+// grpc aborts the process on metadata it considers illegal (it calls that API misuse), so what
+// the service sends is checked first; grpc- and : keys are grpc's own.
+bool IsLegalMetadata(const std::string& key, const std::string& value) {
+  grpc_slice k = grpc::SliceReferencingString(key), v = grpc::SliceReferencingString(value);
+  return key[0] != ':' && key.compare(0, 5, "grpc-") != 0 && grpc_header_key_is_legal(k) &&
+         (grpc_is_binary_header(k) || grpc_header_nonbin_value_is_legal(v));
+}
 
 void OnBackendLost(int exit_code) {
   std::lock_guard<std::mutex> lock(g_mu);
@@ -247,7 +290,7 @@ grpc::AsyncGenericService g_service;
 
 class Call {
  public:
-  enum Op { kStarted, kRead, kWrite, kFinish, kDone };
+  enum Op { kStarted, kRead, kWrite, kFinish, kDone, kOutbound /* an OutboundCall's Finish */ };
   struct Tag {
     Call* call;
     Op op;
@@ -277,12 +320,16 @@ class Call {
   }
 
   // FINISH from the service.
-  void OnServiceFinish(grpc::Status status, std::vector<std::pair<std::string, std::string>> trailing,
-                       bool has_payload, grpc::Slice payload) {
+  void OnServiceFinish(grpc::Status status, MetadataList trailing, bool has_payload,
+                       grpc::Slice payload) {
     std::lock_guard<std::mutex> lock(mu_);
     if (over_ || finish_received_ || cancelled_) return;
     for (auto& [key, value] : trailing) {
-      if (IsLegalTrailer(key, value)) ctx_.AddTrailingMetadata(key, value);
+      if (IsLegalMetadata(key, value)) {
+        ctx_.AddTrailingMetadata(key, value);
+      } else {
+        fprintf(stderr, "grpc_front: dropping illegal trailing metadata key %s\n", key.c_str());
+      }
     }
     finish_received_ = true;
     status_ = std::move(status);
@@ -381,16 +428,6 @@ class Call {
     return slices;
   }
 
-  // grpc aborts the process on trailing metadata it considers illegal, so such entries are
-  // dropped; grpc- and : keys are grpc's own.
-  static bool IsLegalTrailer(const std::string& key, const std::string& value) {
-    grpc_slice k = grpc::SliceReferencingString(key), v = grpc::SliceReferencingString(value);
-    bool legal = key[0] != ':' && key.compare(0, 5, "grpc-") != 0 && grpc_header_key_is_legal(k) &&
-                 (grpc_is_binary_header(k) || grpc_header_nonbin_value_is_legal(v));
-    if (!legal) fprintf(stderr, "grpc_front: dropping illegal trailing metadata key %s\n", key.c_str());
-    return legal;
-  }
-
   // Sends CALL; `request` is the request message (null for streaming-request methods).
   void SendCall(const grpc::ByteBuffer* request) {
     std::string head = FrameHead(kCall, id_);
@@ -399,17 +436,7 @@ class Call {
     PutStr16(head, ctx_.method().data(), ctx_.method().size());
     std::string peer = ctx_.peer();
     PutStr16(head, peer.data(), peer.size());
-    size_t count_at = head.size();
-    uint16_t count = 0;
-    PutInt<uint16_t>(head, 0);
-    for (const auto& [key, value] : ctx_.client_metadata()) {
-      if (key.empty() || key.data()[0] == ':' || count == UINT16_MAX) continue;
-      PutStr16(head, key.data(), key.size());
-      PutBytes32(head, value.data(), value.size());
-      ++count;
-    }
-    head[count_at] = static_cast<char>(count & 0xff);
-    head[count_at + 1] = static_cast<char>(count >> 8);
+    PutMeta(head, ctx_.client_metadata());
     call_sent_ = true;
     g_out.Send(std::move(head), request ? Slices(*request) : std::vector<grpc::Slice>());
   }
@@ -473,6 +500,109 @@ class Call {
   bool over_ = false;                    // done and every tag back: no more operations
 };
 
+// ---- outbound calls: the service's unary calls to other services ----------------------------
+//
+// Each call's one completion (Finish) comes back on the server's completion queue and its thread:
+// a queue and thread of their own measured 5-15% more front CPU per call (one more thread wakeup).
+// Server::Shutdown leaves that queue running (only its incoming-call requests fail), so calls
+// keep working while the front drains. Only the reader thread starts calls and touches g_stubs.
+// g_outbound holds every call from its start until its result is sent, so OUT_CANCEL can find it;
+// the CQ thread takes a call out under g_outbound_mu before deleting it, so TryCancel (done under
+// the same lock) never meets a deleted call.
+
+struct OutboundCall : Call::Tag {  // the tag of its one completion
+  OutboundCall() : Call::Tag{nullptr, Call::kOutbound} {}
+  uint64_t id = 0;
+  grpc::ClientContext ctx;  // before `reader`: the reader lives on the call's arena, which ctx frees
+  std::unique_ptr<grpc::GenericClientAsyncResponseReader> reader;
+  grpc::ByteBuffer response;
+  grpc::Status status;
+};
+
+grpc::CompletionQueue* g_outbound_cq = nullptr;  // the server's
+std::mutex g_outbound_mu;
+std::unordered_map<uint64_t, OutboundCall*> g_outbound;
+std::unordered_map<std::string, std::unique_ptr<grpc::GenericStub>> g_stubs;  // by target
+
+// OUT_RESULT: the call's status, trailing metadata and (status OK) response message.
+void SendOutResult(uint64_t id, const grpc::Status& status, const Metadata& trailing,
+                   const grpc::ByteBuffer* response) {
+  std::string head = FrameHead(kOutResult, id);
+  PutInt<uint32_t>(head, static_cast<uint32_t>(status.error_code()));
+  PutBytes32(head, status.error_message().data(), status.error_message().size());
+  PutMeta(head, trailing);
+  head.push_back(static_cast<char>(response ? 1 : 0));
+  std::vector<grpc::Slice> slices;
+  if (response) (void)response->Dump(&slices);
+  g_out.Send(std::move(head), slices);
+}
+
+// A call the front does not make: answered at once.
+void RefuseOutbound(uint64_t id, const std::string& why) {
+  SendOutResult(id, grpc::Status(grpc::StatusCode::INTERNAL, "grpc_front: " + why), Metadata(),
+                nullptr);
+}
+
+// One channel per target for the front's life: grpc reconnects it as needed, and one HTTP/2
+// connection carries every concurrent call to that target.
+grpc::GenericStub& StubFor(const std::string& target) {
+  auto& stub = g_stubs[target];
+  if (!stub) {
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(g_max_message_bytes);
+    args.SetMaxSendMessageSize(g_max_message_bytes);
+    stub = std::make_unique<grpc::GenericStub>(
+        grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args));
+  }
+  return *stub;
+}
+
+void StartOutbound(uint64_t id, int64_t timeout_us, const std::string& target,
+                   const std::string& method, const MetadataList& meta, const grpc::Slice& payload) {
+  if (target.empty()) return RefuseOutbound(id, "no target");
+  if (method.empty() || method[0] != '/') return RefuseOutbound(id, "bad method name " + method);
+  if (timeout_us == 0) {  // grpc would still make a call whose deadline has passed
+    return SendOutResult(id, grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "Deadline Exceeded"),
+                         Metadata(), nullptr);
+  }
+  auto call = std::make_unique<OutboundCall>();
+  call->id = id;
+  for (const auto& [key, value] : meta) {
+    if (!IsLegalMetadata(key, value)) return RefuseOutbound(id, "illegal metadata key " + key);
+    call->ctx.AddMetadata(key, value);
+  }
+  if (timeout_us >= 0 && timeout_us < kFarTimeoutUs) {
+    call->ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::microseconds(timeout_us));
+  }
+  bool added = false;
+  {
+    std::lock_guard<std::mutex> lock(g_outbound_mu);
+    added = g_outbound.emplace(id, call.get()).second;
+  }
+  if (!added) return RefuseOutbound(id, "call id already in flight");
+  grpc::ByteBuffer request(&payload, 1);  // references the frame's bytes, no copy
+  call->reader = StubFor(target).PrepareUnaryCall(&call->ctx, method, request, g_outbound_cq);
+  call->reader->StartCall();
+  OutboundCall* started = call.release();  // the CQ thread deletes it
+  started->reader->Finish(&started->response, &started->status, static_cast<Call::Tag*>(started));
+}
+
+void CancelOutbound(uint64_t id) {
+  std::lock_guard<std::mutex> lock(g_outbound_mu);
+  auto it = g_outbound.find(id);
+  if (it != g_outbound.end()) it->second->ctx.TryCancel();
+}
+
+// A finished outbound call, on the CQ thread.
+void OnOutboundDone(std::unique_ptr<OutboundCall> call) {
+  {
+    std::lock_guard<std::mutex> lock(g_outbound_mu);
+    g_outbound.erase(call->id);
+  }
+  SendOutResult(call->id, call->status, call->ctx.GetServerTrailingMetadata(),
+                call->status.ok() ? &call->response : nullptr);
+}
+
 // ---- the reader: frames from the service ----------------------------------------------------
 
 // Handles one frame body. `whole`, when set, is a slice holding the body (large frames), so
@@ -499,16 +629,22 @@ bool Dispatch(const char* body, size_t size, const grpc::Slice* whole) {
     auto code = in.Int<uint32_t>();
     bool has_payload = in.Int<uint8_t>() != 0;
     std::string details = in.Bytes(in.Int<uint32_t>());
-    std::vector<std::pair<std::string, std::string>> trailing(in.Int<uint16_t>());
-    for (auto& [key, value] : trailing) {
-      key = in.Bytes(in.Int<uint16_t>());
-      value = in.Bytes(in.Int<uint32_t>());
-    }
+    MetadataList trailing = in.Meta();
     if (!in.ok) return false;
     if (auto call = FindCall(id)) {
       call->OnServiceFinish(grpc::Status(static_cast<grpc::StatusCode>(code), std::move(details)),
                             std::move(trailing), has_payload, payload());
     }
+  } else if (kind == kOutCall) {
+    auto timeout_us = in.Int<int64_t>();
+    std::string target = in.Bytes(in.Int<uint16_t>());
+    std::string method = in.Bytes(in.Int<uint16_t>());
+    MetadataList meta = in.Meta();
+    if (!in.ok) return false;
+    StartOutbound(id, timeout_us, target, method, meta, payload());
+  } else if (kind == kOutCancel) {
+    if (!in.ok) return false;
+    CancelOutbound(id);
   } else {
     return false;
   }
@@ -674,11 +810,20 @@ int main(int argc, char** argv) {
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server || port == 0) Die("cannot listen on " + args.listen);
 
+  g_max_message_bytes = args.max_message_bytes;
+  g_outbound_cq = cq.get();
   std::thread([cq = cq.get()] {
     for (int i = 0; i < kCallsRequested; ++i) Call::Request(cq);
     void* tag = nullptr;
     bool ok = false;
-    while (cq->Next(&tag, &ok)) Call::OnEvent(static_cast<Call::Tag*>(tag), ok);
+    while (cq->Next(&tag, &ok)) {
+      auto* event = static_cast<Call::Tag*>(tag);
+      if (event->op == Call::kOutbound) {
+        OnOutboundDone(std::unique_ptr<OutboundCall>(static_cast<OutboundCall*>(event)));
+      } else {
+        Call::OnEvent(event, ok);
+      }
+    }
   }).detach();
   std::thread([fd] { g_out.Run(fd); }).detach();
   std::thread([fd] { ReadFrames(fd); }).detach();
