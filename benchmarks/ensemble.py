@@ -6,9 +6,11 @@ following the ensemble's own ``ensemble_scheduling`` (read from the gateway's Mo
 two do exactly the same work). Calls alternate in rounds (ensemble round, chain round, ...) so
 noise on this shared machine hits both alike; sequential calls (concurrency 1) measure latency,
 then a few client threads measure throughput. Both paths use the same raw gRPC stub, so client
-overhead is equal. Reports p50/p90 latency, the ensemble's added latency per step over the
-client chain, and PASS/FAIL for the issue's targets (≤ 1 ms added per step at p50; ensemble
-no slower than the client-side chain).
+overhead is equal. With the default repository a third path runs beside them: a copy of the
+ensemble with ``step_routing: gateway`` (its steps through Envoy rather than straight to the
+step's service by the gateway's routes). Reports p50/p90 latency, the ensemble's added
+latency per step over the client chain, and PASS/FAIL for the issue's targets (≤ 1 ms added per
+step at p50; ensemble no slower than the client-side chain).
 """
 
 from __future__ import annotations
@@ -114,7 +116,9 @@ def _throughput(call: Callable[[], None], threads: int, seconds: float) -> float
     return sum(counts) / seconds
 
 
-def measure(url: str, ensemble: str, rounds: int, per_round: int, threads: int) -> int:
+def measure(
+    url: str, ensemble: str, rounds: int, per_round: int, threads: int, via_gateway: str = ""
+) -> int:
     with grpc.insecure_channel(url, options=CHANNEL_OPTIONS) as channel:
         stub = pbg.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
         config = stub.ModelConfig(pb.ModelConfigRequest(name=ensemble)).config
@@ -124,6 +128,9 @@ def measure(url: str, ensemble: str, rounds: int, per_round: int, threads: int) 
             "ensemble": ensemble_call(stub, config, inputs),
             "client chain": client_chain_call(stub, config, inputs),
         }
+        if via_gateway:  # the same ensemble with step_routing: gateway (steps through Envoy)
+            gateway_config = stub.ModelConfig(pb.ModelConfigRequest(name=via_gateway)).config
+            paths["steps via gw"] = ensemble_call(stub, gateway_config, inputs)
         for call in paths.values():  # warm-up: connections, first batches
             _timed(call, 50)
         samples: dict[str, list[float]] = {k: [] for k in paths}
@@ -158,6 +165,18 @@ def measure(url: str, ensemble: str, rounds: int, per_round: int, threads: int) 
     return 0
 
 
+def _copy_via_gateway(repository: Path, ensemble: str) -> str:
+    """A copy of ``ensemble`` whose steps go through the gateway (``step_routing: gateway``)."""
+    name = f"{ensemble}_via_gateway"
+    config = (repository / ensemble / "config.pbtxt").read_text()
+    (repository / name / "1").mkdir(parents=True, exist_ok=True)
+    (repository / name / "config.pbtxt").write_text(
+        config.replace(f'"{ensemble}"', f'"{name}"', 1)
+        + 'parameters { key: "step_routing" value: { string_value: "gateway" } }\n'
+    )
+    return name
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.ensemble", description=__doc__)
     p.add_argument(
@@ -181,9 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             repository = Path(tmp) / "models"
             build_ensemble_repository(repository, [args.ensemble])
-        target = GatewayTarget(repository, [args.ensemble], log)
+        models = [args.ensemble]
+        if args.model_repository is None:
+            models.append(_copy_via_gateway(repository, args.ensemble))
+        target = GatewayTarget(repository, models, log)
         with target.serve() as url:
-            return measure(url, args.ensemble, args.rounds, args.per_round, args.threads)
+            return measure(url, *models[:1], args.rounds, args.per_round, args.threads, *models[1:])
 
 
 if __name__ == "__main__":

@@ -100,11 +100,19 @@ class MeshCaller:
         request: pb.ModelInferRequest,
         metadata: Metadata,
         timeout_s: float | None,
+        *,
+        via_gateway: bool = False,
     ) -> pb.ModelInferResponse:
         """Send ``request``; its ``metadata`` must carry the routing headers
-        (gateway_client.routing_metadata). Raises CallFailed with the call's status."""
+        (gateway_client.routing_metadata). ``via_gateway``: through the gateway whatever the
+        routes say. Raises CallFailed with the call's status."""
         payload = request.SerializeToString()
-        reply = await self._call(payload, metadata, timeout_s)
+        if via_gateway:
+            reply = await self._transport.unary(
+                self.gateway, INFER_METHOD, payload, metadata, timeout_s
+            )
+        else:
+            reply = await self._call(payload, metadata, timeout_s)
         # upb parses any buffer: a long answer stays the front's memoryview, uncopied
         return pb.ModelInferResponse.FromString(cast(bytes, reply))
 

@@ -12,6 +12,10 @@ cancelling the request (the caller gave up) cancels the steps in flight, which c
 calls downstream. The first failing step fails the request with its status and a message naming
 the step and its model; the other steps in flight are cancelled.
 
+The config parameter ``step_routing`` picks the path per ensemble: ``mesh`` (the default, as
+above) or ``gateway`` (every step through the gateway, e.g. to have Envoy's own stats and spans
+for each step, or its request mirroring).
+
 Step calls carry the gateway's routing headers (``meshserve-model``, and ``meshserve-version``
 when the step pins one): the routes match on them (and Envoy, where a call goes through it,
 routes without reading the body). Each step call is a client span (the request's server span its
@@ -67,6 +71,9 @@ log = logging.getLogger(__name__)
 
 #: how long load-time validation waits for the gateway to describe an auto-completed step model
 CONFIG_LOOKUP_TIMEOUT_S = 2.0
+#: config parameter: how steps travel, ``mesh`` (by the gateway's routes) or ``gateway``
+STEP_ROUTING = "step_routing"
+STEP_ROUTINGS = ("mesh", "gateway")
 
 
 class EnsembleRuntime(Runtime):
@@ -94,6 +101,17 @@ class EnsembleRuntime(Runtime):
         self.graph: EnsembleGraph = build_graph(
             config, _ConfigLookup(repository, self._address, config.name)
         )
+        routing = (
+            config.parameters[STEP_ROUTING].string_value
+            if STEP_ROUTING in config.parameters
+            else "mesh"
+        )
+        if routing not in STEP_ROUTINGS:
+            raise ModelLoadError(
+                f"ensemble '{config.name}': parameter {STEP_ROUTING} is {routing!r}; "
+                f"use one of {', '.join(STEP_ROUTINGS)}"
+            )
+        self._via_gateway = routing == "gateway" or not xds_address()
         self._channel: grpc.aio.Channel | None = None
         self._stub: pbg.GRPCInferenceServiceStub | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -108,7 +126,9 @@ class EnsembleRuntime(Runtime):
             self.name,
             len(self.graph.steps),
             ", ".join(s.model_name for s in self.graph.steps),
-            f"the gateway's routes from {xds}" if (xds := xds_address()) else self._address,
+            f"the gateway at {self._address}"
+            if self._via_gateway
+            else f"the gateway's routes from {xds_address()}",
         )
 
     def infer(self, inputs: Mapping[str, Array], outputs: Sequence[str]) -> dict[str, Array]:
@@ -169,7 +189,7 @@ class EnsembleRuntime(Runtime):
             metadata += tracing.inject_metadata()
             try:
                 reply = await mesh_caller.for_loop(self._address, "ensemble").model_infer(
-                    message, metadata, timeout
+                    message, metadata, timeout, via_gateway=self._via_gateway
                 )
             except CallFailed as exc:
                 error = error_for_status(

@@ -10,6 +10,7 @@ headers.
 from __future__ import annotations
 
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,8 +40,15 @@ STRING_B = ["2"] * 16
 def mesh(example_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshHandle]:
     tmp = tmp_path_factory.mktemp("mesh")
     repo = make_repository(example_repo, tmp / "models", ["simple"], simple_versions=2)
-    # chain3 (simple three times): its steps follow the gateway's routes, splits included
+    # chain3 (simple three times): its steps follow the gateway's routes, splits included; a
+    # copy whose steps go through the gateway itself (step_routing: gateway)
     build_ensemble_repository(repo, ["chain3"], steps=False)
+    config = (repo / "chain3" / "config.pbtxt").read_text()
+    (repo / "chain3_via_gateway" / "1").mkdir(parents=True)
+    (repo / "chain3_via_gateway" / "config.pbtxt").write_text(
+        config.replace('"chain3"', '"chain3_via_gateway"')
+        + 'parameters { key: "step_routing" value: { string_value: "gateway" } }\n'
+    )
     with running_mesh(repo, tmp) as handle:
         yield handle
 
@@ -211,6 +219,26 @@ def test_ensemble_steps_follow_the_split(
         other = "2" if served_by == "1" else "1"
         assert after[served_by] - before[served_by] == 30, (weights, before, after)
         assert after[other] == before[other], (weights, before, after)
+
+
+def _gateway_requests_to_simple(mesh: MeshHandle) -> int:
+    """Requests Envoy sent to ``simple``'s clusters (its admin stats)."""
+    url = f"{mesh.admin_url}/stats?filter=upstream_rq_total"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        lines = r.read().decode().splitlines()
+    return sum(int(line.split(":")[1]) for line in lines if "cluster.model_simple_" in line)
+
+
+def test_steps_skip_the_gateway_unless_the_ensemble_asks_for_it(
+    mesh: MeshHandle, grpc_client: grpcclient.InferenceServerClient
+) -> None:
+    inputs, expected = simple_inputs()
+    for model, through_envoy in (("chain3", 0), ("chain3_via_gateway", 3 * 5)):
+        before = _gateway_requests_to_simple(mesh)
+        for _ in range(5):
+            result = grpc_client.infer(model, inputs, client_timeout=10)
+            assert np.array_equal(result.as_numpy("OUTPUT0"), 2 * expected)
+        assert _gateway_requests_to_simple(mesh) - before == through_envoy, model
 
 
 def test_weights_change_under_load_without_failures(mesh: MeshHandle, no_split: None) -> None:

@@ -98,6 +98,12 @@ UNMAPPED = CHAIN.replace('"chain"', '"unmapped"').replace(
 )
 
 
+# Fails to load: an unknown step_routing parameter.
+BAD_ROUTING = CHAIN.replace('"chain"', '"bad_routing"') + (
+    'parameters { key: "step_routing" value: { string_value: "carrier_pigeon" } }\n'
+)
+
+
 def _write_decoupled_models(root: Path) -> None:
     """``repeat_then_simple`` (examples/build_ensemble.py) and its steps, and a slow copy
     (``slow_repeat_then_simple``: a response every 200 ms) for cancellation."""
@@ -143,7 +149,7 @@ def servers(
 
     root = tmp_path_factory.mktemp("ensemble_models")
     build_repository(root, ["simple"])
-    for text in (CHAIN, FORK, MISSING_VERSION, UNMAPPED):
+    for text in (CHAIN, FORK, MISSING_VERSION, UNMAPPED, BAD_ROUTING):
         _write_ensemble(root, text)
     _write_decoupled_models(root)
     onnx = ServerThread(settings_for(root), [OnnxRuntime, PythonRuntime]).start()
@@ -256,6 +262,10 @@ def test_invalid_ensemble_is_unavailable_with_the_step(
     assert index["unmapped"].state == "UNAVAILABLE"
     assert "step 1 (model 'simple') reads tensor 'NOPE'" in index["unmapped"].reason
     assert index["chain"].state == "READY"
+    assert index["bad_routing"].state == "UNAVAILABLE"
+    assert (
+        "step_routing is 'carrier_pigeon'; use one of mesh, gateway" in index["bad_routing"].reason
+    )
     assert "simple" not in index  # the ONNX model is the other service's
     with pytest.raises(InferenceServerException) as err:
         client.infer("unmapped", _inputs(*_ab()))
