@@ -200,12 +200,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             repository = Path(tmp) / "models"
             build_ensemble_repository(repository, [args.ensemble])
-        models = [args.ensemble]
+        via_gateway = ""
         if args.model_repository is None:
-            models.append(_copy_via_gateway(repository, args.ensemble))
+            via_gateway = _copy_via_gateway(repository, args.ensemble)
+        models = [m for m in (args.ensemble, via_gateway) if m]
         target = GatewayTarget(repository, models, log)
         with target.serve() as url:
-            return measure(url, *models[:1], args.rounds, args.per_round, args.threads, *models[1:])
+            return measure(
+                url, args.ensemble, args.rounds, args.per_round, args.threads, via_gateway
+            )
 
 
 if __name__ == "__main__":
