@@ -63,6 +63,10 @@ class RouteTable:
         self._routes = [r for vhost in config.virtual_hosts for r in vhost.routes]
         self._endpoints = {k: tuple(v) for k, v in endpoints.items()}
         self._regex: dict[str, re.Pattern[str] | None] = {}
+        #: the headers any route matches on: a call's values of them decide its route
+        self._keys = sorted({m.name.lower() for r in self._routes for m in r.match.headers})
+        #: (path, those header values) → the first matching route (None: the gateway's)
+        self._matched: dict[tuple[str, tuple[str | None, ...]], rc.Route | None] = {}
 
     def clusters(self) -> set[str]:
         """Every cluster a route of the table names (whose endpoints the caller must know)."""
@@ -83,10 +87,23 @@ class RouteTable:
     ) -> Routed | None:
         """Where a call of ``path`` with ``headers`` (lower-case keys) goes; None: ask the
         gateway (see the module docstring)."""
+        key = (path, tuple(headers.get(k) for k in self._keys))
+        if key not in self._matched:
+            self._matched[key] = self._first_match(path, headers)
+        route = self._matched[key]
+        if route is None:
+            return None
+        try:
+            return self._target(route, rand)
+        except _Unsupported:
+            return None
+
+    def _first_match(self, path: str, headers: Mapping[str, str]) -> rc.Route | None:
+        """The route Envoy would pick (None: none, or one this module cannot evaluate)."""
         try:
             for route in self._routes:
                 if self._matches(route.match, path, headers):
-                    return self._target(route, rand)
+                    return route
         except _Unsupported:
             return None
         return None
