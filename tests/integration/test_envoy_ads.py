@@ -12,11 +12,9 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from control_plane.ads import AdsServicer
 from control_plane.snapshot import (
@@ -30,6 +28,7 @@ from control_plane.snapshot import (
 )
 from gateway.launcher import Gateway, GatewayError, find_envoy
 from tests import xds_resources as xr
+from tests.ads_server import serving_ads
 from tests.support import ServerThread
 
 
@@ -71,15 +70,8 @@ class ControlPlane:
 @pytest.fixture
 async def control_plane() -> AsyncIterator[ControlPlane]:
     cache = SnapshotCache()
-    servicer = AdsServicer(cache)
-    server = grpc.aio.server()
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
+    async with serving_ads(cache) as (servicer, port):
         yield ControlPlane(cache, servicer, port)
-    finally:
-        await server.stop(None)
 
 
 async def eventually(check: Callable[[], bool], what: str, within: float = 15) -> None:

@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
-from envoy.service.discovery.v3 import ads_pb2_grpc
 
-from control_plane.ads import AdsServicer
 from control_plane.model import (
     READY,
     Address,
@@ -34,6 +32,7 @@ from services.core.front_calls import CallFailed, current_caller
 from services.core.gateway_client import routing_metadata
 from services.core.mesh_caller import MeshCaller
 from services.core.native_front import NativeFront, front_binary
+from tests.ads_server import serving_ads
 
 WITHIN_S = 10.0
 
@@ -111,13 +110,9 @@ async def mesh(transport: str) -> AsyncIterator[Mesh]:
         await server.start()
         servers.append(server)
     cache = SnapshotCache()
-    ads = grpc.aio.server()
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(AdsServicer(cache), ads)
-    xds = f"127.0.0.1:{ads.add_insecure_port('127.0.0.1:0')}"
-    await ads.start()
-    servers.append(ads)
     try:
-        yield Mesh(replicas, ports, xds, cache)
+        async with serving_ads(cache) as (_, ads_port):
+            yield Mesh(replicas, ports, f"127.0.0.1:{ads_port}", cache)
     finally:
         for server in servers:
             await server.stop(None)

@@ -9,9 +9,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import grpc
 import pytest
-from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from control_plane.ads import AdsServicer
 from control_plane.model import (
@@ -26,6 +24,7 @@ from control_plane.snapshot import SnapshotCache, make_snapshot
 from control_plane.translate import translate
 from services.core.mesh_routes import Routed
 from services.core.route_watch import CALLER_NODE_PREFIX, ENDPOINT_TYPE, ROUTE_TYPE, RouteWatch
+from tests.ads_server import serving_ads
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 WITHIN_S = 10.0
@@ -44,15 +43,8 @@ class Plane:
 @pytest.fixture
 async def plane() -> AsyncIterator[Plane]:
     cache = SnapshotCache()
-    servicer = AdsServicer(cache)
-    server = grpc.aio.server()
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
+    async with serving_ads(cache) as (servicer, port):
         yield Plane(cache, servicer, f"127.0.0.1:{port}")
-    finally:
-        await server.stop(None)
 
 
 def replica(ident: str, port: int, *versions: str) -> ServiceInstance:
@@ -129,32 +121,19 @@ async def test_the_watch_follows_routes_and_endpoints_and_acks(plane: Plane) -> 
 
 async def test_the_watch_reconnects_and_keeps_its_table_meanwhile() -> None:
     cache = SnapshotCache()
-    cache.set(
-        make_snapshot(
-            translate(
-                MeshState((replica("a", 9001, "1"),), front_grpc=FRONT), grpc_port=1, http_port=2
-            )
-        )
-    )
-    server = grpc.aio.server()
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(AdsServicer(cache), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    watch = RouteWatch(f"127.0.0.1:{port}", "test")
-    watch.start()
-    try:
+    state = MeshState((replica("a", 9001, "1"),), front_grpc=FRONT)
+    cache.set(make_snapshot(translate(state, grpc_port=1, http_port=2)))
+    async with serving_ads(cache) as (_, port):
+        watch = RouteWatch(f"127.0.0.1:{port}", "test")
+        watch.start()
         await asyncio.wait_for(watch.ready.wait(), WITHIN_S)
-        await server.stop(None)
-        await asyncio.sleep(0.3)
+    try:
+        await asyncio.sleep(0.3)  # the server is gone: the stream broke
         assert routed(watch) is not None  # the last table still routes
-        server = grpc.aio.server()
-        fresh = AdsServicer(cache)
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(fresh, server)
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        await until(
-            lambda: any(n.startswith(CALLER_NODE_PREFIX) for n in fresh.status()), "reconnect"
-        )
+        async with serving_ads(cache, port) as (fresh, _):
+            await until(
+                lambda: any(n.startswith(CALLER_NODE_PREFIX) for n in fresh.status()),
+                "the watch's new stream",
+            )
     finally:
         await watch.stop()
-        await server.stop(None)

@@ -21,6 +21,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from control_plane.ads import AdsServicer, TypeStatus
 from control_plane.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SnapshotCache, make_snapshot
 from tests import xds_resources as xr
+from tests.ads_server import serving_ads
 
 NODE = "test-envoy"
 UPSTREAM = ("127.0.0.1", 9001)
@@ -37,17 +38,12 @@ class Harness:
 @pytest.fixture
 async def ads() -> AsyncIterator[Harness]:
     cache = SnapshotCache()
-    servicer = AdsServicer(cache)
-    server = grpc.aio.server()
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield Harness(cache, servicer, ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel))
-    finally:
-        await channel.close(None)
-        await server.stop(None)
+    async with serving_ads(cache) as (servicer, port):
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        try:
+            yield Harness(cache, servicer, ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel))
+        finally:
+            await channel.close(None)
 
 
 def request(
