@@ -113,6 +113,8 @@ class RouteWatch:
                     wanted = sorted(RouteTable(self._routes, {}).clusters())
                     if wanted != self._wanted:
                         self._wanted = wanted
+                        # clusters the routes no longer name are forgotten (SotW: asked no more)
+                        self._endpoints = {k: v for k, v in self._endpoints.items() if k in wanted}
                         out.put_nowait(self._eds_request(*eds_state))
             elif response.type_url == ENDPOINT_TYPE:
                 self._on_endpoints(response)
