@@ -165,18 +165,6 @@ def measure(
     return 0
 
 
-def _copy_via_gateway(repository: Path, ensemble: str) -> str:
-    """A copy of ``ensemble`` whose steps go through the gateway (``step_routing: gateway``)."""
-    name = f"{ensemble}_via_gateway"
-    config = (repository / ensemble / "config.pbtxt").read_text()
-    (repository / name / "1").mkdir(parents=True, exist_ok=True)
-    (repository / name / "config.pbtxt").write_text(
-        config.replace(f'"{ensemble}"', f'"{name}"', 1)
-        + 'parameters { key: "step_routing" value: { string_value: "gateway" } }\n'
-    )
-    return name
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.ensemble", description=__doc__)
     p.add_argument(
@@ -195,14 +183,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = Path(tempfile.gettempdir()) / "meshserve-bench-ensemble.log"
     with tempfile.TemporaryDirectory(prefix="meshserve-bench-ensemble-") as tmp:
         repository = args.model_repository
+        via_gateway = ""
         if repository is None:
-            from examples.build_ensemble import build_ensemble_repository
+            from examples.build_ensemble import (
+                build_ensemble_repository,
+                write_gateway_routed_copy,
+            )
 
             repository = Path(tmp) / "models"
             build_ensemble_repository(repository, [args.ensemble])
-        via_gateway = ""
-        if args.model_repository is None:
-            via_gateway = _copy_via_gateway(repository, args.ensemble)
+            via_gateway = write_gateway_routed_copy(repository, args.ensemble)
         models = [m for m in (args.ensemble, via_gateway) if m]
         target = GatewayTarget(repository, models, log)
         with target.serve() as url:

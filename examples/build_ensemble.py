@@ -234,6 +234,20 @@ def build_ensemble_repository(
         (root / name / "1").mkdir(parents=True, exist_ok=True)
 
 
+def write_gateway_routed_copy(root: Path, name: str) -> str:
+    """A copy of ensemble ``name`` in ``root`` whose steps go through the gateway
+    (``step_routing: gateway``), named ``<name>_via_gateway``; returns that name."""
+    copy = f"{name}_via_gateway"
+    config = (root / name / "config.pbtxt").read_text()
+    (root / copy / "1").mkdir(parents=True, exist_ok=True)
+    write_if_changed(
+        root / copy / "config.pbtxt",
+        config.replace(f'"{name}"', f'"{copy}"', 1)
+        + 'parameters { key: "step_routing" value: { string_value: "gateway" } }\n',
+    )
+    return copy
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: build these ensembles and their step models into a repository directory."""
     return builder_main(

@@ -106,13 +106,7 @@ class MeshCaller:
         """Send ``request``; its ``metadata`` must carry the routing headers
         (gateway_client.routing_metadata). ``via_gateway``: through the gateway whatever the
         routes say. Raises CallFailed with the call's status."""
-        payload = request.SerializeToString()
-        if via_gateway:
-            reply = await self._transport.unary(
-                self.gateway, INFER_METHOD, payload, metadata, timeout_s
-            )
-        else:
-            reply = await self._call(payload, metadata, timeout_s)
+        reply = await self._call(request.SerializeToString(), metadata, timeout_s, via_gateway)
         # upb parses any buffer: a long answer stays the front's memoryview, uncopied
         return pb.ModelInferResponse.FromString(cast(bytes, reply))
 
@@ -129,18 +123,20 @@ class MeshCaller:
         return None if self._watch is None else self._watch.ready
 
     async def _call(
-        self, payload: bytes, metadata: Metadata, timeout_s: float | None
+        self, payload: bytes, metadata: Metadata, timeout_s: float | None, via_gateway: bool
     ) -> bytes | memoryview:
         self.start()
         table = None
-        if self._watch is not None:
+        if self._watch is not None and not via_gateway:
             if not self._watch.ready.is_set():
                 # the first calls wait a moment for the routes rather than take the long way
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._watch.ready.wait(), FIRST_ROUTES_WAIT_S)
             table = self._watch.table
-        headers = {k.lower(): v for k, v in metadata if isinstance(v, str)}
-        routed = table.route(INFER_METHOD, headers) if table is not None else None
+        routed = None
+        if table is not None:
+            headers = {k.lower(): v for k, v in metadata if isinstance(v, str)}
+            routed = table.route(INFER_METHOD, headers)
         if routed is None:
             return await self._transport.unary(
                 self.gateway, INFER_METHOD, payload, metadata, timeout_s

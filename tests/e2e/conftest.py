@@ -195,8 +195,7 @@ class MeshHandle:
         self.wait_acked(doc["snapshot_version"], within_s)
 
     def acked(self, version: str) -> bool:
-        """Whether every gateway, and every in-mesh caller following the routes (an ensemble
-        service's route watch), ACKed snapshot ``version``."""
+        """Whether every gateway and in-mesh caller (route watch) ACKed snapshot ``version``."""
         doc = self.status()
         if doc is None or not doc["gateways"]:
             return False

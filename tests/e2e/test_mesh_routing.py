@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from examples.build_ensemble import build_ensemble_repository
+from examples.build_ensemble import build_ensemble_repository, write_gateway_routed_copy
 from tests.e2e.conftest import (
     Load,
     MeshHandle,
@@ -43,12 +43,7 @@ def mesh(example_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     # chain3 (simple three times): its steps follow the gateway's routes, splits included; a
     # copy whose steps go through the gateway itself (step_routing: gateway)
     build_ensemble_repository(repo, ["chain3"], steps=False)
-    config = (repo / "chain3" / "config.pbtxt").read_text()
-    (repo / "chain3_via_gateway" / "1").mkdir(parents=True)
-    (repo / "chain3_via_gateway" / "config.pbtxt").write_text(
-        config.replace('"chain3"', '"chain3_via_gateway"')
-        + 'parameters { key: "step_routing" value: { string_value: "gateway" } }\n'
-    )
+    write_gateway_routed_copy(repo, "chain3")
     with running_mesh(repo, tmp) as handle:
         yield handle
 
