@@ -28,10 +28,23 @@ def settings_from_args(argv: Sequence[str] | None) -> ControlPlaneSettings:
     p.add_argument("--policy-file", type=Path, default=None, help="where traffic splits persist")
     p.add_argument("--consul", default="", help="Consul agent address (default: embedded registry)")
     p.add_argument(
+        "--registry-file",
+        type=Path,
+        default=None,
+        help="save the embedded registry here; a restart configures Envoy from it at once",
+    )
+    p.add_argument(
+        "--restored-lease-secs",
+        type=float,
+        default=10.0,
+        help="after a restart, how long each saved instance has to re-register",
+    )
+    p.add_argument(
         "--warmup-secs",
         type=float,
         default=3.0,
-        help="after a restart, wait this long for services to re-register before configuring Envoy",
+        help="after a restart with no saved registry, wait this long for services to re-register "
+        "before configuring Envoy",
     )
     a = p.parse_args(argv)
     return ControlPlaneSettings(
@@ -43,6 +56,8 @@ def settings_from_args(argv: Sequence[str] | None) -> ControlPlaneSettings:
         gateway_http_port=a.gateway_http_port,
         policy_file=a.policy_file,
         consul=a.consul,
+        registry_file=a.registry_file,
+        restored_lease_secs=a.restored_lease_secs,
         warmup_secs=a.warmup_secs,
         # the standard OTEL_* variables turn the gateway's tracing on (see control_plane/tracing)
         gateway_tracing=gateway_tracing_from_env(os.environ),

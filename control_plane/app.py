@@ -28,6 +28,7 @@ from control_plane.front_http import build_front_app
 from control_plane.model import Address, MeshState, ServiceInstance
 from control_plane.policy import PolicyStore
 from control_plane.registry import Registry, RegistryServicer
+from control_plane.registry_file import load_instances, save_instances
 from control_plane.snapshot import InconsistentSnapshot, SnapshotCache, make_snapshot
 from control_plane.tracing import GatewayTracing, percent_from_trace_settings
 from control_plane.translate import translate
@@ -67,10 +68,15 @@ class ControlPlaneSettings:
     policy_file: Path | None = None
     #: Consul agent address; empty = the embedded registry
     consul: str = ""
-    #: after a (re)start, wait this long before the first snapshot, so services re-register
-    #: first: an Envoy that reconnects keeps its last config until then instead of taking an
-    #: empty one. One lease TTL covers a heartbeat and a reconnect backoff. 0 = publish at once
-    #: (a fresh `meshserve up`, where no service exists yet).
+    #: where the embedded registry saves its instances (None: memory only). A restart that
+    #: finds the file configures Envoy at once from it (the config Envoy already runs); each
+    #: restored instance has ``restored_lease_secs`` to re-register before it is dropped.
+    registry_file: Path | None = None
+    restored_lease_secs: float = 10.0
+    #: after a (re)start with no saved registry, wait this long before the first snapshot, so
+    #: services re-register first: an Envoy that reconnects keeps its last config until then
+    #: instead of taking an empty one. 0 = publish at once (a fresh `meshserve up`, where no
+    #: service exists yet).
     warmup_secs: float = 3.0
     #: the gateway's OpenTelemetry tracing (from OTEL_EXPORTER_OTLP_ENDPOINT); None = off
     gateway_tracing: GatewayTracing | None = None
@@ -95,7 +101,31 @@ class ControlPlane:
         self._front_server: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
         self._reconcile_task: asyncio.Task[None] | None = None
-        self._warm = settings.warmup_secs <= 0
+        self._warm = settings.warmup_secs <= 0 or self._restore_registry()
+        self._saved_registry_version = self.registry.version if self.registry is not None else 0
+
+    def _restore_registry(self) -> bool:
+        """Start the embedded registry from its saved file; True if there was one to start from."""
+        path = self.settings.registry_file
+        if self.registry is None or path is None:
+            return False
+        saved = load_instances(path)
+        if saved is None:
+            return False
+        self.registry.restore(saved, self.settings.restored_lease_secs)
+        return True
+
+    def _save_registry(self) -> None:
+        path = self.settings.registry_file
+        if self.registry is None or path is None:
+            return
+        if self.registry.version == self._saved_registry_version:
+            return
+        try:
+            save_instances(path, self.registry.instances())
+            self._saved_registry_version = self.registry.version
+        except OSError as exc:
+            log.error("cannot save the registry to %s: %s", path, exc)
 
     def mesh_state(self) -> MeshState:
         s = self.settings
@@ -208,6 +238,7 @@ class ControlPlane:
             self.publish()
         seen = self.source.version
         while True:
+            self._save_registry()
             seen = await self.source.wait_changed(seen)
             self.publish()
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 
+from control_plane.files import replace_json
 from control_plane.model import Mirror, TrafficPolicy
 
 log = logging.getLogger(__name__)
@@ -144,7 +143,6 @@ class PolicyStore:
     def _save(self) -> None:
         if self._path is None:
             return
-        self._path.parent.mkdir(parents=True, exist_ok=True)
         policies = sorted(self._policies.items())
         body = {
             "splits": {m: dict(p.weights) for m, p in policies if p.weights},
@@ -154,7 +152,4 @@ class PolicyStore:
                 if p.mirror is not None
             },
         }
-        fd, tmp = tempfile.mkstemp(dir=self._path.parent, prefix=".policies-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(body, f, indent=2, sort_keys=True)
-        Path(tmp).replace(self._path)
+        replace_json(self._path, body)

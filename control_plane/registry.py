@@ -21,7 +21,7 @@ import dataclasses
 import ipaddress
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,12 @@ def clamp_ttl(asked_s: float, default_s: float = DEFAULT_TTL_S) -> float:
     return min(MAX_TTL_S, max(MIN_TTL_S, asked_s))
 
 
+def _normalized(instance: ServiceInstance) -> ServiceInstance:
+    """``instance`` with its models in (name, version) order, so equal states compare equal."""
+    models = tuple(sorted(instance.models, key=lambda m: (m.name, m.version)))
+    return dataclasses.replace(instance, models=models)
+
+
 class Registry:
     """In-memory service instances with leases, and a version that bumps on effective changes."""
 
@@ -77,9 +83,7 @@ class Registry:
     def register(self, instance: ServiceInstance, ttl_s: float = 0) -> float:
         """Upsert ``instance`` and renew its lease; returns the TTL applied (clamped)."""
         ttl = clamp_ttl(ttl_s, self._default_ttl_s)
-        normalized = dataclasses.replace(
-            instance, models=tuple(sorted(instance.models, key=lambda m: (m.name, m.version)))
-        )
+        normalized = _normalized(instance)
         old = self._leases.get(instance.id)
         self._leases[instance.id] = _Lease(normalized, ttl, self._clock() + ttl)
         if old is None:
@@ -96,6 +100,20 @@ class Registry:
             log.info("instance %s updated its state", instance.id)
             self._bump()
         return ttl
+
+    def restore(self, instances: Iterable[ServiceInstance], grace_s: float) -> None:
+        """Take back the instances saved before a restart, each on a ``grace_s`` lease: the
+        instance's next Register renews it as usual; one that never comes back expires."""
+        deadline = self._clock() + grace_s
+        for instance in instances:
+            self._leases[instance.id] = _Lease(_normalized(instance), grace_s, deadline)
+        if self._leases:
+            log.info(
+                "restored %d instance(s) saved before the restart; each has %.1f s to re-register",
+                len(self._leases),
+                grace_s,
+            )
+            self._bump()
 
     def deregister(self, instance_id: str) -> bool:
         """Remove an instance at once; False if it was not registered (not an error)."""

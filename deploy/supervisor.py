@@ -105,10 +105,17 @@ class MeshSettings:
     python: str = sys.executable
 
 
+def registry_file(s: MeshSettings) -> Path | None:
+    """Where the control plane saves its registry: beside the policy file (None without one)."""
+    return s.policy_file.with_name("registry.json") if s.policy_file else None
+
+
 def control_plane_command(s: MeshSettings, *, fresh: bool) -> list[str]:
     """The control plane's command line. ``fresh``: a new mesh, where no service exists yet, so
-    Envoy is configured at once; otherwise (a restart) it waits for services to re-register."""
+    Envoy is configured at once; otherwise (a restart) it starts from the saved registry."""
     policy = ["--policy-file", str(s.policy_file)] if s.policy_file else []
+    saved = registry_file(s)
+    registry = ["--registry-file", str(saved)] if saved else []
     warmup = ["--warmup-secs", "0"] if fresh else []
     return [
         s.python,
@@ -123,6 +130,7 @@ def control_plane_command(s: MeshSettings, *, fresh: bool) -> list[str]:
         "--gateway-http-port",
         str(s.http_port),
         *policy,
+        *registry,
         *warmup,
     ]
 
@@ -164,6 +172,9 @@ class Mesh:
             progress(
                 f"no service for framework family '{fam}' yet; not serving {', '.join(fams[fam])}"
             )
+        saved = registry_file(s)
+        if saved is not None:  # the services a previous mesh registered are gone
+            saved.unlink(missing_ok=True)
         self.control = await asyncio.create_subprocess_exec(
             *control_plane_command(s, fresh=True), **child_process_options()
         )

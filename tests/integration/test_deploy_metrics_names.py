@@ -110,7 +110,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         str(ports.get(int(a), a)) if a.isdigit() else a
         for a in services["control-plane"]["command"][3:]
     ]
-    cp_args[cp_args.index("--policy-file") + 1] = str(tmp / "policies.json")
+    for flag, file in (("--policy-file", "policies.json"), ("--registry-file", "registry.json")):
+        cp_args[cp_args.index(flag) + 1] = str(tmp / file)
     envoy_args = [
         str(_bootstrap_with(ports, tmp / "envoy.yaml")) if a == BOOTSTRAP_IN_IMAGE else a
         for a in services["gateway"]["command"][1:]
