@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import time
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from typing import cast
@@ -176,7 +177,12 @@ class MeshCaller:
         await self._transport.close()
 
 
-_callers: dict[asyncio.AbstractEventLoop, MeshCaller] = {}
+#: one caller per event loop; a closed loop's entry goes with the loop
+_callers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, MeshCaller] = (
+    weakref.WeakKeyDictionary()
+)
+#: closes of replaced callers in flight (held so that they run to the end)
+_closing: set[asyncio.Task[None]] = set()
 
 
 def for_loop(gateway: str, caller: str) -> MeshCaller:
@@ -184,5 +190,9 @@ def for_loop(gateway: str, caller: str) -> MeshCaller:
     loop = asyncio.get_running_loop()
     found = _callers.get(loop)
     if found is None or found.gateway != gateway:
+        if found is not None:  # the gateway moved: stop the old caller's route watch and channels
+            task = loop.create_task(found.close())
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
         found = _callers[loop] = MeshCaller(gateway, xds_address(), caller)
     return found
