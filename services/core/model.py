@@ -264,9 +264,13 @@ class ServedModel:
         payloads = [it.payload for it in items]
         sizes = [it.batch_size for it in items]
         ewma = self._exec_ewma_ns
-        if len(self._instances) == 1 and (
-            ewma < INLINE_EXECUTION_NS
-            or (ewma < INLINE_WHEN_ALONE_NS and self._queued == len(items))
+        if (
+            len(self._instances) == 1
+            and runtime.runs_inline
+            and (
+                ewma < INLINE_EXECUTION_NS
+                or (ewma < INLINE_WHEN_ALONE_NS and self._queued == len(items))
+            )
         ):
             # Short executions run on the loop thread: a worker-thread round trip would cost
             # more than the work itself (and the loop has nothing else to overlap it with).

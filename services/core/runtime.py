@@ -72,6 +72,10 @@ class Runtime(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} does not take request lists")
 
+    #: False: batches never run on the event loop's thread however quick they are (a runtime
+    #: whose code may wait on this service, or run an event loop of its own, sets it)
+    runs_inline: bool = True
+
     #: True: requests bypass the batcher and each runs as ``infer_async`` on the event loop,
     #: as many at once as arrive (an ensemble, whose work is waiting on other services)
     async_execution: ClassVar[bool] = False

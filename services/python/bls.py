@@ -69,22 +69,27 @@ class Caller:
 
     deadline_ns: int = 0
     cancelled: Callable[[], bool] = lambda: False
+    #: told of every BLS call made (the runtime stops running this model on the event loop)
+    calling: Callable[[], None] = lambda: None
 
 
 _caller: ContextVar[Caller | None] = ContextVar("meshserve_bls_caller", default=None)
 
 
 @contextlib.contextmanager
-def executing_for(requests: Sequence[InferRequest]) -> Iterator[None]:
+def executing_for(
+    requests: Sequence[InferRequest], calling: Callable[[], None] = lambda: None
+) -> Iterator[None]:
     """Make BLS calls in this block (this thread, and the tasks of an ``async def execute`` run
-    in it) bounded by the deadline of ``requests`` and stopped once all of them are cancelled."""
+    in it) bounded by the deadline of ``requests`` and stopped once all of them are cancelled;
+    ``calling`` is told of each call."""
     deadlines = [r.deadline_ns for r in requests]
     streams = [r.response_stream for r in requests]
 
     def cancelled() -> bool:
         return bool(streams) and all(s is not None and s.cancelled for s in streams)
 
-    token = _caller.set(Caller(max(deadlines) if all(deadlines) else 0, cancelled))
+    token = _caller.set(Caller(max(deadlines) if all(deadlines) else 0, cancelled, calling))
     try:
         yield
     finally:
@@ -211,6 +216,7 @@ def prepare(
     request: pb_utils.InferenceRequest,
 ) -> pb.ModelInferRequest | pb_utils.InferenceResponse:
     """The request's v2 form, or the error response explaining why it cannot be sent."""
+    current_caller().calling()
     if not request.model_name():
         return error_response("BLS request names no model_name", pb_utils.TritonError.INVALID_ARG)
     try:

@@ -205,6 +205,8 @@ class PythonRuntime(Runtime):
                 f"model '{self.name}': TritonPythonModel in {model_path} has no execute(requests)"
             )
         self._model: Any = model
+        if inspect.iscoroutinefunction(model.execute):
+            self.runs_inline = False  # its own event loop cannot run on the service loop's thread
         logger.info(
             "loaded Python model '%s' instance %s from %s", self.name, instance.name, model_path
         )
@@ -243,8 +245,15 @@ class PythonRuntime(Runtime):
         # execute runs in a worker thread, outside the requests' trace context: attach the first
         # one's, so BLS calls made by execute join its trace (and end by the requests' deadline)
         context = next((r.trace_context for r in requests if r.trace_context is not None), None)
-        with tracing.attached(context), bls.executing_for(requests):
+        with tracing.attached(context), bls.executing_for(requests, self._calls_models):
             return self._execute(pb_requests, batches)
+
+    def _calls_models(self) -> None:
+        """A BLS call: from now on this model's batches never run on the event loop's thread,
+        which a call back into this service (its answer served by that loop) would deadlock."""
+        if self.runs_inline:
+            self.runs_inline = False
+            logger.info("model '%s' makes BLS calls: its batches run on worker threads", self.name)
 
     def _execute(
         self, requests: list[pb_utils.InferenceRequest], batches: list[int | None]
