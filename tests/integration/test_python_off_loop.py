@@ -70,9 +70,10 @@ def test_async_execute_and_bls_to_this_service_stay_off_the_loop(
     monkeypatch.setenv(GATEWAY_ENV, server.grpc_url)
     a = np.arange(16, dtype=np.int32).reshape(1, 16)
     try:
-        with caplog.at_level(logging.INFO), grpcclient.InferenceServerClient(
-            server.grpc_url
-        ) as client:
+        with (
+            caplog.at_level(logging.INFO),
+            grpcclient.InferenceServerClient(server.grpc_url) as client,
+        ):
             for _ in range(CALLS):
                 got = client.infer("async_sum_python", inputs(a), client_timeout=10)
                 np.testing.assert_array_equal(got.as_numpy("OUTPUT0"), 2 * a)
