@@ -20,6 +20,7 @@ The bytes travel over grpc_front's outbound calls where this service runs behind
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -175,6 +176,47 @@ class MeshCaller:
         if self._watch is not None:
             await self._watch.stop()
         await self._transport.close()
+
+
+#: the service's own event loop (services/core/server.py sets it): calls made on other threads
+#: (BLS from a model's worker thread) run there, over the service's grpc_front
+_home: asyncio.AbstractEventLoop | None = None
+
+
+def set_home_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Make ``loop`` where ``submit`` runs calls."""
+    global _home
+    _home = loop
+
+
+def clear_home_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """``loop``'s service stopped: ``submit`` no longer runs calls there."""
+    global _home
+    if _home is loop:
+        _home = None
+
+
+def submit(
+    gateway: str,
+    caller: str,
+    request: pb.ModelInferRequest,
+    metadata: Metadata,
+    timeout_s: float | None,
+) -> concurrent.futures.Future[pb.ModelInferResponse] | None:
+    """Start ``MeshCaller.model_infer`` on the service's loop from any other thread; its future
+    (cancelling it cancels the call). None where no service loop runs, or when called on that
+    loop's own thread, which would then wait on itself: the caller goes its own way."""
+    home = _home
+    if home is None or not home.is_running():
+        return None
+    with contextlib.suppress(RuntimeError):
+        if asyncio.get_running_loop() is home:
+            return None
+
+    async def call() -> pb.ModelInferResponse:
+        return await for_loop(gateway, caller).model_infer(request, metadata, timeout_s)
+
+    return asyncio.run_coroutine_threadsafe(call(), home)
 
 
 #: one caller per event loop; a closed loop's entry goes with the loop

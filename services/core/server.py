@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from protos.gen.health import health_pb2_grpc as hgrpc
 from protos.gen.inference import grpc_service_pb2 as pb
 from protos.gen.inference import grpc_service_pb2_grpc as pbg
+from services.core import mesh_caller
 from services.core.dataplane import DataPlane
 from services.core.grpc_servicer import SERVICE, InferenceServicer
 from services.core.health import HealthServicer
@@ -88,6 +89,7 @@ class RunningServer:
         await asyncio.gather(*stops, return_exceptions=True)
         self.plane.state.live = False
         await self.manager.close()
+        mesh_caller.clear_home_loop(asyncio.get_running_loop())
         self.plane.shm.close()
         if self.metrics_server is not None:
             await self.metrics_server.close()
@@ -267,6 +269,8 @@ async def start_server(
         http_port,
         metrics_port,
     )
+    # BLS calls from the models' worker threads run on this loop, over this service's front
+    mesh_caller.set_home_loop(asyncio.get_running_loop())
     try:
         await manager.start()
     except BaseException:

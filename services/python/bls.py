@@ -1,26 +1,31 @@
-"""BLS (business logic scripting): a Python model calling other models through the gateway.
+"""BLS (business logic scripting): a Python model calling other models in the mesh.
 
 ``pb_utils.InferenceRequest(...).exec()`` / ``async_exec()`` land here. The request becomes a
 KServe v2 ``ModelInferRequest`` (every tensor in ``raw_input_contents``: numeric types as raw
-little-endian bytes, BYTES length-prefixed) and goes over gRPC to the mesh's gateway, so splits,
-routing and every other mesh rule apply exactly as to a client's call. The gateway address comes
-from ``MESHSERVE_GATEWAY`` (``host:port``; the supervisor sets it, default ``127.0.0.1:8001``).
+little-endian bytes, BYTES length-prefixed) and is routed as the gateway would route it, by the
+gateway's own routes (services/core/mesh_caller.py, as ensemble steps are): splits, retries and
+load balancing apply exactly as to a client's call, and the call goes straight to the replica the
+routes pick. The call runs on the service's event loop (over its grpc_front) while the model's
+thread waits for it. Where no service loop runs (a model driven outside a server) or the model
+runs on that loop's own thread, the call goes over a plain gRPC channel to the gateway
+(``MESHSERVE_GATEWAY``, ``host:port``; the supervisor sets it, default ``127.0.0.1:8001``), one
+per process and address. Calls to decoupled models (``exec(decoupled=True)``) stream their
+responses through the gateway: services/python/bls_stream.py.
 
-One channel per process and gateway address, created on first use and reused by every instance
-and thread. Following Triton's Python backend, a failed call does not raise: the returned
+Following Triton's Python backend, a failed call does not raise: the returned
 ``InferenceResponse`` carries a ``TritonError`` (``has_error()`` / ``error()``) whose code is the
 gRPC status translated to Triton's error codes. Each call is a CLIENT span under the executing
-request's span and carries the trace context (``traceparent``) to the gateway.
+request's span and carries the trace context (``traceparent``) and the gateway's routing headers.
 
 A call's deadline is the request's ``timeout`` (default ``DEFAULT_TIMEOUT_S``), cut to what is
 left of the deadline of the requests ``execute`` is running (``executing_for``, set by the
-runtime), so a BLS call never outlives the client waiting for it. Calls to decoupled models
-(``exec(decoupled=True)``) stream their responses: services/python/bls_stream.py.
+runtime), so a BLS call never outlives the client waiting for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import math
@@ -37,14 +42,17 @@ from opentelemetry.trace import SpanKind
 
 from protos.gen.inference import grpc_service_pb2 as pb
 from protos.gen.inference import grpc_service_pb2_grpc as pb_grpc
-from services.core import dtypes, tracing
+from services.core import dtypes, mesh_caller, tracing
 from services.core.errors import ServingError
-from services.core.gateway_client import CHANNEL_OPTIONS, gateway_address
+from services.core.front_calls import CallFailed
+from services.core.gateway_client import CHANNEL_OPTIONS, gateway_address, routing_metadata
 from services.core.requests import InferRequest
 from services.python import triton_python_backend_utils as pb_utils
 
 #: deadline of a BLS call whose request sets no ``timeout``
 DEFAULT_TIMEOUT_S = 60.0
+#: how long past its deadline a call on the service's loop may take to report it
+RESULT_GRACE_S = 1.0
 
 _CODE_BY_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.NOT_FOUND: pb_utils.TritonError.NOT_FOUND,
@@ -185,12 +193,22 @@ def error_response(message: str, code: int) -> pb_utils.InferenceResponse:
 
 
 def rpc_error_response(exc: grpc.RpcError, model: str) -> pb_utils.InferenceResponse:
-    """The error response of a failed call to ``model`` (gRPC status → Triton error code)."""
+    """The error response of a failed gRPC call to ``model`` through the gateway."""
     status: grpc.StatusCode = exc.code()
     details: str = exc.details() or status.name
-    code = _CODE_BY_STATUS.get(status, pb_utils.TritonError.INTERNAL)
     if status == grpc.StatusCode.UNAVAILABLE and "failed to connect" in details.lower():
         details = f"cannot reach the gateway at {gateway_address()} ({details})"
+    return status_error_response(status, details, model)
+
+
+def status_error_response(
+    status: grpc.StatusCode, details: str, model: str
+) -> pb_utils.InferenceResponse:
+    """The error response of a call to ``model`` that ended with ``status`` (→ Triton's code)."""
+    details = details or status.name
+    code = _CODE_BY_STATUS.get(status, pb_utils.TritonError.INTERNAL)
+    if status == grpc.StatusCode.UNAVAILABLE and "failed to connect" in details.lower():
+        details = f"cannot reach a service serving '{model}' ({details})"
     elif status == grpc.StatusCode.INVALID_ARGUMENT and f"'{model}' is decoupled" in details:
         # what Triton answers a BLS call with decoupled=False to a decoupled model
         details = (
@@ -230,14 +248,28 @@ def execute(request: pb_utils.InferenceRequest) -> pb_utils.InferenceResponse:
     message = prepare(request)
     if isinstance(message, pb_utils.InferenceResponse):
         return message
+    timeout = timeout_s(request)
     with _client_span(message) as span:
+        metadata = _metadata(message)
+        future = mesh_caller.submit(gateway_address(), "bls", message, metadata, timeout)
         try:
-            reply = stub().ModelInfer(
-                message, timeout=timeout_s(request), metadata=tracing.inject_metadata()
-            )
+            if future is None:
+                reply = stub().ModelInfer(message, timeout=timeout, metadata=metadata)
+            else:
+                reply = future.result(timeout + RESULT_GRACE_S)
         except grpc.RpcError as exc:
             tracing.set_error(span, f"{exc.code().name}: {exc.details()}")
             return rpc_error_response(exc, message.model_name)
+        except CallFailed as failed:
+            tracing.set_error(span, f"{failed.code.name}: {failed.details}")
+            return status_error_response(failed.code, failed.details, message.model_name)
+        except concurrent.futures.TimeoutError:
+            assert future is not None  # the gRPC stub raises RpcError on its deadline
+            future.cancel()
+            tracing.set_error(span, "DEADLINE_EXCEEDED")
+            return status_error_response(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", message.model_name
+            )
     return parse_response(reply)
 
 
@@ -253,10 +285,18 @@ async def execute_async(request: pb_utils.InferenceRequest) -> pb_utils.Inferenc
         if not done.done():
             done.set_result(None)
 
+    timeout = timeout_s(request)
     with _client_span(message) as span:
-        call = stub().ModelInfer.future(
-            message, timeout=timeout_s(request), metadata=tracing.inject_metadata()
-        )
+        metadata = _metadata(message)
+        future = mesh_caller.submit(gateway_address(), "bls", message, metadata, timeout)
+        if future is not None:
+            try:
+                reply = await asyncio.wrap_future(future)  # cancelling this cancels the call
+            except CallFailed as failed:
+                tracing.set_error(span, f"{failed.code.name}: {failed.details}")
+                return status_error_response(failed.code, failed.details, message.model_name)
+            return parse_response(reply)
+        call = stub().ModelInfer.future(message, timeout=timeout, metadata=metadata)
         call.add_done_callback(lambda _: loop.call_soon_threadsafe(settle))
         try:
             await done
@@ -269,6 +309,12 @@ async def execute_async(request: pb_utils.InferenceRequest) -> pb_utils.Inferenc
             tracing.set_error(span, f"{exc.code().name}: {exc.details()}")
             return rpc_error_response(exc, message.model_name)
     return parse_response(reply)
+
+
+def _metadata(message: pb.ModelInferRequest) -> list[tuple[str, str]]:
+    """The call's metadata: the gateway's routing headers and the current trace context."""
+    routing = routing_metadata(message.model_name, message.model_version)
+    return routing + tracing.inject_metadata()
 
 
 def _client_span(message: pb.ModelInferRequest) -> contextlib.AbstractContextManager[tracing.Span]:

@@ -10,7 +10,6 @@ headers.
 from __future__ import annotations
 
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ from tests.e2e.conftest import (
     running_service,
     simple_inputs,
 )
+from tests.e2e.envoy_stats import gateway_requests_to
 
 STRING_A = [str(i) for i in range(16)]
 STRING_B = ["2"] * 16
@@ -216,24 +216,16 @@ def test_ensemble_steps_follow_the_split(
         assert after[other] == before[other], (weights, before, after)
 
 
-def _gateway_requests_to_simple(mesh: MeshHandle) -> int:
-    """Requests Envoy sent to ``simple``'s clusters (its admin stats)."""
-    url = f"{mesh.admin_url}/stats?filter=upstream_rq_total"
-    with urllib.request.urlopen(url, timeout=5) as r:
-        lines = r.read().decode().splitlines()
-    return sum(int(line.split(":")[1]) for line in lines if "cluster.model_simple_" in line)
-
-
 def test_steps_skip_the_gateway_unless_the_ensemble_asks_for_it(
     mesh: MeshHandle, grpc_client: grpcclient.InferenceServerClient
 ) -> None:
     inputs, expected = simple_inputs()
     for model, through_envoy in (("chain3", 0), ("chain3_via_gateway", 3 * 5)):
-        before = _gateway_requests_to_simple(mesh)
+        before = gateway_requests_to(mesh, "simple")
         for _ in range(5):
             result = grpc_client.infer(model, inputs, client_timeout=10)
             assert np.array_equal(result.as_numpy("OUTPUT0"), 2 * expected)
-        assert _gateway_requests_to_simple(mesh) - before == through_envoy, model
+        assert gateway_requests_to(mesh, "simple") - before == through_envoy, model
 
 
 def test_weights_change_under_load_without_failures(mesh: MeshHandle, no_split: None) -> None:

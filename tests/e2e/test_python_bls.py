@@ -1,12 +1,13 @@
-"""The Python service in the whole mesh: BLS (a Python model calls the ONNX model ``simple`` via
-the gateway), a decoupled model streaming its responses through the gateway, and decoupled BLS.
+"""The Python service in the whole mesh: BLS (a Python model calls the ONNX model ``simple`` by
+the gateway's routes, straight to the ONNX service), a decoupled model streaming its responses
+through the gateway, and decoupled BLS.
 
 One mesh serves ``simple`` (ONNX service) and ``bls_python``, ``repeat_python`` and
 ``bls_decoupled_python`` (Python service) from one repository. A client calls ``bls_python``
-through the gateway; its ``execute`` sends a BLS request back through the gateway
-(``MESHSERVE_GATEWAY``, set by the supervisor) to ``simple`` and doubles the sum the ONNX service
-computed. A BLS call to a model that does not exist fails only that request, with the BLS error's
-text reaching the client. ``bls_decoupled_python`` calls the decoupled ``repeat_python`` with
+through the gateway; its ``execute`` sends a BLS request to ``simple``, routed by the gateway's
+routes (the supervisor sets ``MESHSERVE_XDS``) straight to the ONNX service, and doubles the sum
+the ONNX service computed. A BLS call to a model that does not exist fails only that request,
+with the BLS error's text reaching the client. ``bls_decoupled_python`` calls the decoupled ``repeat_python`` with
 ``exec(decoupled=True)`` / ``async_exec(decoupled=True)``: a ModelStreamInfer through the
 gateway, whose streamed responses it joins into its one answer.
 """
@@ -26,6 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 from examples.build_python import build_python_repository
 from tests.e2e.conftest import MeshHandle, running_mesh, simple_inputs
+from tests.e2e.envoy_stats import gateway_requests_to
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed"
@@ -49,11 +51,16 @@ def test_bls_model_gets_its_answer_from_the_onnx_service(mesh: MeshHandle) -> No
     inputs, total = simple_inputs(3)
     with grpcclient.InferenceServerClient(mesh.grpc_url) as client:
         assert client.is_model_ready("bls_python") and client.is_model_ready("simple")
-        result = client.infer("bls_python", inputs)
-        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), 2 * total)
-        # the ONNX service did the sum: its statistics count the BLS call
-        stats = client.get_inference_statistics("simple", as_json=True)
-        assert int(stats["model_stats"][0]["inference_count"]) >= 1
+        before = client.get_inference_statistics("simple", as_json=True)["model_stats"][0]
+        through_envoy = gateway_requests_to(mesh, "simple")
+        for _ in range(3):
+            result = client.infer("bls_python", inputs)
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), 2 * total)
+        # the BLS calls went to the ONNX service by the gateway's routes, not through Envoy …
+        assert gateway_requests_to(mesh, "simple") == through_envoy
+        # … and it did the sums: its statistics count them
+        after = client.get_inference_statistics("simple", as_json=True)["model_stats"][0]
+        assert int(after["inference_count"]) - int(before.get("inference_count", 0)) == 3
 
 
 def test_bls_error_text_reaches_the_client(mesh: MeshHandle) -> None:
