@@ -9,7 +9,8 @@
 // Threads: one completion-queue thread runs every call's state machine, inbound and outbound
 // (grpc's async API: no grpc-owned callback threads, no executor hops); one reader thread parses
 // frames from the service and drives the calls; one writer thread writes the frames queued by
-// everyone else (many frames per syscall under load); one thread waits for SIGTERM/SIGINT; the
+// everyone else (many frames per syscall under load; at low load a small frame is written by the
+// thread that sends it, one thread wakeup less); one thread waits for SIGTERM/SIGINT; the
 // main thread waits for the end (backend gone, signal, or SHUTDOWN) and exits.
 
 #include <grpcpp/generic/async_generic_service.h>
@@ -25,6 +26,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <climits>
@@ -53,6 +55,8 @@ enum Kind : uint8_t {
 constexpr uint8_t kStreamingRequest = 1;       // CALL flags bit 0
 constexpr size_t kReadChunk = 256 * 1024;      // reader buffer; larger frames are read in place
 constexpr size_t kCopyBelow = 4096;            // smaller payload slices are copied into the batch
+constexpr size_t kInlineBelow = 16 * 1024;     // smaller frames may be written by their sender
+constexpr int kInlineMaxActive = 2;            // ... while at most this many calls are in flight
 constexpr int kCallsRequested = 32;            // incoming calls requested ahead
 // Outbound timeouts this long (100 years) are no deadline: the clock arithmetic would overflow.
 constexpr int64_t kFarTimeoutUs = int64_t(100) * 365 * 24 * 3600 * 1000000;
@@ -140,13 +144,43 @@ struct Cursor {
 
 void OnBackendLost(int exit_code);
 
+// Calls in flight, incoming and outgoing (the writer's measure of load).
+std::atomic<int> g_active{0};
+
 class Output {
  public:
   // Queues one frame: `head` (from FrameHead, fields appended) followed by the payload slices.
+  // At low load (kInlineMaxActive calls or fewer in flight) a small frame with nothing queued or
+  // being written is written by the calling thread itself: that saves waking the writer thread,
+  // a context switch per frame. Under load the sending (completion-queue) thread only queues:
+  // writing there would hold up the next completions, and the writer batches frames anyway.
   void Send(std::string head, const std::vector<grpc::Slice>& payload = {}) {
     size_t size = head.size() - 4;
     for (const auto& slice : payload) size += slice.size();
     for (int i = 0; i < 4; ++i) head[i] = static_cast<char>(size >> (8 * i));
+    bool light = size < kInlineBelow && g_active.load(std::memory_order_relaxed) <= kInlineMaxActive;
+    bool inline_write = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (failed_) return;
+      inline_write = light && !busy_ && bytes_.empty() && big_.empty();
+      if (inline_write) busy_ = true;  // the writer thread keeps off until this write is done
+    }
+    if (inline_write) {
+      std::string bytes = std::move(head);
+      for (const auto& slice : payload) {
+        bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+      }
+      std::vector<iovec> iov{{bytes.data(), bytes.size()}};
+      bool ok = WriteAll(fd_, iov);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        busy_ = false;
+        if (!ok) failed_ = true;
+      }
+      cv_.notify_all();  // frames queued meanwhile, a failure, or a Flush waiting
+      return;
+    }
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (failed_) return;
@@ -168,23 +202,36 @@ class Output {
     cv_.wait(lock, [this] { return failed_ || (!busy_ && bytes_.empty() && big_.empty()); });
   }
 
-  // The writer thread's body: takes the whole batch, writes it, repeats.
+  // The writer thread's body: takes the whole batch, writes it, repeats. `busy_` says someone
+  // (this thread or an inline Send) is writing; only one writes at a time, so frames keep order.
   void Run(int fd) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      fd_ = fd;
+      busy_ = false;
+    }
+    cv_.notify_all();
     std::string bytes;
     std::vector<Big> big;
     for (;;) {
       {
         std::unique_lock<std::mutex> lock(mu_);
-        busy_ = false;
-        cv_.notify_all();
-        cv_.wait(lock, [this] { return !bytes_.empty() || !big_.empty(); });
+        cv_.wait(lock, [this] { return failed_ || (!busy_ && (!bytes_.empty() || !big_.empty())); });
+        if (failed_) break;
         bytes.clear();
         big.clear();
         bytes.swap(bytes_);
         big.swap(big_);
         busy_ = true;
       }
-      if (!WriteBatch(fd, bytes, big)) break;
+      bool ok = WriteBatch(fd, bytes, big);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        busy_ = false;
+        if (!ok) failed_ = true;
+      }
+      cv_.notify_all();
+      if (!ok) break;
     }
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -235,7 +282,8 @@ class Output {
   std::condition_variable cv_;
   std::string bytes_;
   std::vector<Big> big_;
-  bool busy_ = false;
+  int fd_ = -1;
+  bool busy_ = true;  // until Run knows the socket, frames queue for it
   bool failed_ = false;
 };
 
@@ -359,6 +407,7 @@ class Call {
       std::lock_guard<std::mutex> calls_lock(g_mu);
       id_ = g_next_call++;
       g_calls.emplace(id_, self);
+      g_active.fetch_add(1, std::memory_order_relaxed);
     }
     if (streaming_) SendCall(nullptr);
     StartRead();
@@ -379,6 +428,7 @@ class Call {
       auto it = g_calls.find(id_);
       *keep = std::move(it->second);
       g_calls.erase(it);
+      g_active.fetch_sub(1, std::memory_order_relaxed);
       if (g_calls.empty()) g_cv.notify_all();
     }
   }
@@ -578,6 +628,7 @@ void StartOutbound(uint64_t id, int64_t timeout_us, const std::string& target,
   {
     std::lock_guard<std::mutex> lock(g_outbound_mu);
     added = g_outbound.emplace(id, call.get()).second;
+    if (added) g_active.fetch_add(1, std::memory_order_relaxed);
   }
   if (!added) return RefuseOutbound(id, "call id already in flight");
   grpc::ByteBuffer request(&payload, 1);  // references the frame's bytes, no copy
@@ -597,7 +648,7 @@ void CancelOutbound(uint64_t id) {
 void OnOutboundDone(std::unique_ptr<OutboundCall> call) {
   {
     std::lock_guard<std::mutex> lock(g_outbound_mu);
-    g_outbound.erase(call->id);
+    if (g_outbound.erase(call->id)) g_active.fetch_sub(1, std::memory_order_relaxed);
   }
   SendOutResult(call->id, call->status, call->ctx.GetServerTrailingMetadata(),
                 call->status.ok() ? &call->response : nullptr);
