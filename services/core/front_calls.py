@@ -91,7 +91,7 @@ class FrontCaller:
         call = OUTBOUND_ID_BIT | self._next
         timeout_us = -1 if timeout is None else max(0, int(timeout * 1e6))
         meta = encode_meta(metadata) if metadata else b"\0\0"
-        frame = encode_out_call(call, target.encode(), method.encode(), request, meta, timeout_us)
+        frame = self._call_frame(call, target, method, request, meta, timeout_us)
         # registered only once the frame is made: a bad argument leaves nothing pending
         self._next = (self._next + 1) & (OUTBOUND_ID_BIT - 1)
         future: asyncio.Future[OutResult] = asyncio.get_running_loop().create_future()
@@ -102,7 +102,7 @@ class FrontCaller:
         except asyncio.CancelledError:
             # Still pending: the front is still calling. Its result is dropped when it comes.
             if self._pending.pop(call, None) is not None and self._send is not None:
-                self._send(encode_out_cancel(call))
+                self._send(self._cancel_frame(call))
             raise
         if result.code == 0:
             if result.payload is None:
@@ -110,6 +110,21 @@ class FrontCaller:
             return result.payload
         code = _CODES.get(result.code, grpc.StatusCode.UNKNOWN)
         raise CallFailed(code, result.details, result.metadata)
+
+    def _call_frame(
+        self,
+        call: int,
+        target: str,
+        method: str,
+        request: bytes | bytearray | memoryview,
+        meta: bytes,
+        timeout_us: int,
+    ) -> bytes:
+        """The frame that starts a call (OUT_CALL: the front makes it)."""
+        return encode_out_call(call, target.encode(), method.encode(), request, meta, timeout_us)
+
+    def _cancel_frame(self, call: int) -> bytes:
+        return encode_out_cancel(call)
 
     def on_result(self, result: OutResult) -> None:
         """OUT_RESULT from the front (results of calls no longer waited on are dropped)."""

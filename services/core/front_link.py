@@ -8,6 +8,10 @@ copied on this side. Frames the service sends are gathered and written once per 
 
 The same link carries the service's outbound unary calls: OUT_CALL / OUT_CANCEL out, OUT_RESULT
 in (front_calls.py waits on them).
+
+A local link (local_links.py) is the same protocol with another service in the front's place:
+the calling side sends CALL / CANCEL (``encode_call``, ``encode_cancel``) and gets the answer
+as FINISH, which its sink receives as an ``OutResult``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ _FINISH = struct.Struct("<IBQIBI")  # body length, kind, call, code, has_payload
 _SHUTDOWN = struct.Struct("<IBQI")
 _OUT_CALL = struct.Struct("<IBQqH")  # body length, kind, call, timeout_us, target length
 _OUT_RESULT = struct.Struct("<II")  # code, details length
+_FINISH_BODY = struct.Struct("<IBI")  # code, has_payload, details length
 
 #: reads land in a shared buffer of this size; a longer frame gets a buffer of its own
 SHARED_BUFFER_BYTES = 1 << 20
@@ -94,6 +99,17 @@ def parse_call(call: int, body: memoryview, owned: bool = False) -> CallStart:
     )
 
 
+def parse_finish(call: int, body: memoryview, owned: bool = False) -> OutResult:
+    """A FINISH frame's body (after kind and call) as the result of the call it ends."""
+    code, has_payload, n = _FINISH_BODY.unpack_from(body, 0)
+    pos = _FINISH_BODY.size
+    details = bytes(body[pos : pos + n]).decode("utf-8", "replace")
+    metadata, pos = _meta(body, pos + n)
+    return OutResult(
+        call, code, details, metadata, _payload(body[pos:], owned) if has_payload else None
+    )
+
+
 def parse_out_result(call: int, body: memoryview, owned: bool = False) -> OutResult:
     """The fields of an OUT_RESULT frame's body (after kind and call); ``owned`` as for CALL."""
     code, n = _OUT_RESULT.unpack_from(body, 0)
@@ -127,6 +143,26 @@ def _field(body: memoryview, pos: int, length: struct.Struct) -> tuple[bytes, in
 def _payload(payload: memoryview, owned: bool) -> bytes | memoryview:
     """A view when the frame has a buffer of its own and the payload is long, else a copy."""
     return payload if owned and len(payload) >= VIEW_MIN_BYTES else bytes(payload)
+
+
+def encode_call(
+    call: int,
+    method: bytes,
+    peer: bytes,
+    payload: bytes | bytearray | memoryview,
+    meta: bytes = b"\0\0",
+    timeout_us: int = -1,
+) -> bytes:
+    """CALL for a unary method (a local link's caller); ``meta`` from ``encode_meta``."""
+    body = 9 + 8 + 1 + 2 + len(method) + 2 + len(peer) + len(meta) + len(payload)
+    head = _HEAD.pack(body, CALL, call) + _CALL.pack(timeout_us, 0)
+    return b"".join(
+        (head, _U16.pack(len(method)), method, _U16.pack(len(peer)), peer, meta, payload)
+    )
+
+
+def encode_cancel(call: int) -> bytes:
+    return _HEAD.pack(9, CANCEL, call)
 
 
 def encode_message(call: int, payload: bytes) -> bytes:
@@ -261,6 +297,8 @@ class FrameLink(asyncio.BufferedProtocol):
             sink.on_cancel(call)
         elif kind == OUT_RESULT:
             sink.on_out_result(parse_out_result(call, body, owned))
+        elif kind == FINISH:  # a local link's answer to our CALL
+            sink.on_out_result(parse_finish(call, body, owned))
         elif kind == DRAINED:
             sink.on_drained()
 

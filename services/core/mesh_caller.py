@@ -13,8 +13,10 @@ unset: nothing to read the routes from), while the first routes and endpoints ha
 the table cannot route it exactly as Envoy would (mesh_routes.py lists the cases: unknown models,
 mirrored routes, ...).
 
-The bytes travel over grpc_front's outbound calls where this service runs behind grpc_front
-(services/core/front_calls.py), else over grpc.aio channels, one per address.
+The bytes travel over a local link where the replica is a service on this host that offers one
+(local_links.py: straight to its event loop, no gRPC front on either side), else over
+grpc_front's outbound calls where this service runs behind grpc_front (front_calls.py), else
+over grpc.aio channels, one per address.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import cast
 import grpc
 
 from protos.gen.inference import grpc_service_pb2 as pb
+from services.core import local_links
 from services.core.front_calls import CallFailed, current_caller
 from services.core.gateway_client import CHANNEL_OPTIONS
 from services.core.route_watch import RouteWatch
@@ -63,8 +66,22 @@ class Transport:
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def unary(
-        self, target: str, method: str, request: bytes, metadata: Metadata, timeout_s: float | None
+        self,
+        target: str,
+        method: str,
+        request: bytes,
+        metadata: Metadata,
+        timeout_s: float | None,
+        local: bool = False,
     ) -> bytes | memoryview:
+        """``local``: over a local link where ``target`` offers one (local_links.py)."""
+        if local:
+            links = local_links.for_loop()
+            link = links.ready(target) or await links.connect(target)
+            if link is not None:
+                return await link.unary(
+                    target, method, request, metadata=metadata, timeout=timeout_s
+                )
         front = current_caller()
         if front is not None:
             return await front.unary(target, method, request, metadata=metadata, timeout=timeout_s)
@@ -152,7 +169,9 @@ class MeshCaller:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             self._outstanding[target] += 1
             try:
-                return await self._transport.unary(target, INFER_METHOD, payload, sent, left)
+                return await self._transport.unary(
+                    target, INFER_METHOD, payload, sent, left, local=True
+                )
             except CallFailed as failed:
                 if failed.code != grpc.StatusCode.UNAVAILABLE or attempt == routed.retries:
                     raise

@@ -8,6 +8,9 @@ generated ``add_*Servicer_to_server`` functions work unchanged, and runs each ha
 ``FrontContext`` that answers what our servicers ask of a ``grpc.aio.ServicerContext``.
 
 The front also makes the service's outbound unary calls: ``NativeFront.caller`` (front_calls.py).
+Other services on this host may skip both fronts and call the handlers over a local link
+(``NativeFront.links``, local_links.py). The calls of each link are run by a ``CallRunner``
+(call_runner.py).
 
 ``front_binary()`` finds the front (built by ``make native``); server.py falls back to grpc.aio
 where it is not built.
@@ -22,22 +25,16 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 
+from services.core.call_runner import CallRunner
 from services.core.front_calls import FrontCaller, clear_current_caller, set_current_caller
-from services.core.front_link import (
-    CallStart,
-    FrameLink,
-    Metadata,
-    OutResult,
-    encode_finish,
-    encode_message,
-    encode_shutdown,
-)
+from services.core.front_link import CallStart, FrameLink, Metadata, OutResult, encode_shutdown
+from services.core.local_links import LinkServer
 
 log = logging.getLogger(__name__)
 
@@ -51,69 +48,10 @@ def front_binary() -> Path | None:
     return path if path.is_file() and os.access(path, os.X_OK) else None
 
 
-class FrontContext:
-    """The subset of ``grpc.aio.ServicerContext`` a handler run through the front can use."""
-
-    __slots__ = ("_deadline", "_start", "cancelled_", "code", "details", "trailing")
-
-    def __init__(self, start: CallStart) -> None:
-        self._start = start
-        self._deadline = None if start.timeout_us < 0 else time.monotonic() + start.timeout_us / 1e6
-        self.code: grpc.StatusCode | None = None
-        self.details = ""
-        self.trailing: Metadata = ()
-        self.cancelled_ = False
-
-    def invocation_metadata(self) -> Metadata:
-        return self._start.metadata
-
-    def time_remaining(self) -> float | None:
-        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
-
-    def peer(self) -> str:
-        return self._start.peer
-
-    def cancelled(self) -> bool:
-        return self.cancelled_
-
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self.code = code
-
-    def set_details(self, details: str) -> None:
-        self.details = details
-
-    def set_trailing_metadata(self, metadata: Metadata) -> None:
-        self.trailing = tuple(metadata)
-
-    def set_compression(self, compression: grpc.Compression) -> None:
-        """Responses are sent as the front's channel arguments say; accepted and ignored."""
-
-    async def abort(
-        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Metadata = ()
-    ) -> NoReturn:
-        if code == grpc.StatusCode.OK:
-            raise ValueError("abort() needs a status other than OK")
-        self.code, self.details = code, details
-        if trailing_metadata:
-            self.trailing = tuple(trailing_metadata)
-        raise grpc.aio.AbortError()
-
-
 class _CallDetails(grpc.HandlerCallDetails):
     def __init__(self, method: str, metadata: Metadata) -> None:
         self.method = method
         self.invocation_metadata = metadata
-
-
-class _Call:
-    """One call in flight: its task, context, and (streaming requests) its message queue."""
-
-    __slots__ = ("context", "messages", "task")
-
-    def __init__(self, context: FrontContext) -> None:
-        self.task: asyncio.Task[None] | None = None
-        self.context = context
-        self.messages: asyncio.Queue[bytes | memoryview | None] | None = None
 
 
 class NativeFront:
@@ -124,7 +62,7 @@ class NativeFront:
         self._max_message_bytes = max_message_bytes
         self._generic: list[grpc.GenericRpcHandler[Any, Any]] = []
         self._methods: dict[str, grpc.RpcMethodHandler[Any, Any] | None] = {}
-        self._calls: dict[int, _Call] = {}
+        self._runner = CallRunner(self.handler, self._send)
         self._link: FrameLink | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -133,6 +71,8 @@ class NativeFront:
         self.port = 0
         #: outbound unary calls through this front (usable once started, failing once stopped)
         self.caller = FrontCaller()
+        #: other local services' links straight to these handlers (local_links.py)
+        self.links = LinkServer(self.handler, max_message_bytes)
         #: set when the front's link is gone (the front exited or was stopped)
         self.closed: asyncio.Event = asyncio.Event()
 
@@ -180,19 +120,21 @@ class NativeFront:
         self.caller.attach(link.send)
         set_current_caller(self.caller)
         self.port = int(line.split()[1])
+        await self.links.start(host, self.port)
         log.info("gRPC front %s serving %s:%d", self._binary.name, host, self.port)
         return self.port
 
     async def stop(self, grace: float | None) -> None:
         """Stop taking calls; calls in flight get ``grace`` seconds, then are cancelled."""
         grace = 0.0 if grace is None else grace
+        deadline = time.monotonic() + grace
+        self.links.refuse_calls()
         if self._link is not None and not self.closed.is_set():
             self._link.send(encode_shutdown(int(grace * 1000)))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), grace + 5.0)
-        for call in list(self._calls.values()):
-            if call.task is not None:
-                call.task.cancel()
+        await self.links.stop(max(0.0, deadline - time.monotonic()))
+        self._runner.stop_all()
         if self._process is not None:
             try:
                 await asyncio.wait_for(self._process.wait(), 5.0)
@@ -215,33 +157,16 @@ class NativeFront:
 
     # ---- frames from the front (front_link.FrameSink) ------------------------------------------
     def on_call(self, start: CallStart) -> None:
-        handler = self._handler(start.method, start.metadata)
-        if handler is None:
-            self._finish(start.call, grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
-            return
-        call = _Call(FrontContext(start))
-        if start.streaming_request:
-            call.messages = asyncio.Queue()
-        self._calls[start.call] = call
-        call.task = asyncio.get_running_loop().create_task(self._run(start, handler, call))
+        self._runner.on_call(start)
 
     def on_message(self, call_id: int, payload: bytes | memoryview) -> None:
-        self._queue(call_id, payload)
+        self._runner.on_message(call_id, payload)
 
     def on_half_close(self, call_id: int) -> None:
-        self._queue(call_id, None)  # the end of the request stream
-
-    def _queue(self, call_id: int, payload: bytes | memoryview | None) -> None:
-        call = self._calls.get(call_id)
-        if call is not None and call.messages is not None:
-            call.messages.put_nowait(payload)
+        self._runner.on_half_close(call_id)
 
     def on_cancel(self, call_id: int) -> None:
-        call = self._calls.pop(call_id, None)
-        if call is not None:
-            call.context.cancelled_ = True
-            if call.task is not None:
-                call.task.cancel()
+        self._runner.on_cancel(call_id)
 
     def on_drained(self) -> None:
         self._drained.set()
@@ -255,14 +180,20 @@ class NativeFront:
                 log.error("gRPC front link lost (%s): gRPC calls are no longer served", exc)
             self.closed.set()
         self.caller.close(f"the gRPC front is gone (link lost: {exc or 'closed'})")
-        for call_id in list(self._calls):
-            self.on_cancel(call_id)
+        self._runner.cancel_all()
+        self.links.refuse_calls()  # the port is gone: callers must not find this service here
 
-    # ---- running calls -------------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        """Calls the front brought that are still running."""
+        return self._runner.in_flight
+
+    # ---- handlers ------------------------------------------------------------------------------
     def _all_methods(self) -> list[tuple[str, grpc.RpcMethodHandler[Any, Any]]]:
         return [(m, h) for m, h in self._methods.items() if h is not None]
 
-    def _handler(self, method: str, metadata: Metadata) -> grpc.RpcMethodHandler[Any, Any] | None:
+    def handler(self, method: str, metadata: Metadata) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """The handler that serves ``method`` (None: unimplemented)."""
         try:
             return self._methods[method]
         except KeyError:
@@ -275,86 +206,6 @@ class NativeFront:
         self._methods[method] = found
         return found
 
-    async def _run(
-        self, start: CallStart, handler: grpc.RpcMethodHandler[Any, Any], call: _Call
-    ) -> None:
-        context = call.context
-        try:
-            if handler.request_streaming:
-                request: Any = self._requests(call, handler.request_deserializer)
-            else:
-                request = _deserialize(handler.request_deserializer, start.payload)
-            behavior: Any = _behavior(handler)
-            if handler.response_streaming:
-                async for response in behavior(request, context):
-                    self._send(encode_message(start.call, _serialize(handler, response)))
-                payload = None
-            else:
-                payload = _serialize(handler, await behavior(request, context))
-        except grpc.aio.AbortError:
-            code = context.code or grpc.StatusCode.UNKNOWN
-            self._finish(start.call, code, context.details, trailing=context.trailing)
-        except _BadMessage as exc:
-            self._finish(start.call, grpc.StatusCode.INTERNAL, str(exc))
-        except asyncio.CancelledError:
-            if not context.cancelled_:  # this service is stopping: tell the client
-                self._finish(start.call, grpc.StatusCode.CANCELLED, "the server is stopping")
-            raise
-        except Exception as exc:
-            log.error("%s failed", start.method, exc_info=exc)
-            self._finish(start.call, grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc)}: {exc}")
-        else:
-            code = context.code or grpc.StatusCode.OK
-            self._finish(start.call, code, context.details, payload, context.trailing)
-        finally:
-            self._calls.pop(start.call, None)
-
-    async def _requests(
-        self, call: _Call, deserializer: Callable[[Any], Any] | None
-    ) -> AsyncIterator[Any]:
-        assert call.messages is not None
-        while (message := await call.messages.get()) is not None:
-            yield _deserialize(deserializer, message)
-
     def _send(self, frame: bytes) -> None:
         if self._link is not None:
             self._link.send(frame)
-
-    def _finish(
-        self,
-        call_id: int,
-        code: grpc.StatusCode,
-        details: str = "",
-        payload: bytes | None = None,
-        trailing: Sequence[tuple[str, str | bytes]] = (),
-    ) -> None:
-        self._send(encode_finish(call_id, code.value[0], details, payload, trailing))
-
-
-def _behavior(handler: grpc.RpcMethodHandler[Any, Any]) -> Any:
-    """The handler's coroutine function (or async generator function) for its kind of RPC."""
-    if handler.request_streaming:
-        return handler.stream_stream if handler.response_streaming else handler.stream_unary
-    return handler.unary_stream if handler.response_streaming else handler.unary_unary
-
-
-class _BadMessage(Exception):
-    """A message that did not deserialize or serialize (INTERNAL, as grpc.aio answers it)."""
-
-
-def _deserialize(deserializer: Callable[[Any], Any] | None, payload: bytes | memoryview) -> Any:
-    if deserializer is None:
-        return payload
-    try:
-        return deserializer(payload)
-    except Exception as exc:
-        raise _BadMessage(f"Exception deserializing request: {exc}") from exc
-
-
-def _serialize(handler: grpc.RpcMethodHandler[Any, Any], response: Any) -> bytes:
-    if handler.response_serializer is None:
-        return bytes(response)
-    try:
-        return bytes(handler.response_serializer(response))
-    except Exception as exc:
-        raise _BadMessage(f"Exception serializing response: {exc}") from exc

@@ -88,7 +88,7 @@ def test_the_front_owns_the_port_and_runs_the_services_handlers(server: ServerTh
             client.get_model_metadata("no_such_model")
         assert err.value.status() == "StatusCode.NOT_FOUND"
         assert "no_such_model" in err.value.message()
-    assert front._calls == {}
+    assert front.in_flight == 0
 
 
 def test_health_check_and_watch_stream_through_the_front(server: ServerThread) -> None:
@@ -124,7 +124,7 @@ def test_a_stream_the_client_abandons_is_cancelled_in_the_service(server: Server
             client.async_stream_infer("simple", _inputs(), request_id=str(n))
         got = sorted(results.get(timeout=30).get_response().id for _ in range(3))  # type: ignore[attr-defined]
         assert got == ["0", "1", "2"]
-        assert len(front._calls) == 1  # the open stream
+        assert front.in_flight == 1  # the open stream
     finally:
         client.stop_stream(cancel_requests=True)
         client.close()
@@ -185,6 +185,6 @@ def test_the_native_frontend_asked_for_but_not_built_is_a_clear_error(
 
 def _wait_no_calls(front: NativeFront, within_s: float = 10) -> None:
     deadline = time.monotonic() + within_s
-    while front._calls and time.monotonic() < deadline:
+    while front.in_flight and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert front._calls == {}
+    assert front.in_flight == 0
