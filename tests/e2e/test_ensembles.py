@@ -249,3 +249,49 @@ def test_decoupled_ensemble_streams_through_the_gateway(mesh: MeshHandle) -> Non
     ):
         c.infer("repeat_then_simple", [_int_input("INPUT0", x), count])
     assert "ModelStreamInfer" in err.value.message()
+
+
+def test_every_service_offers_a_local_link_that_serves_model_infer(mesh: MeshHandle) -> None:
+    """The steps of the ensembles above reach their services over local links (local_links.py;
+    test_mesh_caller.py checks that routed calls take them): every service of the mesh offers
+    one on its gRPC port, and a ModelInfer sent over the ONNX service's link is answered as it
+    would be over gRPC, routing headers and all."""
+    import asyncio
+
+    from protos.gen.inference import grpc_service_pb2 as pb
+    from services.core.gateway_client import routing_metadata
+    from services.core.local_links import LocalLinks
+
+    doc = mesh.status()
+    assert doc is not None
+    instances = {i["family"]: i["address"] for i in doc["instances"]}
+    assert {"onnx", "python", "ensemble"} <= set(instances)
+    x = np.arange(16, dtype=np.int32).reshape(1, 16)
+    request = pb.ModelInferRequest(model_name="simple")
+    for name in ("INPUT0", "INPUT1"):
+        tensor = request.inputs.add(name=name, datatype="INT32", shape=[1, 16])
+        tensor.contents.int_contents.extend(x.ravel().tolist())
+
+    async def over_links() -> pb.ModelInferResponse:
+        links = LocalLinks()
+        try:
+            for address in instances.values():
+                assert await links.connect(address) is not None, f"no local link at {address}"
+            caller = links.ready(instances["onnx"])
+            assert caller is not None
+            reply = await caller.unary(
+                instances["onnx"],
+                "/inference.GRPCInferenceService/ModelInfer",
+                request.SerializeToString(),
+                metadata=routing_metadata("simple", ""),
+                timeout=10,
+            )
+            return pb.ModelInferResponse.FromString(bytes(reply))
+        finally:
+            links.close()
+
+    reply = asyncio.run(over_links())
+    assert reply.model_name == "simple"
+    outputs = {o.name: o for o in reply.outputs}
+    total = np.frombuffer(reply.raw_output_contents[list(outputs).index("OUTPUT0")], np.int32)
+    np.testing.assert_array_equal(total, (x + x).ravel())

@@ -3,8 +3,10 @@ sockets: the control plane's real ADS server serves translate()'s snapshot of tw
 grpc.aio GRPCInferenceService servers on port 0 that answer which replica they are and which
 ``meshserve-version`` they were sent), and a third such server stands in for the gateway.
 
-Every test runs twice: calls over grpc.aio channels, and through a real grpc_front started on the
-test's loop (as a service behind the front makes them: front_calls.current_caller())."""
+Every test runs three times: calls over grpc.aio channels; through a real grpc_front started on
+the test's loop (as a service behind the front makes them: front_calls.current_caller()); and
+with every server behind its own grpc_front, so that routed calls take the replicas' local links
+(local_links.py) while calls to the gateway still go through a front."""
 
 from __future__ import annotations
 
@@ -44,11 +46,13 @@ class Replica(pbg.GRPCInferenceServiceServicer):  # type: ignore[misc]
     name: str
     unavailable: int = 0  # answer UNAVAILABLE to this many calls first
     timeouts: list[float | None] = field(default_factory=list)
+    peers: list[str] = field(default_factory=list)
 
     async def ModelInfer(  # noqa: N802 (the RPC's name)
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ModelInferResponse:
         self.timeouts.append(context.time_remaining())
+        self.peers.append(context.peer())
         if self.unavailable:
             self.unavailable -= 1
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} is unloading")
@@ -62,6 +66,7 @@ class Mesh:
     ports: dict[str, int]
     xds: str
     cache: SnapshotCache
+    transport: str
 
     def publish(self, placement: dict[str, tuple[str, ...]], split: dict[str, int]) -> None:
         instances = tuple(
@@ -80,15 +85,19 @@ class Mesh:
         self.cache.set(make_snapshot(translate(state, grpc_port=1, http_port=2)))
 
 
-@pytest.fixture(params=["aio", "front"])
+@pytest.fixture(params=["aio", "front", "link"])
 async def transport(request: pytest.FixtureRequest) -> AsyncIterator[str]:
-    """How calls leave: grpc.aio, or a grpc_front running on this loop (skipped if not built)."""
+    """How calls leave: grpc.aio, a grpc_front running on this loop, or local links to replicas
+    behind fronts of their own (both skipped if grpc_front is not built)."""
     if request.param == "aio":
         yield "aio"
         return
     binary = front_binary()
     if binary is None:
         pytest.skip("grpc_front is not built (make native; needs Debian's libgrpc++-dev)")
+    if request.param == "link":
+        yield "link"
+        return
     front = NativeFront(binary, 64 << 20)
     await front.start("127.0.0.1", 0)
     try:
@@ -103,7 +112,15 @@ async def mesh(transport: str) -> AsyncIterator[Mesh]:
     servers = []
     replicas = {n: Replica(n) for n in ("a", "b", "gateway")}
     ports = {}
+    binary = front_binary()
     for name, replica in replicas.items():
+        server: grpc.aio.Server | NativeFront
+        if transport == "link" and binary is not None:
+            server = NativeFront(binary, 64 << 20)
+            pbg.add_GRPCInferenceServiceServicer_to_server(replica, server)  # type: ignore[no-untyped-call]
+            servers.append(server)
+            ports[name] = await server.start("127.0.0.1", 0)
+            continue
         server = grpc.aio.server()
         pbg.add_GRPCInferenceServiceServicer_to_server(replica, server)  # type: ignore[no-untyped-call]
         ports[name] = server.add_insecure_port("127.0.0.1:0")
@@ -112,7 +129,7 @@ async def mesh(transport: str) -> AsyncIterator[Mesh]:
     cache = SnapshotCache()
     try:
         async with serving_ads(cache) as (_, ads_port):
-            yield Mesh(replicas, ports, f"127.0.0.1:{ads_port}", cache)
+            yield Mesh(replicas, ports, f"127.0.0.1:{ads_port}", cache, transport)
     finally:
         for server in servers:
             await server.stop(None)
@@ -146,6 +163,9 @@ async def test_calls_go_straight_to_the_replicas_of_the_routed_version(mesh: Mes
         pinned = {(r.model_name, r.id) for r in [await call(caller, "1") for _ in range(5)]}
         assert pinned == {("a", "1")}
         assert not mesh.replicas["gateway"].timeouts
+        # replicas behind fronts are called over their local links, the others over gRPC
+        peers = {p.split(":")[0] for n in "ab" for p in mesh.replicas[n].peers}
+        assert peers == ({"local"} if mesh.transport == "link" else {"ipv4"})
     finally:
         await caller.close()
 
@@ -202,6 +222,7 @@ async def test_what_the_routes_cannot_route_goes_through_the_gateway(mesh: Mesh)
     try:
         reply = await call(caller, model="unknown_model")  # the gateway answers NOT_FOUND
         assert reply.model_name == "gateway"
+        assert mesh.replicas["gateway"].peers[-1].startswith("ipv4:")  # never a local link
     finally:
         await caller.close()
     without_watch = MeshCaller(f"127.0.0.1:{mesh.ports['gateway']}", "", "test")
