@@ -13,7 +13,9 @@ Settings, with Triton's names and string values:
   ``0`` starts none. A request whose caller (client or gateway) sent a sampled ``traceparent`` is
   traced whatever the rate when the sampler is parent-based (the default), so one trace is never
   cut in the middle.
-- ``trace_count``: how many more traces to sample (``-1``: no limit); it counts down.
+- ``trace_count``: how many more traces to sample (``-1``: no limit); it counts down, once per
+  trace where the trace enters the mesh: the first service that samples a trace marks it in the
+  W3C ``tracestate`` (``meshserve=1``), and the services its calls reach follow it uncounted.
 - ``log_frequency`` (``0``) and ``trace_mode`` (``opentelemetry``) are reported only: spans go
   out over OTLP in batches (``OTEL_BSP_*``), not to trace files. ``trace_file`` is not reported.
 
@@ -241,13 +243,21 @@ class TraceSettingsStore:
 
     # ---- sampling --------------------------------------------------------------------------------
     def should_sample(
-        self, model: str, *, parent_valid: bool, parent_remote: bool, parent_sampled: bool
+        self,
+        model: str,
+        *,
+        parent_valid: bool,
+        parent_remote: bool,
+        parent_sampled: bool,
+        counted: bool = False,
     ) -> bool:
         """Whether a span starting now is sampled.
 
         A local parent (a span of this process) is always followed, so a trace is whole or
         absent; a remote parent is followed when ``follow_parent``; otherwise the span starts a
-        trace here and the rate and count decide.
+        trace here and the rate and count decide. The count takes each trace once in the mesh:
+        a sampled remote parent that a meshserve service already ``counted`` (an ensemble step,
+        a BLS call) is followed without counting it again.
         """
         with self._lock:
             if self._disabled:
@@ -264,6 +274,8 @@ class TraceSettingsStore:
                     return False
             elif not parent_sampled:
                 return False
+            elif counted:
+                return True
             scope = self._count_scope(model)
             left = self._left.get(scope, effective.count)
             if left == 0:

@@ -33,6 +33,8 @@ TRACES_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
 SERVICE_NAME_ENV = "OTEL_SERVICE_NAME"
 SAMPLER_ENV = "OTEL_TRACES_SAMPLER"
 SAMPLER_ARG_ENV = "OTEL_TRACES_SAMPLER_ARG"
+#: W3C tracestate key marking a trace a meshserve service sampled (and took from trace_count)
+COUNTED_KEY = "meshserve"
 
 
 def otlp_endpoint(env: Mapping[str, str]) -> str:
@@ -62,19 +64,19 @@ class RuntimeSampler(Sampler):
     ) -> SamplingResult:
         parent = trace.get_current_span(parent_context).get_span_context()
         model = attributes.get(tracing.MODEL_NAME, "") if attributes else ""
+        state = parent.trace_state if parent.is_valid else TraceState()
         sampled = self.store.should_sample(
             str(model),
             parent_valid=parent.is_valid,
             parent_remote=parent.is_remote,
             parent_sampled=parent.trace_flags.sampled,
+            counted=COUNTED_KEY in state,
         )
         if not sampled:
-            return SamplingResult(
-                Decision.DROP, None, parent.trace_state if parent.is_valid else None
-            )
-        return SamplingResult(
-            Decision.RECORD_AND_SAMPLE, attributes, parent.trace_state if parent.is_valid else None
-        )
+            return SamplingResult(Decision.DROP, None, state)
+        if COUNTED_KEY not in state:  # the services this trace reaches next do not count it
+            state = state.add(COUNTED_KEY, "1")
+        return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes, state)
 
     def get_description(self) -> str:
         return "MeshserveTraceSettings"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import secrets
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -249,3 +250,46 @@ def test_trace_setting_through_the_gateway_reaches_envoy_sampling(mesh: MeshHand
             # cleared settings go back to their start values (the other tests sample all)
             client.update_trace_settings(settings={"trace_rate": None, "trace_level": None})
         wait_for(lambda: gateway_sampling(mesh) == {100.0}, 10, "Envoy sampling 100% again")
+
+
+def test_trace_count_takes_whole_traces_once_each_in_the_mesh(
+    mesh: MeshHandle, receiver: OtlpReceiver
+) -> None:
+    """trace_count 2, set through the gateway on every service, then 4 sampled ensemble calls:
+    the first 2 traces are whole (the ensemble and every step's service), the other 2 have no
+    service span. Each trace is counted once, by the service it enters the mesh at; counted per
+    service, the Python service (two steps per call) would have cut the second trace short."""
+    x = np.arange(16, dtype=np.int32).reshape(1, 16)
+    tensor = grpcclient.InferInput("INPUT0", [1, 16], "INT32")
+    tensor.set_data_from_numpy(x)
+    traces = []
+    with grpcclient.InferenceServerClient(mesh.grpc_url) as client:
+        try:
+            client.update_trace_settings(settings={"trace_count": "2"})
+            for _ in range(4):
+                header, trace_id, _ = traceparent()
+                client.infer("branch_join", [tensor], headers={"traceparent": header})
+                traces.append(trace_id)
+            assert client.get_trace_settings().settings["trace_count"].value == ["0"]
+        finally:
+            client.update_trace_settings(settings={"trace_count": None})
+
+    def served(spans: list[ReceivedSpan], trace_id: str) -> set[str]:
+        return {
+            str(s.attributes.get("model.name"))
+            for s in spans
+            if s.trace_id == trace_id
+            and s.name == INFER
+            and s.kind == SPAN_KIND_SERVER
+            and s.service != GATEWAY
+        }
+
+    whole = {"branch_join", *BRANCH_JOIN_STEPS}
+    spans = receiver.wait_for(
+        lambda got: all(served(got, t) >= whole for t in traces[:2]),
+        WITHIN_S,
+        "the first two traces, whole",
+    )
+    time.sleep(1.0)  # the services export every 100 ms: anything of the last two is in by now
+    spans = receiver.spans()
+    assert [served(spans, t) for t in traces[2:]] == [set(), set()]

@@ -39,7 +39,7 @@ from services.core.trace_settings import (
     settings_to_json,
     updates_from_json,
 )
-from services.core.tracing_sdk import TraceControl, build, otlp_endpoint
+from services.core.tracing_sdk import COUNTED_KEY, TraceControl, build, otlp_endpoint
 from tests.unit.test_translate import ENVOY, mesh, static_bootstrap
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -168,6 +168,7 @@ def decide(store: TraceSettingsStore, model: str = "", **parent: bool) -> bool:
         parent_valid=parent.get("valid", False),
         parent_remote=parent.get("remote", False),
         parent_sampled=parent.get("sampled", False),
+        counted=parent.get("counted", False),
     )
 
 
@@ -217,6 +218,50 @@ def test_count_counts_down_then_stops_and_can_be_reset() -> None:
     assert [decide(store, "m") for _ in range(2)] == [True, False]
     store.update("", {"trace_count": []})
     assert store.get()["trace_count"] == ["-1"] and decide(store)
+
+
+def test_count_takes_a_trace_once_in_the_mesh() -> None:
+    """A sampled parent another meshserve service counted (an ensemble step, a BLS call) is
+    followed without counting it again, even with no count left here; an uncounted sampled
+    parent (the gateway's span, a client's) is counted."""
+    store = TraceSettingsStore(TraceSettings())
+    store.update("", {"trace_count": ["1"]})
+    for _ in range(3):
+        assert decide(store, valid=True, remote=True, sampled=True, counted=True)
+    assert store.get()["trace_count"] == ["1"]
+    assert decide(store, valid=True, remote=True, sampled=True)  # enters the mesh here: counted
+    assert not decide(store, valid=True, remote=True, sampled=True)
+    assert decide(store, valid=True, remote=True, sampled=True, counted=True)
+    assert not decide(store, valid=True, remote=True, sampled=False, counted=True)
+
+
+def test_sampled_spans_mark_the_trace_counted_for_the_next_services() -> None:
+    control, exporter = built(ENDPOINT)
+    tracer = control.provider.get_tracer("test")
+    control.settings.update("", {"trace_count": ["1"]})
+    try:
+        entry = tracer.start_span("entry", context=remote_parent(True))  # type: ignore[arg-type]
+        with trace.use_span(entry, end_on_exit=True):
+            child = tracer.start_span("step-client")
+            child.end()
+        assert child.get_span_context().trace_state.get(COUNTED_KEY) == "1"
+        assert control.settings.get()["trace_count"] == ["0"]
+        # the next service receives that context (remote): it follows it, uncounted
+        downstream = SpanContext(
+            child.get_span_context().trace_id,
+            child.get_span_context().span_id,
+            is_remote=True,
+            trace_flags=TraceFlags(TraceFlags.SAMPLED),
+            trace_state=child.get_span_context().trace_state,
+        )
+        ctx = trace.set_span_in_context(NonRecordingSpan(downstream))
+        tracer.start_span("step-server", context=ctx).end()
+        tracer.start_span("next-request", context=remote_parent(True)).end()  # type: ignore[arg-type]
+        control.flush()
+        names = [s.name for s in exporter.get_finished_spans()]
+        assert names == ["step-client", "entry", "step-server"]
+    finally:
+        control.shutdown()
 
 
 def test_parent_decisions() -> None:
