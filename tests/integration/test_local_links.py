@@ -92,7 +92,7 @@ async def served() -> AsyncIterator[Served]:
         yield Served(front, target, f"127.0.0.1:{front.port}")
     finally:
         target.release.set()
-        await front.stop(0)
+        await front.stop(0)  # a second stop (after a test's own) does nothing more
 
 
 @pytest.fixture
@@ -196,11 +196,9 @@ async def test_200_concurrent_calls_each_get_their_own_answer(
 
 
 async def test_a_stopping_service_finishes_calls_in_flight_and_refuses_new_ones(
-    links: LocalLinks,
+    served: Served, links: LocalLinks
 ) -> None:
-    target = Target()
-    front = await serve(target)
-    address = f"127.0.0.1:{front.port}"
+    target, front, address = served.target, served.front, served.address
     caller = await connected(links, address)
     stopping: asyncio.Task[None] | None = None
     try:
@@ -220,9 +218,7 @@ async def test_a_stopping_service_finishes_calls_in_flight_and_refuses_new_ones(
         await asyncio.wait_for(stopping, 30)
     finally:
         target.release.set()
-        if stopping is None:
-            await front.stop(0)
-        else:
+        if stopping is not None:
             with contextlib.suppress(Exception):
                 await stopping
     # the service is gone: its link closed, the port is not offered any more
@@ -238,11 +234,9 @@ async def test_a_stopping_service_finishes_calls_in_flight_and_refuses_new_ones(
 
 
 async def test_a_call_pending_when_the_service_goes_away_fails_unavailable(
-    links: LocalLinks,
+    served: Served, links: LocalLinks
 ) -> None:
-    target = Target()
-    front = await serve(target)
-    address = f"127.0.0.1:{front.port}"
+    target, front, address = served.target, served.front, served.address
     caller = await connected(links, address)
     pending = asyncio.ensure_future(caller.unary(address, HANG, b"m"))
     await asyncio.wait_for(target.started.wait(), 5)
