@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from protos.gen.health import health_pb2_grpc as hgrpc
 from protos.gen.inference import grpc_service_pb2 as pb
 from protos.gen.inference import grpc_service_pb2_grpc as pbg
-from services.core import mesh_caller
+from services.core import busy_poll, mesh_caller
 from services.core.dataplane import DataPlane
 from services.core.grpc_servicer import SERVICE, InferenceServicer
 from services.core.health import HealthServicer
@@ -326,8 +326,14 @@ def run_service(
         return 2
     # OpenTelemetry SDK, only when OTEL_EXPORTER_OTLP_ENDPOINT is set; flushed once serve returns
     trace_control = configure_tracing(f"meshserve-{family or 'service'}")
+    if settings.busy_poll_us:
+        log.info(
+            "event loop polls for %d µs before it sleeps (--busy-poll-us; 0 turns it off)",
+            settings.busy_poll_us,
+        )
     try:
-        return asyncio.run(serve(settings, runtimes))
+        with asyncio.Runner(loop_factory=lambda: busy_poll.event_loop(settings.busy_poll_us)) as r:
+            return r.run(serve(settings, runtimes))
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
