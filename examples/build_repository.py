@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,10 +207,19 @@ def build_dtypes() -> ExampleModel:
 
 
 def _batched_config(
-    name: str, input_dims: Sequence[int], max_batch: int, delay_us: int, label_filename: str = ""
+    name: str,
+    input_dims: Sequence[int],
+    max_batch: int,
+    delay_us: int,
+    label_filename: str = "",
+    parameters: Mapping[str, str] | None = None,
 ) -> str:
     dims = ", ".join(str(d) for d in input_dims)
     labels = f'    label_filename: "{label_filename}"\n' if label_filename else ""
+    params = "".join(
+        f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}\n'
+        for key, value in (parameters or {}).items()
+    )
     return (
         f'name: "{name}"\nbackend: "onnxruntime"\nmax_batch_size: {max_batch}\n'
         f'input [\n  {{\n    name: "INPUT0"\n    data_type: TYPE_FP32\n    dims: [ {dims} ]\n'
@@ -219,6 +228,7 @@ def _batched_config(
         f"{labels}  }}\n]\n"
         "instance_group [\n  {\n    kind: KIND_CPU\n    count: 1\n  }\n]\n"
         f"dynamic_batching {{\n  max_queue_delay_microseconds: {delay_us}\n}}\n"
+        f"{params}"
     )
 
 
@@ -251,7 +261,10 @@ def build_mlp(seed: int = SEED) -> ExampleModel:
         [_tensor("OUTPUT0", TensorProto.FLOAT, [BATCH, 10])],
         initializer=inits,
     )
-    config = _batched_config("mlp", [256], 64, 100)
+    # Tuned for latency on a small machine (benchmarks/README.md): one onnxruntime thread (a
+    # batch-1 run is memory-bound; a second thread mostly costs a wake-up) and no batching delay
+    # (under load batches still form from the requests that queue while one runs).
+    config = _batched_config("mlp", [256], 64, 0, parameters={"intra_op_thread_count": "1"})
     return ExampleModel(config, _model(graph), {})
 
 

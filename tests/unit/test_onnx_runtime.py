@@ -240,7 +240,7 @@ def test_gpu_accelerators_are_ignored_on_cpu_instances(repo: Path) -> None:
 def test_session_options_follow_config_parameters(repo: Path) -> None:
     config = read_config(repo, "mlp")
     for key, value in {
-        "intra_op_thread_count": "1",
+        "intra_op_thread_count": "3",  # the example's own is 1
         "inter_op_thread_count": "2",
         "execution_mode": "1",
         "enable_mem_pattern": "0",
@@ -249,7 +249,7 @@ def test_session_options_follow_config_parameters(repo: Path) -> None:
         config.parameters[key].string_value = value
     config.optimization.graph.level = -1
     options = load(repo, "mlp", config).session.get_session_options()
-    assert options.intra_op_num_threads == 1
+    assert options.intra_op_num_threads == 3
     assert options.inter_op_num_threads == 2  # ORT runs parallel mode only with > 1
     assert options.execution_mode == ort.ExecutionMode.ORT_PARALLEL
     assert options.enable_mem_pattern is False
