@@ -84,8 +84,8 @@ class ServerSettings:
     #: gRPC transport: "native" (grpc_front, built by ``make native``), "aio" (grpc.aio in this
     #: process), "auto" (native where built, else aio)
     grpc_frontend: GrpcFrontend = "auto"
-    #: microseconds the event loop keeps polling for work before it sleeps (busy_poll.py;
-    #: 0 = never: the loop sleeps as soon as it is idle)
+    #: microseconds the event loop run_service makes keeps polling for work before it sleeps
+    #: (busy_poll.py; 0 = never: the loop sleeps as soon as it is idle)
     busy_poll_us: int = field(default_factory=default_busy_poll_us)
 
 
