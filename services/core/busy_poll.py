@@ -56,8 +56,6 @@ class BusyPollSelector(selectors.DefaultSelector):
             ready = super().select(0)
             if ready:
                 return ready
-            if self._held():
-                break
             _yield()  # threads ready to run on this core go first: the poll takes idle time only
             now = time.monotonic()
         if timeout is None:
