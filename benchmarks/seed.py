@@ -10,7 +10,12 @@ TensorFlow SavedModel, and the same TorchScript model inside a Python-backend ``
   of its own with the service's settings (benchmarks/seed_inprocess.py), sequential batches;
 - **gateway**: the same images through the whole mesh (``GatewayTarget``: control plane, Envoy,
   one service per family) with tritonclient gRPC from this process, raw binary tensors,
-  sequential requests.
+  sequential requests;
+- **shm** (unless ``--no-shm``): the same calls through the gateway, but each batch is copied
+  into a POSIX shared-memory region that the client registered through the gateway (Triton's
+  system shared memory, ``tritonclient.utils.shared_memory``), so the request carries only the
+  region's name; the scores come back in the response as before. This is how a Triton user on
+  the same host moves large tensors; the copy into the region is timed.
 
 Each (family, batch size) pair is timed over ``--images`` images per round, sequential calls
 both ways. By default the two ways alternate batch by batch (``--interleave batch``; which goes
@@ -43,7 +48,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import numpy as np
 import tritonclient.grpc as grpcclient
+import tritonclient.utils.shared_memory as shm
 
 from benchmarks.seed_inprocess import Images, InProcessWorker, images_for
 from benchmarks.seed_models import FAMILIES, SeedModel, build_seed_repository, selected
@@ -55,9 +62,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 DESCRIPTION = "ResNet-50 in-process vs through the gateway, per framework family (the seed)."
 #: the issue's target: served time over in-process time
 TARGET_RATIO = 1.05
-IN_PROCESS, GATEWAY = "in-process", "gateway"
-#: the service's own account of the gateway runs (ModelStatistics deltas): whole requests, and
-#: the framework's execution alone
+IN_PROCESS, GATEWAY, SHM = "in-process", "gateway", "shm"
+#: the ways served through the mesh
+SERVED = (GATEWAY, SHM)
+#: the service's own account of the gateway (wire) calls (ModelStatistics deltas around each):
+#: whole requests, and the framework's execution alone
 SERVICE, COMPUTE = "service", "compute"
 
 #: runs images[start:stop] one way and returns the seconds it took
@@ -76,13 +85,74 @@ def gateway_timer(
         tensor = grpcclient.InferInput(model.input_name, list(batch.shape), "FP32")
         tensor.set_data_from_numpy(batch)
         result = client.infer(model.name, [tensor], outputs=outputs)
-        scores = result.as_numpy(model.output_name)
-        seconds = time.perf_counter() - began
-        if scores is None or scores.shape != (len(batch), 1000):
-            raise RuntimeError(f"{model.name}: no [{len(batch)}, 1000] {model.output_name}")
-        return seconds
+        return _checked(model, len(batch), result, began)
 
     return run
+
+
+class SharedRegion:
+    """A POSIX shared-memory region made by this process and registered through the gateway
+    (which registers it on every co-located service); ``close`` unregisters and destroys it."""
+
+    def __init__(self, client: grpcclient.InferenceServerClient, name: str, size: int) -> None:
+        self.name = name
+        self._client = client
+        key = f"/meshserve_seed_{os.getpid()}_{name}"
+        self.handle = shm.create_shared_memory_region(name, key, size)
+        try:
+            client.register_system_shared_memory(name, key, size)
+        except Exception:
+            shm.destroy_shared_memory_region(self.handle)
+            raise
+
+    def close(self) -> None:
+        try:
+            self._client.unregister_system_shared_memory(self.name)
+        finally:
+            shm.destroy_shared_memory_region(self.handle)
+
+
+def shm_timer(
+    client: grpcclient.InferenceServerClient, model: SeedModel, images: Images, region: SharedRegion
+) -> Timer:
+    """One ModelInfer per batch through the gateway, the input copied into ``region`` first."""
+    outputs = [grpcclient.InferRequestedOutput(model.output_name)]
+
+    def run(start: int, stop: int) -> float:
+        began = time.perf_counter()
+        batch = images[start:stop]
+        shm.set_shared_memory_region(region.handle, [batch])
+        tensor = grpcclient.InferInput(model.input_name, list(batch.shape), "FP32")
+        tensor.set_shared_memory(region.name, batch.nbytes)
+        result = client.infer(model.name, [tensor], outputs=outputs)
+        return _checked(model, len(batch), result, began)
+
+    return run
+
+
+def _checked(model: SeedModel, rows: int, result: grpcclient.InferResult, began: float) -> float:
+    """Seconds since ``began``, once the result holds ``rows`` rows of 1000 scores."""
+    scores = result.as_numpy(model.output_name)
+    seconds = time.perf_counter() - began
+    if scores is None or scores.shape != (rows, 1000):
+        raise RuntimeError(f"{model.name}: no [{rows}, 1000] {model.output_name}")
+    return seconds
+
+
+def check_shm_matches_wire(
+    client: grpcclient.InferenceServerClient, model: SeedModel, images: Images, region: SharedRegion
+) -> None:
+    """The same batch sent both ways gives the same scores (the service read the region)."""
+    batch = images[: min(len(images), 4)]
+    wire = grpcclient.InferInput(model.input_name, list(batch.shape), "FP32")
+    wire.set_data_from_numpy(batch)
+    by_wire = client.infer(model.name, [wire]).as_numpy(model.output_name)
+    shm.set_shared_memory_region(region.handle, [batch])
+    shared = grpcclient.InferInput(model.input_name, list(batch.shape), "FP32")
+    shared.set_shared_memory(region.name, batch.nbytes)
+    by_shm = client.infer(model.name, [shared]).as_numpy(model.output_name)
+    if by_wire is None or by_shm is None or not np.allclose(by_wire, by_shm, rtol=1e-4, atol=1e-4):
+        raise RuntimeError(f"{model.name}: scores from shared memory differ from the wire's")
 
 
 def service_seconds(client: grpcclient.InferenceServerClient, model: SeedModel) -> dict[str, float]:
@@ -126,18 +196,23 @@ class Pair:
     batch: int
     images: int
     seconds: dict[str, list[float]] = field(
-        default_factory=lambda: {IN_PROCESS: [], GATEWAY: [], SERVICE: [], COMPUTE: []}
+        default_factory=lambda: {IN_PROCESS: [], GATEWAY: [], SHM: [], SERVICE: [], COMPUTE: []}
     )
-    #: gateway seconds over in-process seconds of each batch (``--interleave batch`` only)
-    call_ratios: list[float] = field(default_factory=list)
+    #: per served way, its seconds over in-process seconds of each batch (``--interleave batch``)
+    call_ratios: dict[str, list[float]] = field(default_factory=lambda: {way: [] for way in SERVED})
 
     @property
     def ratio(self) -> float:
         """Total gateway seconds over total in-process seconds."""
-        return sum(self.seconds[GATEWAY]) / sum(self.seconds[IN_PROCESS])
+        return self.ratio_of(GATEWAY)
 
-    def round_ratios(self) -> list[float]:
-        return [g / i for i, g in zip(self.seconds[IN_PROCESS], self.seconds[GATEWAY], strict=True)]
+    def ratio_of(self, way: str) -> float:
+        """Total seconds of a served way over total in-process seconds (nan: not measured)."""
+        served = sum(self.seconds[way])
+        return served / sum(self.seconds[IN_PROCESS]) if served else math.nan
+
+    def round_ratios(self, way: str = GATEWAY) -> list[float]:
+        return [g / i for i, g in zip(self.seconds[IN_PROCESS], self.seconds[way], strict=True)]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -148,6 +223,7 @@ class Pair:
             "seconds": self.seconds,
             "call_ratios": self.call_ratios,
             "ratio": self.ratio,
+            "shm_ratio": None if math.isnan(self.ratio_of(SHM)) else self.ratio_of(SHM),
         }
 
 
@@ -155,47 +231,63 @@ def measure_round(
     client: grpcclient.InferenceServerClient,
     pair: Pair,
     timers: dict[str, Timer],
-    order: tuple[str, str],
+    order: tuple[str, ...],
     interleave: str,
 ) -> None:
     """One round of a pair: both ways over every batch, plus the service's own account.
 
-    ``batch``: the two ways alternate batch by batch (which goes first alternates too) and each
-    way's time is the sum of its calls, so a burst of load from elsewhere hits both alike.
-    ``run``: each way's whole run as one block, ``order[0]`` first.
+    ``batch``: the ways take turns batch by batch (the order rotates too) and each way's time is
+    the sum of its calls, so a burst of load from elsewhere hits all alike. ``run``: each way's
+    whole run as one block, in ``order``. The service's own seconds are read around each wire
+    (``gateway``) call, outside the timing.
     """
     parts = batches(pair.images, pair.batch)
-    before = service_seconds(client, pair.model)
-    totals = {IN_PROCESS: 0.0, GATEWAY: 0.0}
+    totals = dict.fromkeys(order, 0.0)
+    own = {SERVICE: 0.0, COMPUTE: 0.0}
+
+    def call(way: str, start: int, stop: int) -> float:
+        before = service_seconds(client, pair.model) if way == GATEWAY else {}
+        seconds = timers[way](start, stop)
+        if before:
+            after = service_seconds(client, pair.model)
+            for key, value in before.items():
+                own[key] += after[key] - value
+        return seconds
+
     if interleave == "run":
         for way in order:
-            began = time.perf_counter()
-            for start, stop in parts:
-                timers[way](start, stop)
-            totals[way] = time.perf_counter() - began
+            totals[way] = sum(call(way, start, stop) for start, stop in parts)
     else:
         for i, (start, stop) in enumerate(parts):
-            took = {way: timers[way](start, stop) for way in (order if i % 2 == 0 else order[::-1])}
-            pair.call_ratios.append(took[GATEWAY] / took[IN_PROCESS])
+            turn = order[i % len(order) :] + order[: i % len(order)]
+            took = {way: call(way, start, stop) for way in turn}
+            for way in SERVED:
+                if way in took:
+                    pair.call_ratios[way].append(took[way] / took[IN_PROCESS])
             for way, seconds in took.items():
                 totals[way] += seconds
-    after = service_seconds(client, pair.model)
     for way, total in totals.items():
         pair.seconds[way].append(total)
-    for key, value in before.items():
-        pair.seconds[key].append(after[key] - value)
+    for key, value in own.items():
+        pair.seconds[key].append(value)
 
 
 def measure(
     repository: Path, url: str, models: Sequence[SeedModel], args: argparse.Namespace
 ) -> list[Pair]:
-    """Start the in-process workers, warm up both ways, run the rounds; progress as it goes."""
+    """Start the in-process workers, warm up every way, run the rounds; progress as it goes."""
+    ways = (IN_PROCESS, GATEWAY, SHM) if args.shm else (IN_PROCESS, GATEWAY)
     with contextlib.ExitStack() as stack:
         client = grpcclient.InferenceServerClient(url)
         stack.callback(client.close)
+        region: SharedRegion | None = None
+        if args.shm:
+            # the largest batch of the largest image layout (all families use 3x224x224 FP32)
+            region = SharedRegion(client, "seed_input", max(args.batches) * 3 * 224 * 224 * 4)
+            stack.callback(region.close)
         timers: dict[str, dict[str, Timer]] = {}
         for model in models:
-            print(f"  {model.family}: in-process worker starting; warming up both ways", flush=True)
+            print(f"  {model.family}: in-process worker starting; warming up every way", flush=True)
             worker = InProcessWorker(repository, model, args.images)
             stack.callback(worker.close)
             images = images_for(model, args.images)
@@ -203,20 +295,28 @@ def measure(
                 IN_PROCESS: worker.run,
                 GATEWAY: gateway_timer(client, model, images),
             }
+            if region is not None:
+                check_shm_matches_wire(client, model, images, region)
+                timers[model.family][SHM] = shm_timer(client, model, images, region)
             for batch in args.batches:
                 for timer in timers[model.family].values():
                     warm_up(timer, batches(args.images, batch), args.warmup)
         pairs = [Pair(m, b, args.images) for m in models for b in args.batches]
         for r in range(args.rounds):
-            order = (IN_PROCESS, GATEWAY) if r % 2 == 0 else (GATEWAY, IN_PROCESS)
+            order = ways if r % 2 == 0 else ways[::-1]
             for pair in pairs:
                 measure_round(client, pair, timers[pair.model.family], order, args.interleave)
+                shared = (
+                    f" shm {pair.seconds[SHM][-1]:7.2f} s ({pair.round_ratios(SHM)[-1]:.3f}x)"
+                    if args.shm
+                    else ""
+                )
                 print(
                     f"  round {r + 1}/{args.rounds} {pair.model.family:<10} b{pair.batch:<3}"
                     f" in-process {pair.seconds[IN_PROCESS][-1]:7.2f} s"
                     f"  gateway {pair.seconds[GATEWAY][-1]:7.2f} s"
                     f" ({pair.round_ratios()[-1]:.3f}x; service {pair.seconds[SERVICE][-1]:.2f} s,"
-                    f" compute {pair.seconds[COMPUTE][-1]:.2f} s)",
+                    f" compute {pair.seconds[COMPUTE][-1]:.2f} s){shared}",
                     flush=True,
                 )
         return pairs
@@ -226,7 +326,7 @@ def measure(
 
 
 def format_table(pairs: Sequence[Pair], target: float) -> str:
-    """One row per family and batch size: seconds both ways, ratios, PASS/FAIL on ``ratio``.
+    """One row per family and batch size: seconds each way, ratios, PASS/FAIL per served way.
 
     ``ratio``: total gateway over total in-process seconds (the issue's measure); ``p50 batch``:
     the median of the per-batch ratios (robust to bursts of load from elsewhere); ``rounds``: the
@@ -234,25 +334,39 @@ def format_table(pairs: Sequence[Pair], target: float) -> str:
     during the gateway calls (ModelStatistics), to compare with ``in-process s``.
     ``transport ms/req``: gateway time minus the service's own request time, per request: the
     client's encoding, the two gRPC hops through Envoy, the service's receive and parse.
+    ``shm s`` / ``shm ratio``: the same through the gateway with the input in shared memory
+    (``-`` when not measured).
     """
     lines = [
         f"{'family':<11}{'batch':>5}{'images':>7}{'in-process s':>13}{'gateway s':>10}"
         f"{'ratio':>7}{'p50 batch':>10}  {'rounds':<10}{'compute s':>10}{'transport ms/req':>17}"
-        f"  ≤ {target:.2f}x"
+        f"  ≤ {target:.2f}x{'shm s':>9}{'shm ratio':>10}  ≤ {target:.2f}x"
     ]
     for p in pairs:
         rounds = p.round_ratios()
         spread = f"{min(rounds):.2f}-{max(rounds):.2f}" if len(rounds) > 1 else ""
-        median = f"{statistics.median(p.call_ratios):.3f}" if p.call_ratios else "-"
+        median = (
+            f"{statistics.median(p.call_ratios[GATEWAY]):.3f}" if p.call_ratios[GATEWAY] else "-"
+        )
         requests = math.ceil(p.images / p.batch) * len(rounds)
         transport_ms = (sum(p.seconds[GATEWAY]) - sum(p.seconds[SERVICE])) / requests * 1e3
+        shm_ratio = p.ratio_of(SHM)
+        shm_cells = (
+            f"{'-':>9}{'-':>10}  {'-':<4}"
+            if math.isnan(shm_ratio)
+            else f"{sum(p.seconds[SHM]):>9.2f}{shm_ratio:>10.3f}  {_verdict(shm_ratio, target)}"
+        )
         lines.append(
             f"{p.model.family:<11}{p.batch:>5}{p.images * len(rounds):>7}"
             f"{sum(p.seconds[IN_PROCESS]):>13.2f}{sum(p.seconds[GATEWAY]):>10.2f}"
             f"{p.ratio:>7.3f}{median:>10}  {spread:<10}{sum(p.seconds[COMPUTE]):>10.2f}"
-            f"{transport_ms:>17.1f}  {'PASS' if p.ratio <= target else 'FAIL'}"
+            f"{transport_ms:>17.1f}  {_verdict(p.ratio, target)}   {shm_cells}"
         )
     return "\n".join(lines)
+
+
+def _verdict(ratio: float, target: float) -> str:
+    return "PASS" if ratio <= target else "FAIL"
 
 
 def save_json(pairs: Sequence[Pair], args: argparse.Namespace, log: Path) -> Path:
@@ -269,6 +383,7 @@ def save_json(pairs: Sequence[Pair], args: argparse.Namespace, log: Path) -> Pat
             "warmup": args.warmup,
             "interleave": args.interleave,
             "tune_client_malloc": args.tune_client_malloc,
+            "shm": args.shm,
             "target": args.target,
             "mesh_log": str(log),
         },
@@ -301,6 +416,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="warm-up calls per batch shape and way")
     p.add_argument("--target", type=float, default=TARGET_RATIO, help="gateway/in-process goal")
     p.add_argument("--model-repository", type=Path, help="build here and keep (default: temp)")
+    p.add_argument(
+        "--no-shm",
+        dest="shm",
+        action="store_false",
+        help="skip the third way (inputs in system shared memory, through the gateway)",
+    )
     p.add_argument(
         "--tune-client-malloc",
         action="store_true",
