@@ -9,6 +9,7 @@ headers.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
 from examples.build_ensemble import build_ensemble_repository, write_gateway_routed_copy
@@ -261,6 +263,43 @@ def test_64_mib_request_passes_the_gateway(
     h_input.set_data_from_numpy(payload, binary_data=True)
     out = http_client.infer("simple_identity", [h_input]).as_numpy("OUTPUT0")
     assert out.shape == (1, 1) and len(out[0][0]) == 64 * 1024 * 1024
+
+
+def test_shared_memory_tensors_through_the_gateway(
+    second_service: ServiceProcess,
+    grpc_client: grpcclient.InferenceServerClient,
+    http_client: httpclient.InferenceServerClient,
+) -> None:
+    """A region registered at the gateway reaches the service behind it: inputs read from it and
+    an output written into it, over gRPC and HTTP; once unregistered, a request naming it fails
+    with the region's name and a plain request still works."""
+    key = f"/meshserve_e2e_{os.getpid()}"
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    b = np.full((1, 16), 3, dtype=np.int32)
+    handle = shm.create_shared_memory_region("e2e_region", key, 192)
+    try:
+        shm.set_shared_memory_region(handle, [a, b])  # INPUT0 at 0, INPUT1 at 64, OUTPUT0 at 128
+        for client, module in ((grpc_client, grpcclient), (http_client, httpclient)):
+            shm.set_shared_memory_region(handle, [np.zeros((1, 16), np.int32)], offset=128)
+            client.register_system_shared_memory("e2e_region", key, 192)
+            inputs = [module.InferInput(n, [1, 16], "INT32") for n in ("INPUT0", "INPUT1")]
+            inputs[0].set_shared_memory("e2e_region", 64)
+            inputs[1].set_shared_memory("e2e_region", 64, offset=64)
+            output = module.InferRequestedOutput("OUTPUT0")
+            output.set_shared_memory("e2e_region", 64, offset=128)
+            try:
+                client.infer("simple", inputs, outputs=[output])
+                written = shm.get_contents_as_numpy(handle, np.int32, [1, 16], offset=128)
+                assert np.array_equal(written, a + b), module.__name__
+            finally:
+                client.unregister_system_shared_memory("e2e_region")
+            with pytest.raises(InferenceServerException) as info:
+                client.infer("simple", inputs)
+            assert "e2e_region" in info.value.message()
+        plain, expected = simple_inputs(4)
+        assert np.array_equal(grpc_client.infer("simple", plain).as_numpy("OUTPUT0"), expected)
+    finally:
+        shm.destroy_shared_memory_region(handle)
 
 
 def test_gzip_compressed_grpc_reaches_its_model(
