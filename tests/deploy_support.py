@@ -1,6 +1,6 @@
 """Readers for the deployment artifacts under deploy/, shared by the tests that check them.
 
-``tests/unit/test_deploy_artifacts.py`` checks the files against the code statically;
+``tests/unit/test_deploy_*.py`` check the files against the code statically;
 ``tests/integration/test_deploy_metrics_names.py`` checks the metric names they use against
 a real service's and a real Envoy's /metrics pages. Both read the files through here, and parse
 the commands the files run with the real argument parsers of the modules they name.

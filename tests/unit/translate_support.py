@@ -1,0 +1,102 @@
+"""Shared by the control_plane.translate tests (test_translate_resources.py,
+test_translate_routes.py) and test_tracing.py: a small mesh state, its translated resources, the
+routes of one route configuration, a mirror added to a policy, and the resources as a static
+Envoy bootstrap (for ``envoy --mode validate``).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from google.protobuf import json_format
+
+from control_plane.model import (
+    Address,
+    MeshState,
+    Mirror,
+    ModelVersion,
+    ServiceInstance,
+    TrafficPolicy,
+)
+from control_plane.translate import Resources, translate
+
+ENVOY = Path(sys.executable).parent / "envoy"
+
+
+def ready(name: str, version: str) -> ModelVersion:
+    return ModelVersion(name, version, "READY")
+
+
+def instance(id_: str, port: int, *models: ModelVersion) -> ServiceInstance:
+    return ServiceInstance(id_, "onnx", "127.0.0.1", port, port + 1, models=models)
+
+
+def mesh(**policies: dict[str, int]) -> MeshState:
+    return MeshState(
+        instances=(
+            instance("b", 9100, ready("simple", "1"), ready("simple", "2"), ready("a.b+c", "3")),
+            instance(
+                "a",
+                9000,
+                ready("simple", "1"),
+                ModelVersion("simple", "3", "UNAVAILABLE", "loading"),
+                ready("simple_string", "1"),
+            ),
+        ),
+        policies={m: TrafficPolicy(m, w) for m, w in policies.items()},
+        front_grpc=Address("127.0.0.1", 7000),
+        front_http=Address("127.0.0.1", 7001),
+    )
+
+
+def resources(state: MeshState) -> Resources:
+    return translate(state, grpc_port=8001, http_port=8000)
+
+
+def route_config(res: Resources, name: str) -> list[rc.Route]:
+    (config,) = [r for r in res.routes if r.name == name]
+    return list(config.virtual_hosts[0].routes)
+
+
+def serialized(res: Resources) -> list[bytes]:
+    messages = [*res.listeners, *res.routes, *res.clusters, *res.endpoints]
+    return [m.SerializeToString(deterministic=True) for m in messages]
+
+
+def mirrored(state: MeshState, version: str, percent: float) -> MeshState:
+    """``state`` with ``simple`` mirrored to ``version`` (its split, if any, kept)."""
+    split = state.policies.get("simple")
+    weights = split.weights if split is not None else {}
+    policy = TrafficPolicy("simple", weights, Mirror(version, percent))
+    return replace(state, policies={**state.policies, "simple": policy})
+
+
+def static_bootstrap(res: Resources) -> dict[str, object]:
+    """The resources as a static bootstrap: RDS inlined, EDS clusters made STATIC."""
+    routes = {r.name: r for r in res.routes}
+    assignments = {e.cluster_name: e for e in res.endpoints}
+    boot = bootstrap_pb2.Bootstrap()
+    for listener in res.listeners:
+        static = boot.static_resources.listeners.add()
+        static.CopyFrom(listener)
+        network_filter = static.filter_chains[0].filters[0]
+        hcm = hcm_pb2.HttpConnectionManager()
+        assert network_filter.typed_config.Unpack(hcm)
+        hcm.route_config.CopyFrom(routes[hcm.rds.route_config_name])  # replaces the rds oneof
+        network_filter.typed_config.Pack(hcm, deterministic=True)
+    for cluster in res.clusters:
+        static_cluster = boot.static_resources.clusters.add()
+        static_cluster.CopyFrom(cluster)
+        if cluster.type == cluster_pb2.Cluster.EDS:
+            static_cluster.ClearField("eds_cluster_config")
+            static_cluster.type = cluster_pb2.Cluster.STATIC
+            static_cluster.load_assignment.CopyFrom(assignments[cluster.name])
+    return json_format.MessageToDict(boot)
