@@ -1,8 +1,8 @@
 """gRPC transport: inference.GRPCInferenceService over the data plane.
 
 Each RPC decodes its message, calls the data plane, encodes the answer. Errors are translated in
-one place (``_translate``): a ServingError becomes its gRPC status and message; anything else is
-logged with its traceback and reaches the client as a generic INTERNAL error.
+one place (``translate``, grpc_translate.py): a ServingError becomes its gRPC status and message;
+anything else is logged with its traceback and reaches the client as a generic INTERNAL error.
 
 ModelInfer and ModelStreamInfer messages arrive parsed by ``wire.deserialize_infer`` (raw input
 tensors stay views over the received message), which server.py registers in place of protobuf's
@@ -15,11 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from functools import wraps
-from typing import Any, NoReturn, TypeVar
-
-import grpc
+from collections.abc import AsyncIterator
 
 from protos.gen.inference import grpc_service_pb2 as pb
 from protos.gen.inference import grpc_service_pb2_grpc as pbg
@@ -27,115 +23,19 @@ from services.core import tracing
 from services.core.codec import decode_infer_request, encode_infer_response
 from services.core.dataplane import DataPlane
 from services.core.errors import InvalidArgument, ServingError, Unsupported
+from services.core.grpc_translate import (
+    SERVICE,
+    Ctx,
+    metadata_version,
+    record_failure,
+    routed_version,
+    span_attributes,
+    translate,
+)
 from services.core.log_settings import apply_log_settings
 from services.core.wire import InferMessage, WireInferRequest, parsed
 
 log = logging.getLogger(__name__)
-
-#: set by the gateway: the model version its route (or traffic split) chose for this call
-VERSION_HEADER = "meshserve-version"
-SERVICE = "inference.GRPCInferenceService"
-#: health probes, polled all the time: never traced (grpc.health.v1 is another servicer)
-UNTRACED = frozenset({"ServerLive", "ServerReady", "ModelReady"})
-#: RPC → its request's (model name, model version) fields, for span attributes and sampling
-_MODEL_FIELDS: dict[str, tuple[str, str]] = {
-    "ModelInfer": ("model_name", "model_version"),
-    "ModelMetadata": ("name", "version"),
-    "ModelConfig": ("name", "version"),
-    "ModelStatistics": ("name", "version"),
-    "RepositoryModelLoad": ("model_name", ""),
-    "RepositoryModelUnload": ("model_name", ""),
-    "TraceSetting": ("model_name", ""),
-}
-
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Ctx = grpc.aio.ServicerContext[Any, Any]
-Handler = Callable[[Any, Req, Ctx], Awaitable[Resp]]
-Metadata = Iterable[tuple[str, str | bytes]]
-
-
-async def _abort(context: Ctx, exc: BaseException, method: str) -> NoReturn:
-    if isinstance(exc, ServingError):
-        await context.abort(exc.grpc_status, exc.message)
-    log.error("%s failed", method, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
-
-
-def _translate(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Errors → status (``_abort``); every RPC but the health probes runs in a SERVER span."""
-    method = fn.__name__
-    if method in UNTRACED:
-
-        @wraps(fn)
-        async def untraced(self: Any, request: Req, context: Ctx) -> Resp:
-            try:
-                return await fn(self, request, context)
-            except (ServingError, Exception) as exc:
-                if isinstance(exc, grpc.aio.AbortError):
-                    raise
-                await _abort(context, exc, method)
-
-        return untraced
-
-    @wraps(fn)
-    async def wrapper(self: Any, request: Req, context: Ctx) -> Resp:
-        metadata = context.invocation_metadata() or ()
-        attributes = _span_attributes(method, request, metadata)
-        with tracing.server_span(f"{SERVICE}/{method}", metadata, attributes) as span:
-            try:
-                return await fn(self, request, context)
-            except (ServingError, Exception) as exc:
-                if isinstance(exc, grpc.aio.AbortError):
-                    raise
-                _record_failure(span, exc)
-                await _abort(context, exc, method)
-
-    return wrapper
-
-
-def _record_failure(span: tracing.Span, exc: BaseException) -> None:
-    if isinstance(exc, ServingError):
-        span.set_attribute("rpc.grpc.status_code", exc.grpc_status.value[0])
-        tracing.set_error(span, exc.message)
-    else:
-        span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.INTERNAL.value[0])
-        tracing.set_error(span, f"internal error: {type(exc).__name__}", exc)
-
-
-def _span_attributes(method: str, request: Any, metadata: Metadata) -> tracing.Attributes:
-    attributes: tracing.Attributes = {
-        "rpc.system": "grpc",
-        "rpc.service": SERVICE,
-        "rpc.method": method,
-    }
-    if isinstance(request, WireInferRequest):
-        request = request.msg
-    elif isinstance(request, InvalidArgument):  # a ModelInfer message that did not parse
-        return attributes
-    fields = _MODEL_FIELDS.get(method)
-    if fields is not None and getattr(request, fields[0]):
-        name_field, version_field = fields
-        version = getattr(request, version_field) if version_field else ""
-        if version_field and not version:
-            version = _metadata_version(metadata)
-        request_id = request.id if method == "ModelInfer" else ""
-        attributes.update(
-            tracing.model_attributes(getattr(request, name_field), version, request_id)
-        )
-    return attributes
-
-
-def _routed_version(context: Ctx) -> str:
-    """The version the gateway chose, from the ``meshserve-version`` header ("" when absent)."""
-    return _metadata_version(context.invocation_metadata() or ())
-
-
-def _metadata_version(metadata: Metadata) -> str:
-    for key, value in metadata:
-        if key == VERSION_HEADER:
-            return value if isinstance(value, str) else value.decode()
-    return ""
 
 
 class InferenceServicer(pbg.GRPCInferenceServiceServicer):
@@ -143,56 +43,56 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         self._plane = plane
 
     # ---- health & metadata ------------------------------------------------------------------
-    @_translate
+    @translate
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: Ctx
     ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self._plane.server_live())
 
-    @_translate
+    @translate
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: Ctx
     ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._plane.server_ready())
 
-    @_translate
+    @translate
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: Ctx
     ) -> pb.ModelReadyResponse:
         return pb.ModelReadyResponse(
-            ready=self._plane.model_ready(request.name, request.version or _routed_version(context))
+            ready=self._plane.model_ready(request.name, request.version or routed_version(context))
         )
 
-    @_translate
+    @translate
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Ctx
     ) -> pb.ServerMetadataResponse:
         return self._plane.server_metadata()
 
-    @_translate
+    @translate
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Ctx
     ) -> pb.ModelMetadataResponse:
-        return self._plane.model_metadata(request.name, request.version or _routed_version(context))
+        return self._plane.model_metadata(request.name, request.version or routed_version(context))
 
-    @_translate
+    @translate
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: Ctx
     ) -> pb.ModelConfigResponse:
         return pb.ModelConfigResponse(
             config=self._plane.model_config(
-                request.name, request.version or _routed_version(context)
+                request.name, request.version or routed_version(context)
             )
         )
 
-    @_translate
+    @translate
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Ctx
     ) -> pb.ModelStatisticsResponse:
         return self._plane.model_statistics(request.name, request.version)
 
     # ---- inference -----------------------------------------------------------------------------
-    @_translate
+    @translate
     async def ModelInfer(self, request: InferMessage, context: Ctx) -> pb.ModelInferResponse:
         arrival = time.monotonic_ns()
         wire = parsed(request)
@@ -203,7 +103,7 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         if remaining is not None:
             req.deadline_ns = arrival + int(remaining * 1e9)
         if not req.model_version:
-            req.model_version = _routed_version(context)
+            req.model_version = routed_version(context)
         return encode_infer_response(await self._plane.infer(req))
 
     async def ModelStreamInfer(
@@ -213,12 +113,12 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         written when ready, with the request's id; an error answers that request only."""
         results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         metadata = context.invocation_metadata() or ()
-        routed = _metadata_version(metadata)
+        routed = metadata_version(metadata)
         tasks: set[asyncio.Task[None]] = set()
 
         async def one(msg: InferMessage) -> None:
             # one SERVER span per streamed request, each a child of the stream's trace context
-            attributes = _span_attributes("ModelInfer", msg, metadata)
+            attributes = span_attributes("ModelInfer", msg, metadata)
             attributes["rpc.method"] = "ModelStreamInfer"
             with tracing.server_span(f"{SERVICE}/ModelStreamInfer", metadata, attributes) as span:
                 await answer(msg, span)
@@ -240,7 +140,7 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
                         pb.ModelStreamInferResponse(infer_response=encode_infer_response(response))
                     )
             except Exception as exc:
-                _record_failure(span, exc)
+                record_failure(span, exc)
                 if isinstance(exc, ServingError):
                     text = exc.message
                 else:
@@ -278,13 +178,13 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
                 await read_task
 
     # ---- repository -----------------------------------------------------------------------------
-    @_translate
+    @translate
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Ctx
     ) -> pb.RepositoryIndexResponse:
         return self._plane.repository_index(request.ready)
 
-    @_translate
+    @translate
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Ctx
     ) -> pb.RepositoryModelLoadResponse:
@@ -302,7 +202,7 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         await self._plane.load_model(request.model_name, config_json, files)
         return pb.RepositoryModelLoadResponse()
 
-    @_translate
+    @translate
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Ctx
     ) -> pb.RepositoryModelUnloadResponse:
@@ -310,7 +210,7 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     # ---- shared memory ------------------------------------------------------------------------
-    @_translate
+    @translate
     async def SystemSharedMemoryStatus(
         self, request: pb.SystemSharedMemoryStatusRequest, context: Ctx
     ) -> pb.SystemSharedMemoryStatusResponse:
@@ -323,28 +223,28 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
             )
         return resp
 
-    @_translate
+    @translate
     async def SystemSharedMemoryRegister(
         self, request: pb.SystemSharedMemoryRegisterRequest, context: Ctx
     ) -> pb.SystemSharedMemoryRegisterResponse:
         self._plane.shm.register(request.name, request.key, request.offset, request.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
-    @_translate
+    @translate
     async def SystemSharedMemoryUnregister(
         self, request: pb.SystemSharedMemoryUnregisterRequest, context: Ctx
     ) -> pb.SystemSharedMemoryUnregisterResponse:
         self._plane.shm.unregister(request.name or None)
         return pb.SystemSharedMemoryUnregisterResponse()
 
-    @_translate
+    @translate
     async def CudaSharedMemoryStatus(
         self, request: pb.CudaSharedMemoryStatusRequest, context: Ctx
     ) -> pb.CudaSharedMemoryStatusResponse:
         self._plane.cuda_shm.status(request.name or None)
         return pb.CudaSharedMemoryStatusResponse()
 
-    @_translate
+    @translate
     async def CudaSharedMemoryRegister(
         self, request: pb.CudaSharedMemoryRegisterRequest, context: Ctx
     ) -> pb.CudaSharedMemoryRegisterResponse:
@@ -353,7 +253,7 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         )
         return pb.CudaSharedMemoryRegisterResponse()
 
-    @_translate
+    @translate
     async def CudaSharedMemoryUnregister(
         self, request: pb.CudaSharedMemoryUnregisterRequest, context: Ctx
     ) -> pb.CudaSharedMemoryUnregisterResponse:
@@ -361,7 +261,7 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         return pb.CudaSharedMemoryUnregisterResponse()
 
     # ---- trace & log settings --------------------------------------------------------------------
-    @_translate
+    @translate
     async def TraceSetting(
         self, request: pb.TraceSettingRequest, context: Ctx
     ) -> pb.TraceSettingResponse:
@@ -380,7 +280,7 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
             resp.settings[name].value.extend(values)
         return resp
 
-    @_translate
+    @translate
     async def LogSettings(
         self, request: pb.LogSettingsRequest, context: Ctx
     ) -> pb.LogSettingsResponse:

@@ -1,9 +1,9 @@
 """Model lifecycle: what is loaded, in which state, and the control modes none / poll / explicit.
 
-Data flow: repository (layout, config) ─▶ ModelManager (config completed by the runtime,
-validated, versions chosen by policy) ─▶ ServedModel per version. The data plane asks the
-manager for a READY version on every request (``get``, a dictionary look-up); loads, reloads and
-unloads swap versions in and drain the old ones, so nothing in flight is lost.
+Data flow: repository (layout, config) ─▶ ModelManager (config completed by the runtime and
+validated: model_prep.py; versions chosen by policy) ─▶ ServedModel per version. The data plane
+asks the manager for a READY version on every request (``get``, a dictionary look-up); loads,
+reloads and unloads swap versions in and drain the old ones, so nothing in flight is lost.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from protos.gen.inference import model_config_pb2 as mc
-from services.core import config as cfg
 from services.core import repository as repo
 from services.core.errors import (
     InvalidArgument,
@@ -26,6 +25,7 @@ from services.core.errors import (
     Unavailable,
 )
 from services.core.model import ServedModel
+from services.core.model_prep import prepare_config, serves
 from services.core.model_state import IndexEntry, ModelEntry, ModelState, VersionEntry
 from services.core.runtime import Runtime
 from services.core.settings import ServerSettings
@@ -93,7 +93,9 @@ class ModelManager:
         if not ready_only and self._root.is_dir():
             with contextlib.suppress(OSError):
                 found = repo.scan_repository(self._root)
-                names |= {n for n, d in found.items() if n in self._models or self._serves(d)}
+                names |= {
+                    n for n, d in found.items() if n in self._models or serves(self._runtimes, d)
+                }
         for name in sorted(names):
             entry = self._models.get(name)
             if entry is None or not entry.versions:
@@ -180,68 +182,6 @@ class ModelManager:
         except ServingError as err:
             log.error("model %r: %s", name, err.message)
 
-    def _serves(self, model_dir: repo.ModelDir) -> bool:
-        """Whether a repository folder holds a model of this service's family (a config that
-        does not parse counts as ours, so its error is reported)."""
-        path = model_dir.path / "config.pbtxt"
-        try:
-            config = cfg.load_config_file(path) if path.exists() else mc.ModelConfig()
-        except ServingError:
-            return True
-        return self._runtime_for(config, model_dir) is not None
-
-    def _runtime_for(
-        self, config: mc.ModelConfig, model_dir: repo.ModelDir
-    ) -> type[Runtime] | None:
-        """The runtime for a model: by platform; else among the runtimes of its backend (all,
-        with neither) the one whose model file the version folders hold."""
-        if config.platform:
-            return next((rt for rt in self._runtimes if config.platform in rt.platforms), None)
-        candidates = [
-            rt for rt in self._runtimes if not config.backend or rt.backend == config.backend
-        ]
-        for rt in candidates:
-            filename = config.default_model_filename or rt.default_model_filename
-            if filename and any((p / filename).exists() for p in model_dir.versions.values()):
-                return rt
-        return candidates[0] if config.backend and candidates else None
-
-    def _prepare(
-        self, name: str, model_dir: repo.ModelDir, override: mc.ModelConfig | None
-    ) -> tuple[mc.ModelConfig, type[Runtime]] | None:
-        """Read, auto-complete, default and validate the config; None if another family's model."""
-        if override is not None:
-            config = mc.ModelConfig()
-            config.CopyFrom(override)
-        elif (model_dir.path / "config.pbtxt").exists():
-            config = cfg.load_config_file(model_dir.path / "config.pbtxt")
-        else:
-            config = mc.ModelConfig()
-        if not config.name:
-            config.name = name
-        runtime = self._runtime_for(config, model_dir)
-        if runtime is None:
-            return None
-        if model_dir.versions:
-            newest = model_dir.versions[max(model_dir.versions)]
-            model_file = newest / (config.default_model_filename or runtime.default_model_filename)
-            if model_file.exists():
-                try:
-                    runtime.autocomplete(config, model_file)
-                except ServingError:
-                    raise
-                except Exception as exc:
-                    raise ModelLoadError(
-                        f"model '{name}': cannot read {model_file} to complete its config: {exc}"
-                    ) from exc
-        if not config.platform and runtime.platforms:
-            config.platform = runtime.platforms[0]
-        if not config.backend:
-            config.backend = runtime.backend
-        cfg.apply_defaults(config)
-        cfg.validate_config(config, name)
-        return config, runtime
-
     async def _load(
         self, name: str, override: mc.ModelConfig | None, files: Mapping[str, bytes] | None
     ) -> None:
@@ -269,7 +209,7 @@ class ModelManager:
         fingerprint = repo.fingerprint(path)
         try:
             model_dir = repo.scan_model(path)
-            prepared = self._prepare(name, model_dir, override)
+            prepared = prepare_config(self._runtimes, name, model_dir, override)
         except ServingError as err:
             entry.state, entry.reason = ModelState.UNAVAILABLE, err.message
             entry.fingerprint = fingerprint

@@ -27,7 +27,8 @@ from protos.gen.inference import grpc_service_pb2 as pb
 from protos.gen.inference import grpc_service_pb2_grpc as pbg
 from services.core import busy_poll, mesh_caller
 from services.core.dataplane import DataPlane
-from services.core.grpc_servicer import SERVICE, InferenceServicer
+from services.core.grpc_servicer import InferenceServicer
+from services.core.grpc_translate import SERVICE
 from services.core.health import HealthServicer
 from services.core.http_app import build_http_app
 from services.core.identity import service_identity

@@ -89,14 +89,13 @@ def test_a_file_that_is_not_a_graphdef_is_refused(tmp_path: Path, repo: Path) ->
 
 def test_manager_picks_the_runtime_by_platform_or_by_file(repo: Path) -> None:
     from services.core import repository
-    from services.core.manager import ModelManager
+    from services.core.model_prep import runtime_for
     from services.tensorflow.runtime import TensorflowRuntime
-    from tests.support import settings_for
 
-    manager = ModelManager(settings_for(repo), [TensorflowRuntime, TensorflowGraphdefRuntime])
+    runtimes = [TensorflowRuntime, TensorflowGraphdefRuntime]
     model_dir = repository.scan_model(repo / NAME)
-    assert manager._runtime_for(config_of(repo), model_dir) is TensorflowGraphdefRuntime
+    assert runtime_for(runtimes, config_of(repo), model_dir) is TensorflowGraphdefRuntime
     by_backend = mc.ModelConfig(name=NAME, backend="tensorflow")
-    assert manager._runtime_for(by_backend, model_dir) is TensorflowGraphdefRuntime
-    assert manager._runtime_for(mc.ModelConfig(name=NAME), model_dir) is TensorflowGraphdefRuntime
-    assert manager._runtime_for(mc.ModelConfig(platform="onnxruntime_onnx"), model_dir) is None
+    assert runtime_for(runtimes, by_backend, model_dir) is TensorflowGraphdefRuntime
+    assert runtime_for(runtimes, mc.ModelConfig(name=NAME), model_dir) is TensorflowGraphdefRuntime
+    assert runtime_for(runtimes, mc.ModelConfig(platform="onnxruntime_onnx"), model_dir) is None

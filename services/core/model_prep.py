@@ -1,0 +1,83 @@
+"""Model preparation: which runtime serves a repository folder, and the config it is loaded with.
+
+Data flow: repository (a model's folder and config.pbtxt, or a load request's override) ─▶
+``prepare_config`` (runtime chosen by platform, backend or model file; config auto-completed by
+that runtime, defaulted, validated) ─▶ ModelManager (manager.py), which loads the versions with
+the runtime. ``serves`` tells which repository folders hold models of this service's family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from protos.gen.inference import model_config_pb2 as mc
+from services.core import config as cfg
+from services.core import repository as repo
+from services.core.errors import ModelLoadError, ServingError
+from services.core.runtime import Runtime
+
+
+def serves(runtimes: Sequence[type[Runtime]], model_dir: repo.ModelDir) -> bool:
+    """Whether a repository folder holds a model of this service's family (a config that
+    does not parse counts as ours, so its error is reported)."""
+    path = model_dir.path / "config.pbtxt"
+    try:
+        config = cfg.load_config_file(path) if path.exists() else mc.ModelConfig()
+    except ServingError:
+        return True
+    return runtime_for(runtimes, config, model_dir) is not None
+
+
+def runtime_for(
+    runtimes: Sequence[type[Runtime]], config: mc.ModelConfig, model_dir: repo.ModelDir
+) -> type[Runtime] | None:
+    """The runtime for a model: by platform; else among the runtimes of its backend (all,
+    with neither) the one whose model file the version folders hold."""
+    if config.platform:
+        return next((rt for rt in runtimes if config.platform in rt.platforms), None)
+    candidates = [rt for rt in runtimes if not config.backend or rt.backend == config.backend]
+    for rt in candidates:
+        filename = config.default_model_filename or rt.default_model_filename
+        if filename and any((p / filename).exists() for p in model_dir.versions.values()):
+            return rt
+    return candidates[0] if config.backend and candidates else None
+
+
+def prepare_config(
+    runtimes: Sequence[type[Runtime]],
+    name: str,
+    model_dir: repo.ModelDir,
+    override: mc.ModelConfig | None,
+) -> tuple[mc.ModelConfig, type[Runtime]] | None:
+    """Read, auto-complete, default and validate the config; None if another family's model."""
+    if override is not None:
+        config = mc.ModelConfig()
+        config.CopyFrom(override)
+    elif (model_dir.path / "config.pbtxt").exists():
+        config = cfg.load_config_file(model_dir.path / "config.pbtxt")
+    else:
+        config = mc.ModelConfig()
+    if not config.name:
+        config.name = name
+    runtime = runtime_for(runtimes, config, model_dir)
+    if runtime is None:
+        return None
+    if model_dir.versions:
+        newest = model_dir.versions[max(model_dir.versions)]
+        model_file = newest / (config.default_model_filename or runtime.default_model_filename)
+        if model_file.exists():
+            try:
+                runtime.autocomplete(config, model_file)
+            except ServingError:
+                raise
+            except Exception as exc:
+                raise ModelLoadError(
+                    f"model '{name}': cannot read {model_file} to complete its config: {exc}"
+                ) from exc
+    if not config.platform and runtime.platforms:
+        config.platform = runtime.platforms[0]
+    if not config.backend:
+        config.backend = runtime.backend
+    cfg.apply_defaults(config)
+    cfg.validate_config(config, name)
+    return config, runtime
