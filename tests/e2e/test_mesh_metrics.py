@@ -8,7 +8,8 @@ from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 
-from tests.e2e.conftest import make_repository, running_mesh, simple_inputs
+from tests.e2e.conftest import make_repository, running_mesh
+from tests.e2e.traffic import simple_inputs
 from tests.prometheus_support import needs_prometheus, prometheus_scraping
 
 

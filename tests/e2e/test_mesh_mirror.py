@@ -21,7 +21,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from tests.e2e.conftest import MeshHandle, make_repository, running_mesh, simple_inputs, wait_for
+from tests.e2e.conftest import MeshHandle, make_repository, running_mesh, wait_for
+from tests.e2e.traffic import simple_inputs
 
 SETTLE_S = 15.0
 

@@ -20,15 +20,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.e2e.conftest import (
-    Load,
-    MeshHandle,
-    make_repository,
-    running_mesh,
-    running_service,
-    simple_inputs,
-    wait_for,
-)
+from tests.e2e.conftest import MeshHandle, make_repository, running_mesh, running_service, wait_for
+from tests.e2e.traffic import Load, simple_inputs
 
 
 def envoy_hosts(mesh: MeshHandle, cluster: str) -> set[str]:

@@ -24,15 +24,14 @@ from tritonclient.utils import InferenceServerException
 
 from examples.build_ensemble import build_ensemble_repository, write_gateway_routed_copy
 from tests.e2e.conftest import (
-    Load,
     MeshHandle,
     ServiceProcess,
     make_repository,
     running_mesh,
     running_service,
-    simple_inputs,
 )
 from tests.e2e.envoy_stats import gateway_requests_to
+from tests.e2e.traffic import Load, simple_inputs
 
 STRING_A = [str(i) for i in range(16)]
 STRING_B = ["2"] * 16

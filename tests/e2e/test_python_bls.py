@@ -26,8 +26,9 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from examples.build_python import build_python_repository
-from tests.e2e.conftest import MeshHandle, running_mesh, simple_inputs
+from tests.e2e.conftest import MeshHandle, running_mesh
 from tests.e2e.envoy_stats import gateway_requests_to
+from tests.e2e.traffic import simple_inputs
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed"

@@ -26,7 +26,8 @@ import tritonclient.http as httpclient
 
 from examples.build_ensemble import build_ensemble_repository
 from examples.build_python import build_python_repository
-from tests.e2e.conftest import MeshHandle, running_mesh, simple_inputs, wait_for
+from tests.e2e.conftest import MeshHandle, running_mesh, wait_for
+from tests.e2e.traffic import simple_inputs
 from tests.otlp_receiver import SPAN_KIND_CLIENT, SPAN_KIND_SERVER, OtlpReceiver, ReceivedSpan
 
 pytestmark = pytest.mark.skipif(

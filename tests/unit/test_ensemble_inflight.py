@@ -3,7 +3,7 @@ streaming.py): a decoupled step whose responses arrive at once starts at most N 
 steps after it; the rest wait, and every response still yields its ensemble response.
 
 The scheduling is tested alone here: the decoupled step's stream and the plain step's call are
-in-process stand-ins (the real calls are in tests/integration/test_ensemble_service.py)."""
+in-process stand-ins (the real calls are in tests/integration/ensemble_service/)."""
 
 from __future__ import annotations
 

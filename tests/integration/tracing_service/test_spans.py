@@ -1,21 +1,16 @@
-"""OpenTelemetry tracing of real services, exported over OTLP/gRPC to a real receiver.
-
-The SDK is installed once for this test process (``configure_tracing`` with the endpoint of an
-``OtlpReceiver`` on port 0, as a service's entry point does from ``OTEL_EXPORTER_OTLP_ENDPOINT``);
-the ONNX and Python services run in-process (``ServerThread``) and tritonclient calls them with a
-``traceparent`` of its own, so every assertion is about real spans, parented as received.
-Nothing sleeps: the exporter is flushed, then the receiver is polled with a deadline.
+"""Spans of real services and their parents: the server span continues the client's trace,
+queue and compute spans sit under it (compute with the size of the whole batch), errors are
+recorded, streams get a span per request, HTTP is traced too, health probes are not, a BLS call
+carries the trace on, and a service process flushes its spans when it stops.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,122 +23,25 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from protos.gen.health import health_pb2, health_pb2_grpc
-from services.core.tracing import configure_tracing
 from services.core.tracing_sdk import TraceControl
+from tests.integration.tracing_service.helpers import (
+    INFER,
+    SERVICE_NAME,
+    assert_within,
+    one,
+    simple_inputs,
+    traceparent,
+    wait_trace,
+)
 from tests.otlp_receiver import (
     SPAN_KIND_CLIENT,
     SPAN_KIND_SERVER,
     STATUS_ERROR,
     OtlpReceiver,
-    ReceivedSpan,
 )
 from tests.support import ServerThread, settings_for
 
-SERVICE_NAME = "meshserve-tracing-test"
-INFER = "inference.GRPCInferenceService/ModelInfer"
 
-BATCHED = """
-name: "batched"
-backend: "onnxruntime"
-max_batch_size: 8
-input [ { name: "INPUT0" data_type: TYPE_INT32 dims: [ 16 ] }, { name: "INPUT1" data_type: TYPE_INT32 dims: [ 16 ] } ]
-output [ { name: "OUTPUT0" data_type: TYPE_INT32 dims: [ 16 ] }, { name: "OUTPUT1" data_type: TYPE_INT32 dims: [ 16 ] } ]
-dynamic_batching { preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 3000000 }
-"""
-
-
-# ---- fixtures ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[OtlpReceiver]:
-    with OtlpReceiver() as r:
-        yield r
-
-
-@pytest.fixture(scope="module")
-def control(receiver: OtlpReceiver) -> Iterator[TraceControl]:
-    control = configure_tracing(
-        "meshserve-default-name",
-        env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_SERVICE_NAME": SERVICE_NAME},
-    )
-    assert control is not None
-    try:
-        yield control
-    finally:
-        control.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(
-    control: TraceControl, example_repo: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerThread]:
-    from services.onnx.runtime import OnnxRuntime
-
-    root = tmp_path_factory.mktemp("traced_models")
-    shutil.copytree(example_repo / "simple", root / "simple")
-    shutil.copytree(example_repo / "simple", root / "batched")
-    (root / "batched" / "config.pbtxt").write_text(BATCHED)
-    server = ServerThread(settings_for(root), [OnnxRuntime]).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(autouse=True)
-def fresh(control: TraceControl, receiver: OtlpReceiver) -> Iterator[None]:
-    """Each test starts from the start settings with nothing received."""
-    control.flush()
-    receiver.clear()
-    yield
-    clear = {"trace_level": [], "trace_rate": [], "trace_count": []}
-    for model in ("", "simple", "batched"):
-        control.settings.update(model, clear)
-
-
-# ---- helpers -----------------------------------------------------------------------------------
-def traceparent() -> tuple[str, str, str]:
-    """A sampled W3C traceparent of a client span: (header, trace id, span id)."""
-    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
-    return f"00-{trace_id}-{span_id}-01", trace_id, span_id
-
-
-def simple_inputs(rows: int = 1, module: Any = grpcclient) -> list[Any]:
-    a = np.arange(16 * rows, dtype=np.int32).reshape(rows, 16)
-    inputs = [module.InferInput(n, [rows, 16], "INT32") for n in ("INPUT0", "INPUT1")]
-    for item in inputs:
-        item.set_data_from_numpy(a)
-    return inputs
-
-
-def one(spans: list[ReceivedSpan], name: str, **where: str) -> ReceivedSpan:
-    found = [
-        s
-        for s in spans
-        if s.name == name and all(s.attributes.get(k) == v for k, v in where.items())
-    ]
-    assert len(found) == 1, f"expected one '{name}' span {where}, got {found}"
-    return found[0]
-
-
-def wait_trace(
-    receiver: OtlpReceiver, control: TraceControl, trace_id: str, names: list[str]
-) -> list[ReceivedSpan]:
-    """The trace's spans once every name in ``names`` arrived (as many times as listed)."""
-
-    def complete(spans: list[ReceivedSpan]) -> bool:
-        got = [s.name for s in spans if s.trace_id == trace_id]
-        return all(got.count(n) >= names.count(n) for n in names)
-
-    spans = receiver.wait_for(complete, 10, f"trace {trace_id} with {names}", control.flush)
-    return [s for s in spans if s.trace_id == trace_id]
-
-
-def assert_within(child: ReceivedSpan, parent: ReceivedSpan, slack_ns: int = 1_000_000) -> None:
-    assert parent.start_ns - slack_ns <= child.start_ns <= child.end_ns
-    assert child.end_ns <= parent.end_ns + slack_ns
-
-
-# ---- spans and their parents -----------------------------------------------------------------
 def test_model_infer_server_span_continues_the_client_trace(
     server: ServerThread, receiver: OtlpReceiver, control: TraceControl
 ) -> None:
@@ -367,112 +265,3 @@ def test_service_process_flushes_its_spans_when_it_stops(
     assert server_span.parent_span_id == client_span
     assert server_span.service == "meshserve-onnx"
     assert {s.name for s in spans} == {INFER, "queue", "compute"}
-
-
-# ---- TraceSetting ------------------------------------------------------------------------------
-def traced_request_ids(receiver: OtlpReceiver, control: TraceControl) -> set[str]:
-    control.flush()
-    return {str(s.attributes.get("request.id")) for s in receiver.spans() if s.name == INFER}
-
-
-def test_trace_settings_report_the_start_settings(server: ServerThread) -> None:
-    with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        settings = client.get_trace_settings(as_json=True)["settings"]
-    assert settings["trace_level"]["value"] == ["TIMESTAMPS"]
-    assert settings["trace_rate"]["value"] == ["1"]
-    assert settings["trace_count"]["value"] == ["-1"]
-    with httpclient.InferenceServerClient(server.http_url) as client:
-        settings = client.get_trace_settings()
-        assert "trace" in client.get_server_metadata()["extensions"]
-    assert settings["trace_level"] == ["TIMESTAMPS"] and settings["trace_rate"] == "1"
-
-
-def test_trace_rate_samples_one_request_in_n(
-    server: ServerThread, receiver: OtlpReceiver, control: TraceControl
-) -> None:
-    with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        client.update_trace_settings(settings={"trace_rate": "0"})
-        for n in range(3):
-            client.infer("simple", simple_inputs(), request_id=f"zero-{n}")
-        assert not traced_request_ids(receiver, control) & {"zero-0", "zero-1", "zero-2"}
-        updated = client.update_trace_settings(settings={"trace_rate": "2"}, as_json=True)
-        assert updated["settings"]["trace_rate"]["value"] == ["2"]
-        for n in range(4):
-            client.infer("simple", simple_inputs(), request_id=f"two-{n}")
-        traced = traced_request_ids(receiver, control)
-        assert {f"two-{n}" for n in range(4)} & traced == {"two-1", "two-3"}
-
-
-def test_trace_level_off_stops_every_span_even_under_a_sampled_parent(
-    server: ServerThread, receiver: OtlpReceiver, control: TraceControl
-) -> None:
-    header, trace_id, _ = traceparent()
-    with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        client.update_trace_settings(settings={"trace_level": ["OFF"]})
-        client.infer("simple", simple_inputs(), headers={"traceparent": header})
-        control.flush()
-        assert receiver.trace(trace_id) == []
-        # clearing the setting (no value) returns to the start setting
-        cleared = client.update_trace_settings(settings={"trace_level": None}, as_json=True)
-        assert cleared["settings"]["trace_level"]["value"] == ["TIMESTAMPS"]
-        client.infer("simple", simple_inputs(), headers={"traceparent": header})
-    wait_trace(receiver, control, trace_id, [INFER])
-
-
-def test_trace_count_limits_the_traces_then_stops(
-    server: ServerThread, receiver: OtlpReceiver, control: TraceControl
-) -> None:
-    with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        client.update_trace_settings(settings={"trace_count": "2"})
-        for n in range(4):
-            client.infer("simple", simple_inputs(), request_id=f"count-{n}")
-        left = client.get_trace_settings(as_json=True)["settings"]["trace_count"]["value"]
-    assert left == ["0"]
-    traced = traced_request_ids(receiver, control)
-    assert {f"count-{n}" for n in range(4)} & traced == {"count-0", "count-1"}
-
-
-def test_model_scoped_settings_override_the_global_ones(
-    server: ServerThread, receiver: OtlpReceiver, control: TraceControl
-) -> None:
-    with httpclient.InferenceServerClient(server.http_url) as client:
-        scoped = client.update_trace_settings(
-            model_name="simple", settings={"trace_level": ["OFF"]}
-        )
-        assert scoped["trace_level"] == ["OFF"]
-        assert client.get_trace_settings()["trace_level"] == ["TIMESTAMPS"]
-    with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        client.infer("simple", simple_inputs(), request_id="scoped-simple")
-        client.infer("batched", simple_inputs(rows=4), request_id="scoped-batched")
-        traced = traced_request_ids(receiver, control)
-        assert "scoped-batched" in traced and "scoped-simple" not in traced
-        client.update_trace_settings(model_name="simple", settings={"trace_level": None})
-        client.infer("simple", simple_inputs(), request_id="scoped-again")
-    assert "scoped-again" in traced_request_ids(receiver, control)
-
-
-@pytest.mark.parametrize(
-    ("settings", "message"),
-    [
-        ({"trace_file": "/tmp/trace.json"}, "trace_file.*cannot be changed"),
-        ({"log_frequency": "10"}, "log_frequency.*cannot be changed"),
-        ({"trace_level": ["TENSORS"]}, "TENSORS.*not supported"),
-        ({"trace_rate": "often"}, "trace_rate.*integer"),
-        ({"trace_count": "-5"}, "trace_count.*>= -1"),
-        ({"sampling": "1"}, "unknown trace setting 'sampling'"),
-    ],
-)
-def test_unsupported_settings_are_refused_clearly(
-    server: ServerThread, settings: dict[str, Any], message: str
-) -> None:
-    with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        with pytest.raises(InferenceServerException, match=message) as info:
-            client.update_trace_settings(settings=settings)
-        assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
-        # nothing changed
-        assert client.get_trace_settings(as_json=True)["settings"]["trace_rate"]["value"] == ["1"]
-    with (
-        httpclient.InferenceServerClient(server.http_url) as client,
-        pytest.raises(InferenceServerException, match=message),
-    ):
-        client.update_trace_settings(settings=settings)

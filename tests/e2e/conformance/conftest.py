@@ -1,0 +1,26 @@
+"""The one mesh of the conformance package: every available family's add/sub and identity
+models from one repository, explicit model control, all loaded at start. Package-scoped, so the
+test modules here share a single mesh start."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.e2e.conformance.families import AVAILABLE
+from tests.e2e.conftest import MeshHandle, running_mesh
+
+
+@pytest.fixture(scope="package")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshHandle]:
+    root = tmp_path_factory.mktemp("conformance")
+    repo = root / "models"
+    repo.mkdir()
+    for family in AVAILABLE:
+        module = importlib.import_module(family.builder[0])
+        build: Callable[..., None] = getattr(module, family.builder[1])
+        build(repo, [family.model, family.identity])
+    with running_mesh(repo, root, "explicit", load_models=("*",)) as handle:
+        yield handle

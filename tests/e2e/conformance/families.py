@@ -1,0 +1,111 @@
+"""The framework families under conformance test, and what the tests need to know of each.
+
+A new family joins by adding a ``Family`` entry to FAMILIES (its example builder, its add/sub
+model and tensor names, its identity model and the datatypes it carries). A family whose
+framework is not installed is left out of the mesh (AVAILABLE) and its tests skip (``need``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from tests.datatype_samples import ALL_DATATYPES
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    #: the module that builds its examples, and the function in it
+    builder: tuple[str, str]
+    model: str
+    datatype: str
+    inputs: tuple[str, str]
+    outputs: tuple[str, str]
+    #: per-request shape without the batch dimension
+    dims: tuple[int, ...]
+    batched: bool
+    #: framework module that must be importable for the family to run
+    needs: str
+    #: its identity model (IN_<DTYPE> → OUT_<DTYPE>, dims [-1], batched) and the datatypes it
+    #: carries: every datatype the family can exchange
+    identity: str
+    datatypes: tuple[str, ...]
+    #: BYTES are UTF-8 text in this framework: other bytes are refused with INVALID_ARGUMENT
+    utf8_bytes_only: bool = False
+
+    def arrays(self, value: int) -> tuple[np.ndarray, np.ndarray]:
+        dtype = {"INT32": np.int32, "FP32": np.float32}[self.datatype]
+        shape = (1, *self.dims) if self.batched else self.dims
+        a = np.arange(int(np.prod(shape)), dtype=dtype).reshape(shape)
+        return a, np.full(shape, value, dtype=dtype)
+
+
+FAMILIES = [
+    Family(
+        "onnx",
+        ("examples.build_repository", "build_repository"),
+        "simple",
+        "INT32",
+        ("INPUT0", "INPUT1"),
+        ("OUTPUT0", "OUTPUT1"),
+        (16,),
+        True,
+        "onnxruntime",
+        identity="dtypes_onnx",
+        datatypes=tuple(d for d in ALL_DATATYPES if d != "BF16"),
+        utf8_bytes_only=True,
+    ),
+    Family(
+        "torch",
+        ("examples.build_torch", "build_torch_repository"),
+        "simple_torch",
+        "INT32",
+        ("INPUT__0", "INPUT__1"),
+        ("OUTPUT__0", "OUTPUT__1"),
+        (16,),
+        True,
+        "torch",
+        identity="dtypes_torch",
+        datatypes=tuple(d for d in ALL_DATATYPES if d != "BYTES"),
+    ),
+    Family(
+        "tensorflow",
+        ("examples.build_tensorflow", "build_tensorflow_repository"),
+        "simple_tf",
+        "INT32",
+        ("INPUT0", "INPUT1"),
+        ("OUTPUT0", "OUTPUT1"),
+        (16,),
+        True,
+        "tensorflow",
+        identity="dtypes_tf",
+        datatypes=ALL_DATATYPES,
+    ),
+    Family(
+        "python",
+        ("examples.build_python", "build_python_repository"),
+        "add_sub_python",
+        "FP32",
+        ("INPUT0", "INPUT1"),
+        ("OUTPUT0", "OUTPUT1"),
+        (4,),
+        False,
+        "numpy",
+        identity="dtypes_python",
+        datatypes=ALL_DATATYPES,
+    ),
+]
+AVAILABLE = [f for f in FAMILIES if importlib.util.find_spec(f.needs) is not None]
+
+
+def family_param() -> list[object]:
+    return [pytest.param(f, id=f.name) for f in FAMILIES]
+
+
+def need(family: Family) -> None:
+    if family not in AVAILABLE:
+        pytest.skip(f"{family.name}: {family.needs} is not installed")
