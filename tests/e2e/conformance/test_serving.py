@@ -1,11 +1,13 @@
 """Conformance of each family's add/sub model through the gateway: metadata and config,
-inference over gRPC and HTTP, batching (where the model batches), bad input (wrong datatype, wrong
+inference over gRPC and HTTP, tensors in system shared memory, batching (where the model
+batches), bad input (wrong datatype, wrong
 shape) with the server still serving, statistics, metrics, and explicit unload/load through the
 gateway. Each test runs once per family (tests/e2e/conformance/families.py).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import urllib.request
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
 from tests.e2e.conformance.families import Family, family_param, need
@@ -72,6 +75,40 @@ def test_infer_over_grpc_and_http(mesh: MeshHandle, family: Family) -> None:
     finally:
         c.close()
         h.close()
+
+
+@pytest.mark.parametrize("family", family_param())
+def test_inputs_and_an_output_in_shared_memory(mesh: MeshHandle, family: Family) -> None:
+    """A region registered at the gateway: both inputs read from it, the first output written
+    into it, the second output in the response, over gRPC and HTTP."""
+    need(family)
+    a, b = family.arrays(3)
+    size = a.nbytes
+    key = f"/meshserve_conformance_{family.name}_{os.getpid()}"
+    handle = shm.create_shared_memory_region("conformance", key, 3 * size)
+    c = grpcclient.InferenceServerClient(mesh.grpc_url)
+    h = httpclient.InferenceServerClient(mesh.http_url)
+    try:
+        shm.set_shared_memory_region(handle, [a, b])
+        for client, module in ((c, grpcclient), (h, httpclient)):
+            shm.set_shared_memory_region(handle, [np.zeros_like(a)], offset=2 * size)
+            client.register_system_shared_memory("conformance", key, 3 * size)
+            try:
+                ins = [module.InferInput(n, list(a.shape), family.datatype) for n in family.inputs]
+                ins[0].set_shared_memory("conformance", size)
+                ins[1].set_shared_memory("conformance", size, offset=size)
+                outs = [module.InferRequestedOutput(n) for n in family.outputs]
+                outs[0].set_shared_memory("conformance", size, offset=2 * size)
+                result = client.infer(family.model, ins, outputs=outs)
+                written = shm.get_contents_as_numpy(handle, a.dtype, a.shape, offset=2 * size)
+                np.testing.assert_array_equal(written, a + b)
+                np.testing.assert_array_equal(result.as_numpy(family.outputs[1]), a - b)
+            finally:
+                client.unregister_system_shared_memory("conformance")
+    finally:
+        c.close()
+        h.close()
+        shm.destroy_shared_memory_region(handle)
 
 
 @pytest.mark.parametrize("family", family_param())
