@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
 import queue
 import threading
 import time
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
 from tests.e2e.conftest import MeshHandle, running_mesh, wait_for
@@ -146,6 +148,30 @@ def test_branch_join_chain_and_nested(client: grpcclient.InferenceServerClient) 
     nested = client.infer("nested_ensemble", ins)
     np.testing.assert_array_equal(nested.as_numpy("OUTPUT0"), 4 * a)
     np.testing.assert_array_equal(nested.as_numpy("OUTPUT1"), 4 * b)
+
+
+def test_ensemble_tensors_in_shared_memory(client: grpcclient.InferenceServerClient) -> None:
+    """The ensemble service reads the client's inputs from a region registered at the gateway,
+    passes them to its steps as tensors, and writes its output into the region."""
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    b = np.full((1, 16), 7, dtype=np.int32)
+    key = f"/meshserve_ensemble_{os.getpid()}"
+    handle = shm.create_shared_memory_region("ensemble", key, 3 * a.nbytes)
+    try:
+        shm.set_shared_memory_region(handle, [a, b, np.zeros_like(a)])
+        client.register_system_shared_memory("ensemble", key, 3 * a.nbytes)
+        ins = [grpcclient.InferInput(n, [1, 16], "INT32") for n in ("INPUT0", "INPUT1")]
+        ins[0].set_shared_memory("ensemble", a.nbytes)
+        ins[1].set_shared_memory("ensemble", a.nbytes, offset=a.nbytes)
+        outs = [grpcclient.InferRequestedOutput(n) for n in ("OUTPUT0", "OUTPUT1")]
+        outs[0].set_shared_memory("ensemble", a.nbytes, offset=2 * a.nbytes)
+        result = client.infer("chain3", ins, outputs=outs)
+        written = shm.get_contents_as_numpy(handle, np.int32, [1, 16], offset=2 * a.nbytes)
+        np.testing.assert_array_equal(written, 2 * (a + b))
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), 2 * (a - b))
+    finally:
+        client.unregister_system_shared_memory("ensemble")
+        shm.destroy_shared_memory_region(handle)
 
 
 def test_ensemble_config_metadata_and_statistics_through_the_gateway(
