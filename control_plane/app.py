@@ -29,6 +29,7 @@ from control_plane.model import Address, MeshState, ServiceInstance
 from control_plane.policy import PolicyStore
 from control_plane.registry import Registry, RegistryServicer
 from control_plane.registry_file import load_instances, save_instances
+from control_plane.shared_regions import catch_up
 from control_plane.snapshot import InconsistentSnapshot, SnapshotCache, make_snapshot
 from control_plane.tracing import GatewayTracing, percent_from_trace_settings
 from control_plane.translate import translate
@@ -240,6 +241,11 @@ class ControlPlane:
         while True:
             self._save_registry()
             seen = await self.source.wait_changed(seen)
+            # regions registered through the gateway reach a joining service before its routes
+            try:
+                await catch_up(self.front)
+            except Exception:
+                log.exception("making the shared memory regions on joining services failed")
             self.publish()
 
     async def stop(self) -> None:

@@ -274,20 +274,30 @@ class FrontServicer(pbg.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryRegister(
         self, request: pb.SystemSharedMemoryRegisterRequest, context: Ctx
     ) -> pb.SystemSharedMemoryRegisterResponse:
-        return await self._everywhere(
-            context, "SystemSharedMemoryRegister", request, pb.SystemSharedMemoryRegisterResponse
+        instances = self._front.state().instances
+        answer = await self._front.everywhere(
+            "SystemSharedMemoryRegister",
+            request,
+            pb.SystemSharedMemoryRegisterResponse,
+            self._fan_out_timeout(context),
+            instances,
         )
+        self._front.regions.registered(request, instances)
+        return answer
 
     @_translate
     async def SystemSharedMemoryUnregister(
         self, request: pb.SystemSharedMemoryUnregisterRequest, context: Ctx
     ) -> pb.SystemSharedMemoryUnregisterResponse:
-        return await self._everywhere(
-            context,
-            "SystemSharedMemoryUnregister",
-            request,
-            pb.SystemSharedMemoryUnregisterResponse,
-        )
+        try:
+            return await self._everywhere(
+                context,
+                "SystemSharedMemoryUnregister",
+                request,
+                pb.SystemSharedMemoryUnregisterResponse,
+            )
+        finally:
+            self._front.regions.unregistered(request.name)
 
     @_translate
     async def CudaSharedMemoryStatus(

@@ -18,7 +18,8 @@ Decisions (documented here, to be folded into DESIGN):
 * Load/Unload go to the owners (instances whose index lists the model, loaded or not); with
   several replicas all must succeed. No owner: NOT_FOUND naming the model.
 * Shared memory (system, CUDA), log and trace settings: made on every instance (co-located
-  mesh), all must succeed; the answer (e.g. status) is the first instance's.
+  mesh), all must succeed; the answer (e.g. status) is the first instance's. System regions are
+  also made on instances that join later (shared_regions.py).
 * Model-scoped requests go to an instance that has the version READY in the registry (round
   robin); failing that, to one that has it registered in another state, so the service gives its
   own reason; otherwise NOT_FOUND "unknown model '<name>'". ModelReady answers ready=false
@@ -44,6 +45,7 @@ import grpc
 from google.protobuf.message import Message
 
 from control_plane.model import Address, MeshState, ServiceInstance
+from control_plane.shared_regions import RegionBook
 from control_plane.stats_merge import merge_statistics
 from protos.gen.inference import grpc_service_pb2 as pb
 
@@ -124,6 +126,8 @@ class Front:
         #: called with the services' answer to a global TraceSetting update ({name: values}),
         #: so the gateway's own sampling can follow (set by the control plane)
         self.on_global_trace_settings: Callable[[dict[str, list[str]]], None] | None = None
+        #: shared-memory regions registered through the front (made again on services that join)
+        self.regions = RegionBook()
 
     def global_trace_settings_changed(self, settings: dict[str, list[str]]) -> None:
         if self.on_global_trace_settings is not None:
@@ -257,10 +261,16 @@ class Front:
         return list(zip(instances, answers, strict=True))
 
     async def everywhere(
-        self, method: str, request: Message, response_type: type[M], rpc_timeout: float | None
+        self,
+        method: str,
+        request: Message,
+        response_type: type[M],
+        rpc_timeout: float | None,
+        instances: Sequence[ServiceInstance] | None = None,
     ) -> M:
-        """The RPC on every registered instance; all must succeed; the first one's answer."""
-        instances = self.state().instances
+        """The RPC on every registered instance (or on ``instances``); all must succeed; the
+        first one's answer."""
+        instances = self.state().instances if instances is None else instances
         if not instances:
             raise FrontError(grpc.StatusCode.UNAVAILABLE, "no service is registered")
         answers = await self.gather(instances, method, request, response_type, rpc_timeout)

@@ -111,8 +111,8 @@ def build_front_app(
     r.add_get("/v2/models/{model}/versions/{version}/stats", _statistics)
     r.add_route("*", "/v2/models/{model}", _model)
     r.add_route("*", "/v2/models/{model}/{tail:.*}", _model)
-    for prefix in ("/v2/systemsharedmemory/", "/v2/cudasharedmemory/"):
-        r.add_route("*", prefix + "{tail:.*}", _everywhere)
+    r.add_route("*", "/v2/systemsharedmemory/{tail:.*}", _system_shared_memory)
+    r.add_route("*", "/v2/cudasharedmemory/{tail:.*}", _everywhere)
     r.add_route("*", "/v2/logging", _everywhere)
     r.add_route("*", "/v2/trace/setting", _trace_setting)
     return app
@@ -260,6 +260,17 @@ async def _control(request: web.Request) -> web.Response:
 async def _everywhere(request: web.Request) -> web.Response:
     front = request.app[_FRONT]
     return await _send_all(request, front.state().instances, front.fanout_timeout)
+
+
+async def _system_shared_memory(request: web.Request) -> web.Response:
+    """Made on every service; registrations are also booked for services that join later."""
+    front = request.app[_FRONT]
+    instances = front.state().instances
+    response = await _send_all(request, instances, front.fanout_timeout)
+    front.regions.rest_call(
+        request.method, request.path, await request.read(), response.status, instances
+    )
+    return response
 
 
 async def _trace_setting(request: web.Request) -> web.Response:

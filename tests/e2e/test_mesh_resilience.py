@@ -8,6 +8,7 @@ connect-failure on another host.
 
 from __future__ import annotations
 
+import os
 import time
 import urllib.request
 from collections import Counter
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
 from tests.e2e.conftest import MeshHandle, make_repository, running_mesh, running_service, wait_for
@@ -100,6 +102,57 @@ def test_load_adds_the_route_and_unload_removes_it(example_repo: Path, tmp_path:
         finally:
             c.close()
             h.close()
+
+
+def test_a_replica_that_joins_later_gets_the_regions_registered_at_the_gateway(
+    example_repo: Path, tmp_path: Path
+) -> None:
+    """Regions registered through the gateway (gRPC and REST) before a second replica joined are
+    made on it before the gateway routes to it, so requests naming them succeed on either
+    replica; unregistering at the gateway removes a region from both."""
+    repo = make_repository(example_repo, tmp_path / "models", ["simple"])
+    a, b = np.arange(16, dtype=np.int32).reshape(1, 16), np.full((1, 16), 2, dtype=np.int32)
+    key = f"/meshserve_join_{os.getpid()}"
+    handle = shm.create_shared_memory_region("joined", key, 128)
+    try:
+        shm.set_shared_memory_region(handle, [a, b])
+        with running_mesh(repo, tmp_path) as mesh:
+            c = grpcclient.InferenceServerClient(mesh.grpc_url)
+            h = httpclient.InferenceServerClient(mesh.http_url)
+            try:
+                c.register_system_shared_memory("joined", key, 128)
+                h.register_system_shared_memory("joined_rest", key, 64, offset=64)
+                with running_service(repo, mesh, tmp_path, models=1) as replica:
+                    doc = mesh.status()
+                    assert doc is not None
+                    address = next(i["address"] for i in doc["instances"] if i["id"] == replica.id)
+                    with grpcclient.InferenceServerClient(address) as direct:
+                        regions = direct.get_system_shared_memory_status(as_json=True).get(
+                            "regions", {}
+                        )
+                        assert set(regions) == {"joined", "joined_rest"}, regions
+                        assert regions["joined_rest"]["offset"] == "64"
+                        wait_for(
+                            lambda: len(envoy_hosts(mesh, "model:simple:1")) == 2, 5, "2 replicas"
+                        )
+                        ins = [
+                            grpcclient.InferInput(n, [1, 16], "INT32") for n in ("INPUT0", "INPUT1")
+                        ]
+                        ins[0].set_shared_memory("joined", 64)
+                        ins[1].set_shared_memory("joined_rest", 64)
+                        for _ in range(20):  # round robin over both replicas
+                            out = c.infer("simple", ins).as_numpy("OUTPUT0")
+                            assert np.array_equal(out, a + b)
+                        c.unregister_system_shared_memory("joined")
+                        left = direct.get_system_shared_memory_status(as_json=True).get(
+                            "regions", {}
+                        )
+                        assert set(left) == {"joined_rest"}, left
+            finally:
+                c.close()
+                h.close()
+    finally:
+        shm.destroy_shared_memory_region(handle)
 
 
 def test_sigkill_of_one_of_two_replicas_under_load(example_repo: Path, tmp_path: Path) -> None:
