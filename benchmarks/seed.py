@@ -56,9 +56,10 @@ from benchmarks.seed_client import (
     SharedRegion,
     Timer,
     check_shm_matches_wire,
-    gateway_timer,
+    served_timer,
     service_seconds,
-    shm_timer,
+    shm_input,
+    wire_input,
 )
 from benchmarks.seed_inprocess import InProcessWorker, images_for
 from benchmarks.seed_models import FAMILIES, SeedModel, build_seed_repository, selected
@@ -206,11 +207,12 @@ def measure(
             images = images_for(model, args.images)
             timers[model.family] = {
                 IN_PROCESS: worker.run,
-                GATEWAY: gateway_timer(client, model, images),
+                GATEWAY: served_timer(client, model, images, wire_input(model)),
             }
             if region is not None:
                 check_shm_matches_wire(client, model, images, region)
-                timers[model.family][SHM] = shm_timer(client, model, images, region)
+                into_region = shm_input(model, region)
+                timers[model.family][SHM] = served_timer(client, model, images, into_region)
             for batch in args.batches:
                 for timer in timers[model.family].values():
                     warm_up(timer, batches(args.images, batch), args.warmup)

@@ -1,8 +1,9 @@
 """The seed benchmark's client side: one timed call per batch through the gateway, two ways.
 
-``gateway_timer`` sends the batch in the request (raw binary contents, stock tritonclient gRPC);
-``shm_timer`` copies it into a ``SharedRegion`` (POSIX shared memory registered through the
-gateway, which registers it on every service of the host) and sends only the region's name.
+``served_timer`` sends one request per batch, its input made either by ``wire_input`` (the batch
+in the request as raw binary contents, stock tritonclient gRPC) or by ``shm_input`` (the batch
+copied into a ``SharedRegion``, POSIX shared memory registered through the gateway, which
+registers it on every service of the host; the request sends only the region's name).
 ``service_seconds`` reads the service's own account (ModelStatistics) so benchmarks/seed.py can
 split a wire call's time into the framework's and the transport's.
 """
@@ -27,21 +28,19 @@ SERVICE, COMPUTE = "service", "compute"
 Timer = Callable[[int, int], float]
 
 
-def gateway_timer(
-    client: grpcclient.InferenceServerClient, model: SeedModel, images: Images
-) -> Timer:
-    """One ModelInfer per batch through the gateway, the input as raw binary contents."""
-    outputs = [grpcclient.InferRequestedOutput(model.output_name)]
+#: builds the request's input for a batch (and puts the batch where that input says)
+InputFor = Callable[[Images], grpcclient.InferInput]
 
-    def run(start: int, stop: int) -> float:
-        began = time.perf_counter()
-        batch = images[start:stop]
+
+def wire_input(model: SeedModel) -> InputFor:
+    """The batch as raw binary contents of the request."""
+
+    def make(batch: Images) -> grpcclient.InferInput:
         tensor = grpcclient.InferInput(model.input_name, list(batch.shape), "FP32")
         tensor.set_data_from_numpy(batch)
-        result = client.infer(model.name, [tensor], outputs=outputs)
-        return _checked(model, len(batch), result, began)
+        return tensor
 
-    return run
+    return make
 
 
 class SharedRegion:
@@ -66,31 +65,35 @@ class SharedRegion:
             shm.destroy_shared_memory_region(self.handle)
 
 
-def shm_timer(
-    client: grpcclient.InferenceServerClient, model: SeedModel, images: Images, region: SharedRegion
+def shm_input(model: SeedModel, region: SharedRegion) -> InputFor:
+    """The batch copied into ``region``; the request names the region."""
+
+    def make(batch: Images) -> grpcclient.InferInput:
+        shm.set_shared_memory_region(region.handle, [batch])
+        tensor = grpcclient.InferInput(model.input_name, list(batch.shape), "FP32")
+        tensor.set_shared_memory(region.name, batch.nbytes)
+        return tensor
+
+    return make
+
+
+def served_timer(
+    client: grpcclient.InferenceServerClient, model: SeedModel, images: Images, make: InputFor
 ) -> Timer:
-    """One ModelInfer per batch through the gateway, the input copied into ``region`` first."""
+    """One ModelInfer per batch through the gateway, its input made by ``make`` (timed too)."""
     outputs = [grpcclient.InferRequestedOutput(model.output_name)]
 
     def run(start: int, stop: int) -> float:
         began = time.perf_counter()
         batch = images[start:stop]
-        shm.set_shared_memory_region(region.handle, [batch])
-        tensor = grpcclient.InferInput(model.input_name, list(batch.shape), "FP32")
-        tensor.set_shared_memory(region.name, batch.nbytes)
-        result = client.infer(model.name, [tensor], outputs=outputs)
-        return _checked(model, len(batch), result, began)
+        result = client.infer(model.name, [make(batch)], outputs=outputs)
+        scores = result.as_numpy(model.output_name)
+        seconds = time.perf_counter() - began
+        if scores is None or scores.shape != (len(batch), 1000):
+            raise RuntimeError(f"{model.name}: no [{len(batch)}, 1000] {model.output_name}")
+        return seconds
 
     return run
-
-
-def _checked(model: SeedModel, rows: int, result: grpcclient.InferResult, began: float) -> float:
-    """Seconds since ``began``, once the result holds ``rows`` rows of 1000 scores."""
-    scores = result.as_numpy(model.output_name)
-    seconds = time.perf_counter() - began
-    if scores is None or scores.shape != (rows, 1000):
-        raise RuntimeError(f"{model.name}: no [{rows}, 1000] {model.output_name}")
-    return seconds
 
 
 def check_shm_matches_wire(
@@ -98,13 +101,10 @@ def check_shm_matches_wire(
 ) -> None:
     """The same batch sent both ways gives the same scores (the service read the region)."""
     batch = images[:1]
-    wire = grpcclient.InferInput(model.input_name, list(batch.shape), "FP32")
-    wire.set_data_from_numpy(batch)
-    by_wire = client.infer(model.name, [wire]).as_numpy(model.output_name)
-    shm.set_shared_memory_region(region.handle, [batch])
-    shared = grpcclient.InferInput(model.input_name, list(batch.shape), "FP32")
-    shared.set_shared_memory(region.name, batch.nbytes)
-    by_shm = client.infer(model.name, [shared]).as_numpy(model.output_name)
+    by_wire, by_shm = (
+        client.infer(model.name, [make(batch)]).as_numpy(model.output_name)
+        for make in (wire_input(model), shm_input(model, region))
+    )
     if by_wire is None or by_shm is None or not np.allclose(by_wire, by_shm, rtol=1e-4, atol=1e-4):
         raise RuntimeError(f"{model.name}: scores from shared memory differ from the wire's")
 
