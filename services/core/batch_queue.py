@@ -194,13 +194,17 @@ class BatchQueue(Generic[P]):
             effective = timeout_us
         return enqueue_ns + effective * 1000 if effective > 0 else None
 
-    def push(self, item: P) -> None:
-        """Queue ``item`` at level ``item.priority``; QueueFull when that level is full."""
+    def check(self, item: P) -> None:
+        """InvalidArgument when ``item`` can never be part of a batch (its size)."""
         if self._batching and not 0 < item.batch_size <= self._max_batch:
             raise InvalidArgument(
                 f"model '{self.policy.model}': batch size {item.batch_size} is outside "
                 f"[1, max_batch_size {self._max_batch}]"
             )
+
+    def push(self, item: P) -> None:
+        """Queue ``item`` at level ``item.priority``; QueueFull when that level is full."""
+        self.check(item)
         level = self._levels[item.priority - 1]
         limit = level.policy.max_queue_size
         if limit and level.live >= limit:

@@ -22,6 +22,7 @@ from typing import Generic, Protocol, TypeVar, cast
 
 from protos.gen.inference import model_config_pb2 as mc
 from services.core.batch_queue import BatchPolicy, BatchQueue, Pending, QueuePolicy
+from services.core.busy_poll import nothing_else_ready
 from services.core.errors import InternalError, ModelLoadError, QueueTimeout, Unavailable
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "Pending",
     "QueuePolicy",
     "RunBatch",
+    "RunNow",
     "TimerHandle",
     "batch_policy_from_config",
 ]
@@ -45,6 +47,9 @@ R = TypeVar("R")
 #: ``run_batch(instance, items)``: one result per item, in order; an exception instance in place
 #: of a result fails only that item; raising fails the whole batch.
 RunBatch = Callable[[int, Sequence[Pending[T]]], Awaitable[Sequence[R | BaseException]]]
+#: ``run_now(instance, items)``: the same, run at once on the caller's thread when the runtime
+#: chooses to (a short execution), else None without running anything.
+RunNow = Callable[[int, Sequence[Pending[T]]], Sequence[R | BaseException] | None]
 
 
 class TimerHandle(Protocol):
@@ -172,11 +177,16 @@ class DynamicBatcher(Generic[T, R]):
         run_batch: RunBatch[T, R],
         instances: int = 1,
         clock: Clock = MONOTONIC,
+        run_now: RunNow[T, R] | None = None,
     ) -> None:
         if instances < 1:
             raise ValueError(f"instances must be >= 1, got {instances}")
         self.policy = policy
         self._run_batch = run_batch
+        self._run_now = run_now
+        #: a request that finds the queue empty and an instance free runs at once: the policy
+        #: would dispatch it alone without waiting (no batching delay)
+        self._immediate = not policy.dynamic or policy.max_queue_delay_us == 0
         self._clock = clock
         self._queue: BatchQueue[_Ticket[T, R]] = BatchQueue(policy)
         self._instances = instances
@@ -226,7 +236,18 @@ class DynamicBatcher(Generic[T, R]):
         queue = self._queue
         now = self._clock.monotonic_ns()
         level = queue.level_of(priority)
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
+        if (
+            self._immediate
+            and self._free
+            and not queue
+            and not self._ordered
+            and nothing_else_ready(loop)
+        ):
+            return await self._run_alone(
+                _Ticket(payload, batch_size, signature, level, now, None, future=future)
+            )
         ticket: _Ticket[T, R] = _Ticket(
             payload,
             batch_size,
@@ -237,10 +258,47 @@ class DynamicBatcher(Generic[T, R]):
             future=future,
         )
         queue.push(ticket)
+
         if self._ordered is not None:
             self._ordered.append(ticket)
         wake.set()
         return await future
+
+    async def _run_alone(self, ticket: _Ticket[T, R]) -> R:
+        """Run a request that would be dispatched alone at once, without the driver's hop: on
+        the caller's thread when ``run_now`` takes it, else in a batch task as usual."""
+        self._queue.check(ticket)
+        instance = self._free.pop()
+        ticket.start_ns = ticket.enqueue_ns
+        results = None
+        if self._run_now is not None:
+            try:
+                results = self._run_now(instance, (ticket,))
+            except BaseException:
+                self._release(instance)
+                raise
+        if results is None:
+            self._spawn(instance, [ticket])
+            return await ticket.future
+        self._release(instance)
+        if len(results) != 1:
+            log.error(
+                "model %r: run_now returned %d results for one request",
+                self.policy.model,
+                len(results),
+            )
+            raise InternalError(f"model '{self.policy.model}' failed to execute the batch")
+        outcome = results[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def _release(self, instance: int) -> None:
+        """An instance ran its batch outside the driver: free it, and wake the driver only when
+        it has work (a closing batcher waits for its instances)."""
+        self._free.append(instance)
+        if (self._queue or self._closing) and self._wake is not None:
+            self._wake.set()
 
     async def close(self) -> None:
         """Stop accepting requests, finish everything queued or running, stop the driver.
@@ -298,15 +356,18 @@ class DynamicBatcher(Generic[T, R]):
         items = [t for t in items if not t.future.done()]  # drop callers that gave up
         if not items:
             return
-        instance = self._free.pop()
         for ticket in items:
             ticket.start_ns = now
+        self._spawn(self._free.pop(), items)
+
+    def _spawn(self, instance: int, items: list[_Ticket[T, R]]) -> None:
         task = asyncio.get_running_loop().create_task(self._execute(instance, items))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
     async def _execute(self, instance: int, items: list[_Ticket[T, R]]) -> None:
         """Run one batch on ``instance``; every item gets an outcome, whatever happens."""
+
         try:
             try:
                 results = await self._run_batch(instance, items)

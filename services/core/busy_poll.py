@@ -87,6 +87,15 @@ class BusyPollEventLoop(asyncio.SelectorEventLoop):
         self._in_threads -= 1
 
 
+def nothing_else_ready(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether no other callback waits to run in this iteration of ``loop``: the code running
+    now is all the loop has to do (a lone request at low load, not one of a burst of calls whose
+    tasks are all ready). asyncio keeps them in the loop's ``_ready`` deque; a loop without one
+    always says no."""
+    ready = getattr(loop, "_ready", None)
+    return ready is not None and not ready
+
+
 def event_loop(window_us: int) -> asyncio.AbstractEventLoop:
     """A new event loop that busy-polls for ``window_us`` (0: asyncio's default loop)."""
     if window_us < 0:

@@ -40,6 +40,10 @@ INLINE_EXECUTION_NS = 150_000
 INLINE_WHEN_ALONE_NS = 1_000_000
 
 
+#: what one execution gives: compute input, infer and output ns, and each request's outputs
+Executed = tuple[int, int, int, list[dict[str, Array] | ServingError]]
+
+
 @dataclass(slots=True)
 class ItemResult:
     """What one request gets back from a batch: its slice of every output, and its timings."""
@@ -111,7 +115,10 @@ class ServedModel:
         self._idle = asyncio.Event()
         self._idle.set()
         self.batcher: DynamicBatcher[InferRequest, ItemResult] = DynamicBatcher(
-            batch_policy_from_config(config), self._run_batch, instances=len(self._instances)
+            batch_policy_from_config(config),
+            self._run_batch,
+            instances=len(self._instances),
+            run_now=self._run_now,
         )
 
     @classmethod
@@ -256,29 +263,50 @@ class ServedModel:
     def _elapsed(request: InferRequest) -> int:
         return time.monotonic_ns() - request.arrival_ns if request.arrival_ns else 0
 
-    async def _run_batch(
-        self, instance: int, items: Sequence[Pending[InferRequest]]
-    ) -> list[ItemResult | ServingError]:
-        runtime = self._instances[instance]
-        loop = asyncio.get_running_loop()
-        payloads = [it.payload for it in items]
-        sizes = [it.batch_size for it in items]
+    def _inline(self, runtime: Runtime, items: Sequence[Pending[InferRequest]]) -> bool:
+        """Whether this batch runs on the loop thread: a worker-thread round trip would cost
+        more than the work itself (and the loop has nothing else to overlap it with)."""
         ewma = self._exec_ewma_ns
-        if (
+        return (
             len(self._instances) == 1
             and runtime.runs_inline
             and (
                 ewma < INLINE_EXECUTION_NS
                 or (ewma < INLINE_WHEN_ALONE_NS and self._queued == len(items))
             )
-        ):
-            # Short executions run on the loop thread: a worker-thread round trip would cost
-            # more than the work itself (and the loop has nothing else to overlap it with).
-            t_in, t_infer, t_out, outputs = self._execute(runtime, payloads, sizes)
+        )
+
+    def _run_now(
+        self, instance: int, items: Sequence[Pending[InferRequest]]
+    ) -> list[ItemResult | ServingError] | None:
+        """The batcher's ``run_now``: the batch's results when it runs inline, else None."""
+        runtime = self._instances[instance]
+        if not self._inline(runtime, items):
+            return None
+        sizes = [it.batch_size for it in items]
+        return self._results(
+            items, sizes, self._execute(runtime, [it.payload for it in items], sizes)
+        )
+
+    async def _run_batch(
+        self, instance: int, items: Sequence[Pending[InferRequest]]
+    ) -> list[ItemResult | ServingError]:
+        runtime = self._instances[instance]
+        payloads = [it.payload for it in items]
+        sizes = [it.batch_size for it in items]
+        if self._inline(runtime, items):
+            timed = self._execute(runtime, payloads, sizes)
         else:
-            t_in, t_infer, t_out, outputs = await loop.run_in_executor(
+            timed = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._execute, runtime, payloads, sizes
             )
+        return self._results(items, sizes, timed)
+
+    def _results(
+        self, items: Sequence[Pending[InferRequest]], sizes: list[int], timed: Executed
+    ) -> list[ItemResult | ServingError]:
+        """Each request's result of an executed batch; the execution goes into the statistics."""
+        t_in, t_infer, t_out, outputs = timed
         self._exec_ewma_ns += (t_in + t_infer + t_out - self._exec_ewma_ns) // 8
         done = time.monotonic_ns()
         total = sum(sizes) if self._batched else 1
@@ -300,7 +328,7 @@ class ServedModel:
 
     def _execute(
         self, runtime: Runtime, payloads: list[InferRequest], sizes: list[int]
-    ) -> tuple[int, int, int, list[dict[str, Array] | ServingError]]:
+    ) -> Executed:
         """Runs in the instance's worker thread: gather inputs, run, scatter outputs."""
         t0 = time.monotonic_ns()
         if runtime.takes_request_list:
@@ -317,8 +345,10 @@ class ServedModel:
             inputs = {
                 n: np.concatenate([p.inputs[n] for p in payloads]) for n in payloads[0].inputs
             }
+
         t1 = time.monotonic_ns()
         results = self._guarded(runtime.infer, inputs, sizes)
+
         t2 = time.monotonic_ns()
         split: list[dict[str, Array] | ServingError] = list(self._split(results, sizes))
         t3 = time.monotonic_ns()

@@ -156,3 +156,14 @@ def test_the_window_comes_from_the_flag_else_the_environment_else_the_default(
     with pytest.raises(SystemExit):
         settings_from_args([*args, "--busy-poll-us", "-5"], "svc")
     assert "--busy-poll-us must be 0" in capsys.readouterr().err
+
+
+async def test_nothing_else_ready_tells_a_lone_callback_from_one_of_a_burst() -> None:
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(0)
+    assert busy_poll.nothing_else_ready(loop)
+    handle = loop.call_soon(lambda: None)
+    assert not busy_poll.nothing_else_ready(loop)
+    handle.cancel()
+    await asyncio.sleep(0)
+    assert busy_poll.nothing_else_ready(loop)

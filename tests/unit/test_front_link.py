@@ -139,7 +139,7 @@ async def test_a_long_frame_gets_its_own_buffer_and_its_payload_is_a_view_of_it(
     assert sink.events[2][1] == (1, b"y")
 
 
-async def test_frames_sent_in_one_loop_iteration_go_out_in_one_write() -> None:
+async def test_frames_sent_while_other_work_is_ready_wait_for_the_iterations_one_write() -> None:
     link, _ = make_link()
     writes: list[bytes] = []
 
@@ -151,13 +151,39 @@ async def test_frames_sent_in_one_loop_iteration_go_out_in_one_write() -> None:
             return False
 
     link.connection_made(Transport())
-    link.send(fl.encode_message(3, b"one"))
-    link.send(fl.encode_finish(3, 0, "", b"two"))
+    loop = asyncio.get_running_loop()
+    loop.call_soon(lambda: None)  # another call's work, ready in this iteration (a burst)
+    link.send(fl.encode_finish(1, 0, "", b"zero"))
+    link.send(fl.encode_finish(2, 0, "", b"one"))
     assert writes == []
     await asyncio.sleep(0)
-    assert len(writes) == 1
+    assert len(writes) == 1 and writes[0].endswith(b"one")
+
+
+async def test_the_first_frame_of_an_iteration_goes_at_once_the_rest_in_one_write() -> None:
+    link, _ = make_link()
+    writes: list[bytes] = []
+
+    class Transport(asyncio.Transport):
+        def write(self, data: bytes | bytearray | memoryview) -> None:
+            writes.append(bytes(data))
+
+        def is_closing(self) -> bool:
+            return False
+
+    link.connection_made(Transport())
+    first = fl.encode_finish(1, 0, "", b"zero")
+    link.send(first)
+    assert writes == [first]  # at low load the answer leaves at once
+    link.send(fl.encode_message(3, b"one"))
+    link.send(fl.encode_finish(3, 0, "", b"two"))
+    assert len(writes) == 1  # the rest of this iteration's frames wait for its end ...
+    await asyncio.sleep(0)
+    assert len(writes) == 2  # ... and go out together, in order
+    link.send(fl.encode_message(4, b"next"))
+    assert len(writes) == 3  # a new iteration writes its first frame at once again
     # what the front reads back: MESSAGE then FINISH with its payload
-    data = writes[0]
+    data = writes[1]
     length = frame_length(data)
     assert data[4:13] == struct.pack("<BQ", fl.MESSAGE, 3) and data[13 : 4 + length] == b"one"
     rest = data[4 + length :]

@@ -19,6 +19,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <signal.h>
+#include <poll.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -173,12 +174,16 @@ class Output {
       }
       std::vector<iovec> iov{{bytes.data(), bytes.size()}};
       bool ok = WriteAll(fd_, iov);
+      bool wake = false;
       {
         std::lock_guard<std::mutex> lock(mu_);
         busy_ = false;
         if (!ok) failed_ = true;
+        // The writer thread waits on cv_ all the time: wake it only when it has something to do
+        // (frames queued meanwhile, a failure) or a Flush waits, not after every inline write.
+        wake = failed_ || !bytes_.empty() || !big_.empty() || flush_waiters_ > 0;
       }
-      cv_.notify_all();  // frames queued meanwhile, a failure, or a Flush waiting
+      if (wake) cv_.notify_all();
       return;
     }
     {
@@ -199,7 +204,9 @@ class Output {
   // Waits until everything queued so far is written (or writing failed).
   void Flush() {
     std::unique_lock<std::mutex> lock(mu_);
+    ++flush_waiters_;
     cv_.wait(lock, [this] { return failed_ || (!busy_ && bytes_.empty() && big_.empty()); });
+    --flush_waiters_;
   }
 
   // The writer thread's body: takes the whole batch, writes it, repeats. `busy_` says someone
@@ -285,6 +292,7 @@ class Output {
   int fd_ = -1;
   bool busy_ = true;  // until Run knows the socket, frames queue for it
   bool failed_ = false;
+  int flush_waiters_ = 0;
 };
 
 Output g_out;
@@ -429,7 +437,8 @@ class Call {
       *keep = std::move(it->second);
       g_calls.erase(it);
       g_active.fetch_sub(1, std::memory_order_relaxed);
-      if (g_calls.empty()) g_cv.notify_all();
+      // Only the stopping main thread waits for the last call; a wake-up per call would cost.
+      if (g_calls.empty() && (g_shutdown_requested || g_lost)) g_cv.notify_all();
     }
   }
 
@@ -714,6 +723,19 @@ bool ReadFull(int fd, char* to, size_t size) {
   return true;
 }
 
+// One read of what is there, waiting for it in poll(POLLIN). A read() blocked on the socket
+// would also be woken each time the service reads a frame we sent (the kernel signals the free
+// space on the same wait queue): a wake-up of this thread, often on a halted vCPU, per request.
+// poll wakes only for what it asked.
+ssize_t ReadSome(int fd, char* to, size_t size) {
+  for (;;) {
+    ssize_t n = recv(fd, to, size, MSG_DONTWAIT);
+    if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) return n;
+    pollfd waiting{fd, POLLIN, 0};
+    if (poll(&waiting, 1, -1) < 0 && errno != EINTR) return -1;
+  }
+}
+
 void BadFrame() {
   fprintf(stderr, "grpc_front: malformed frame from the service; stopping\n");
   OnBackendLost(1);
@@ -751,7 +773,7 @@ void ReadFrames(int fd) {
       end -= begin;
       begin = 0;
     }
-    ssize_t n = read(fd, buf + end, kReadChunk - end);
+    ssize_t n = ReadSome(fd, buf + end, kReadChunk - end);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) return OnBackendLost(0);
     end += static_cast<size_t>(n);
