@@ -8,6 +8,11 @@ request's Future gets its result (in arrival order with preserve_ordering).
 Everything runs on one event loop: no locks, no task per request. The driver sleeps on an
 asyncio.Event, woken by a submit, a finished batch, or a timer armed through the injectable Clock
 for the next max_queue_delay or queue deadline.
+
+A request that would be dispatched alone at once (no batching delay, the queue empty, an instance
+free, no other callback ready in the loop, so none can join it) skips the driver: ``run_now``
+runs it on the caller's thread when the model takes short batches inline, else it goes straight
+to a batch task. At concurrency 1 that saves the driver's and the batch task's loop passes.
 """
 
 from __future__ import annotations
