@@ -345,10 +345,8 @@ class ServedModel:
             inputs = {
                 n: np.concatenate([p.inputs[n] for p in payloads]) for n in payloads[0].inputs
             }
-
         t1 = time.monotonic_ns()
         results = self._guarded(runtime.infer, inputs, sizes)
-
         t2 = time.monotonic_ns()
         split: list[dict[str, Array] | ServingError] = list(self._split(results, sizes))
         t3 = time.monotonic_ns()
