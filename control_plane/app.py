@@ -19,6 +19,7 @@ import grpc
 from aiohttp import web
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
+from control_plane import shared_regions, shared_settings
 from control_plane.admin import add_admin_routes
 from control_plane.ads import AdsServicer
 from control_plane.consul import ConsulSource
@@ -29,7 +30,6 @@ from control_plane.model import Address, MeshState, ServiceInstance
 from control_plane.policy import PolicyStore
 from control_plane.registry import Registry, RegistryServicer
 from control_plane.registry_file import load_instances, save_instances
-from control_plane.shared_regions import catch_up
 from control_plane.snapshot import InconsistentSnapshot, SnapshotCache, make_snapshot
 from control_plane.tracing import GatewayTracing, percent_from_trace_settings
 from control_plane.translate import translate
@@ -241,12 +241,21 @@ class ControlPlane:
         while True:
             self._save_registry()
             seen = await self.source.wait_changed(seen)
-            # regions registered through the gateway reach a joining service before its routes
-            try:
-                await catch_up(self.front)
-            except Exception:
-                log.exception("making the shared memory regions on joining services failed")
+            await self._catch_up()
             self.publish()
+
+    async def _catch_up(self) -> None:
+        """What was made through the gateway (shared-memory regions, log and trace settings)
+        reaches the services that joined since, concurrently, before their routes are
+        published."""
+        steps = {
+            "the shared memory regions": shared_regions.catch_up(self.front),
+            "the log and trace settings": shared_settings.catch_up(self.front),
+        }
+        results = await asyncio.gather(*steps.values(), return_exceptions=True)
+        for what, result in zip(steps, results, strict=True):
+            if isinstance(result, Exception):
+                log.error("making %s on joining services failed", what, exc_info=result)
 
     async def stop(self) -> None:
         if self._reconcile_task is not None:

@@ -14,14 +14,15 @@ The traffic-policy API is not part of this service.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from functools import wraps
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial, wraps
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
 from control_plane.front_core import Front, FrontError, serialize
+from control_plane.model import ServiceInstance
 from protos.gen.inference import grpc_service_pb2 as pb
 from protos.gen.inference import grpc_service_pb2_grpc as pbg
 
@@ -324,12 +325,39 @@ class FrontServicer(pbg.GRPCInferenceServiceServicer):
         )
 
     # ---- trace & log settings: made on every service, answered with the first one's --------------
+    async def _update_settings(
+        self,
+        context: Ctx,
+        method: str,
+        request: Message,
+        response_type: type[M],
+        book: Callable[[Sequence[ServiceInstance]], None],
+    ) -> M:
+        """A settings update: made on every service and, once all accepted it, ``book``ed for
+        those that join later (under the book's lock: no replay to a joining service overtakes
+        it)."""
+        async with self._front.shared_settings.lock:
+            instances = self._front.state().instances
+            answer = await self._front.everywhere(
+                method, request, response_type, self._fan_out_timeout(context), instances
+            )
+            book(instances)
+        return answer
+
     @_translate
     async def TraceSetting(
         self, request: pb.TraceSettingRequest, context: Ctx
     ) -> pb.TraceSettingResponse:
-        response = await self._everywhere(context, "TraceSetting", request, pb.TraceSettingResponse)
-        if request.settings and not request.model_name:
+        if not request.settings:
+            return await self._everywhere(context, "TraceSetting", request, pb.TraceSettingResponse)
+        response = await self._update_settings(
+            context,
+            "TraceSetting",
+            request,
+            pb.TraceSettingResponse,
+            partial(self._front.shared_settings.trace_updated, request),
+        )
+        if not request.model_name:
             self._front.global_trace_settings_changed(
                 {k: list(v.value) for k, v in response.settings.items()}
             )
@@ -339,4 +367,12 @@ class FrontServicer(pbg.GRPCInferenceServiceServicer):
     async def LogSettings(
         self, request: pb.LogSettingsRequest, context: Ctx
     ) -> pb.LogSettingsResponse:
-        return await self._everywhere(context, "LogSettings", request, pb.LogSettingsResponse)
+        if not request.settings:
+            return await self._everywhere(context, "LogSettings", request, pb.LogSettingsResponse)
+        return await self._update_settings(
+            context,
+            "LogSettings",
+            request,
+            pb.LogSettingsResponse,
+            partial(self._front.shared_settings.log_updated, request),
+        )

@@ -18,8 +18,9 @@ Decisions (documented here, to be folded into DESIGN):
 * Load/Unload go to the owners (instances whose index lists the model, loaded or not); with
   several replicas all must succeed. No owner: NOT_FOUND naming the model.
 * Shared memory (system, CUDA), log and trace settings: made on every instance (co-located
-  mesh), all must succeed; the answer (e.g. status) is the first instance's. System regions are
-  also made on instances that join later (shared_regions.py).
+  mesh), all must succeed; the answer (e.g. status) is the first instance's. System regions and
+  log and trace settings made this way are also made on instances that join later
+  (shared_regions.py, shared_settings.py).
 * Model-scoped requests go to an instance that has the version READY in the registry (round
   robin); failing that, to one that has it registered in another state, so the service gives its
   own reason; otherwise NOT_FOUND "unknown model '<name>'". ModelReady answers ready=false
@@ -46,6 +47,7 @@ from google.protobuf.message import Message
 
 from control_plane.model import Address, MeshState, ServiceInstance
 from control_plane.shared_regions import RegionBook
+from control_plane.shared_settings import SettingsBook
 from control_plane.stats_merge import merge_statistics
 from protos.gen.inference import grpc_service_pb2 as pb
 
@@ -128,6 +130,8 @@ class Front:
         self.on_global_trace_settings: Callable[[dict[str, list[str]]], None] | None = None
         #: shared-memory regions registered through the front (made again on services that join)
         self.regions = RegionBook()
+        #: log and trace settings changed through the front (made again on services that join)
+        self.shared_settings = SettingsBook()
 
     def global_trace_settings_changed(self, settings: dict[str, list[str]]) -> None:
         if self.on_global_trace_settings is not None:

@@ -10,7 +10,9 @@ documented there); requests are forwarded to the services' own REST endpoints (`
 * ``POST /v2/repository/models/<m>/load|unload``: the body forwarded to every owner; all must
   succeed, else the first failing service's answer is returned as it is;
 * ``/v2/systemsharedmemory/…``, ``/v2/cudasharedmemory/…``, ``/v2/logging``,
-  ``/v2/trace/setting``: made on every registered service, answered with the first one's;
+  ``/v2/trace/setting``, ``/v2/models/<m>/trace/setting``: made on every registered service,
+  answered with the first one's
+  (system regions and settings updates also on services that join later);
 * any other ``/v2/models/<m>…`` of a known model: proxied to one of its instances, the body
   streamed both ways. aiohttp has already decompressed a request sent with Content-Encoding, so
   it goes on uncompressed (without Content-Encoding and Content-Length); the service's answer
@@ -109,11 +111,12 @@ def build_front_app(
     r.add_get("/v2/models/stats", _statistics)
     r.add_get("/v2/models/{model}/stats", _statistics)
     r.add_get("/v2/models/{model}/versions/{version}/stats", _statistics)
+    r.add_route("*", "/v2/models/{model}/trace/setting", _settings)
     r.add_route("*", "/v2/models/{model}", _model)
     r.add_route("*", "/v2/models/{model}/{tail:.*}", _model)
     r.add_route("*", "/v2/systemsharedmemory/{tail:.*}", _system_shared_memory)
     r.add_route("*", "/v2/cudasharedmemory/{tail:.*}", _everywhere)
-    r.add_route("*", "/v2/logging", _everywhere)
+    r.add_route("*", "/v2/logging", _settings)
     r.add_route("*", "/v2/trace/setting", _trace_setting)
     return app
 
@@ -273,10 +276,25 @@ async def _system_shared_memory(request: web.Request) -> web.Response:
     return response
 
 
+async def _settings(request: web.Request) -> web.Response:
+    """Log and trace settings (global or a model's): made on every service; an update all
+    accepted is booked
+    for the services that join later (shared_settings.py), under the book's lock."""
+    if request.method != "POST":
+        return await _everywhere(request)
+    front = request.app[_FRONT]
+    book = front.shared_settings
+    async with book.lock:
+        instances = front.state().instances
+        response = await _send_all(request, instances, front.fanout_timeout)
+        book.rest_call(request.path, await request.read(), response.status, instances)
+    return response
+
+
 async def _trace_setting(request: web.Request) -> web.Response:
-    """Global trace settings: made on every service; an update also reaches the gateway's own
-    sampling (``Front.on_global_trace_settings``)."""
-    response = await _everywhere(request)
+    """Global trace settings (``_settings``); an update also reaches the gateway's own sampling
+    (``Front.on_global_trace_settings``)."""
+    response = await _settings(request)
     if request.method == "POST" and response.status == 200 and response.body is not None:
         try:
             doc = json.loads(bytes(cast(bytes, response.body)))

@@ -21,7 +21,7 @@ this module turns them into the two RDS resources that Envoy's listeners name:
 
 ``http_routes`` (REST listener): by path, ``/v2/models/<m>/versions/<v>/...`` to that version,
 ``/v2/models/<m>[/...]`` to the model's default, the rest (health, repository, shared memory,
-``/v2/models/stats``, unknown models) to the front.
+``/v2/models/stats``, ``/v2/models/<m>/trace/setting``, unknown models) to the front.
 
 A request that names no version and reaches a weighted default gets the chosen version as the
 ``meshserve-version`` request header, so the service serves exactly what the split picked.
@@ -57,6 +57,8 @@ EXTRACTION_FILTER = "envoy.filters.http.grpc_field_extraction"
 LUA_FILTER = "envoy.filters.http.lua"
 #: request bodies Envoy may buffer (field extraction, retries); the default 16 MiB is too small
 BODY_BUFFER_LIMIT = 80 * 1024 * 1024
+#: REST path of one model's trace settings (Envoy RE2)
+MODEL_TRACE_SETTING = "^/v2/models/[^/]+/trace/setting$"
 #: (name key, version key) in the extraction's dynamic metadata, per request family
 METADATA_KEYS = (("model_name", "model_version"), ("name", "version"))
 
@@ -137,7 +139,9 @@ def http_route_config(
 ) -> route_pb2.RouteConfiguration:
     """The ``http_routes`` RouteConfiguration: REST v2 routed by path."""
     routes = [
-        _front_http_route("stats", rc.RouteMatch(path="/v2/models/stats"), has_front=has_front)
+        _front_http_route("stats", rc.RouteMatch(path="/v2/models/stats"), has_front=has_front),
+        # a model's trace settings are made on every service, as over gRPC
+        _front_http_route("trace", _regex_match(MODEL_TRACE_SETTING), has_front=has_front),
     ]
     for m in models:
         model_path = "/v2/models/" + _path_pattern(m.name)

@@ -2,7 +2,7 @@
 
 A client registers a region once, at the gateway; the front makes it on every service registered
 at that moment (``Front.everywhere``). ``RegionBook`` remembers those regions and which instance
-has which, and ``Front.catch_up_regions`` makes the missing ones on each instance that joined
+has which, and ``catch_up`` makes the missing ones on each instance that joined
 since: the control plane calls it on every registry change before it publishes the change to
 Envoy, so a service that joins later (a restart, a new replica) has the regions before the
 gateway routes requests to it. Regions registered on a service directly, not through the
@@ -107,11 +107,11 @@ class RegionBook:
 
 
 async def catch_up(front: Front) -> None:
-    from control_plane.front_core import FrontError
-
     """Make the book's regions on every registered instance that lacks them, concurrently; an
     instance that refuses one is logged (its requests naming that region will fail) and asked
     again at the next registry change."""
+    from control_plane.front_core import FrontError
+
     book = front.regions
 
     async def one(instance: ServiceInstance, request: pb.SystemSharedMemoryRegisterRequest) -> None:

@@ -24,6 +24,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.e2e.conftest import MeshHandle, make_repository, running_mesh, running_service, wait_for
 from tests.e2e.traffic import Load, simple_inputs
+from tests.otlp_receiver import OtlpReceiver
 
 
 def envoy_hosts(mesh: MeshHandle, cluster: str) -> set[str]:
@@ -153,6 +154,40 @@ def test_a_replica_that_joins_later_gets_the_regions_registered_at_the_gateway(
                 h.close()
     finally:
         shm.destroy_shared_memory_region(handle)
+
+
+def test_a_replica_that_joins_later_gets_the_settings_made_at_the_gateway(
+    example_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Log settings (gRPC) and global (gRPC) and per-model (REST) trace settings changed through
+    the gateway before a second replica joined are made on it before the gateway routes to it."""
+    repo = make_repository(example_repo, tmp_path / "models", ["simple"])
+    with OtlpReceiver() as receiver:
+        # tracing on in every process, so TraceSetting can change it
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        with running_mesh(repo, tmp_path) as mesh:
+            c = grpcclient.InferenceServerClient(mesh.grpc_url)
+            h = httpclient.InferenceServerClient(mesh.http_url)
+            try:
+                c.update_log_settings({"log_verbose_level": 1, "log_warning": False})
+                c.update_trace_settings(settings={"trace_rate": "4"})
+                h.update_trace_settings(model_name="simple", settings={"trace_rate": "2"})
+                with running_service(repo, mesh, tmp_path, models=1) as replica:
+                    wait_for(lambda: len(envoy_hosts(mesh, "model:simple:1")) == 2, 5, "routed")
+                    doc = mesh.status()
+                    assert doc is not None
+                    address = next(i["address"] for i in doc["instances"] if i["id"] == replica.id)
+                    with grpcclient.InferenceServerClient(address) as direct:
+                        logs = direct.get_log_settings(as_json=True)["settings"]
+                        trace = direct.get_trace_settings(as_json=True)["settings"]
+                        model = direct.get_trace_settings("simple", as_json=True)["settings"]
+            finally:
+                c.close()
+                h.close()
+    assert logs["log_verbose_level"] == {"uint32_param": 1}, logs
+    assert logs["log_warning"] == {"bool_param": False}, logs
+    assert trace["trace_rate"]["value"] == ["4"], trace
+    assert model["trace_rate"]["value"] == ["2"], model
 
 
 def test_sigkill_of_one_of_two_replicas_under_load(example_repo: Path, tmp_path: Path) -> None:

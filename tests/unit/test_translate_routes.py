@@ -123,6 +123,7 @@ def http_target(res: Resources, path: str) -> str:
     [
         ("/v2/models/simple", "model-http:simple:2"),
         ("/v2/models/simple/infer", "model-http:simple:2"),
+        ("/v2/models/simple/trace/setting", "front-http"),
         ("/v2/models/simple/versions/1/infer", "model-http:simple:1"),
         ("/v2/models/simple/versions/3/infer", "front-http"),  # not READY: no fallthrough
         ("/v2/models/simple_string/infer", "model-http:simple_string:1"),
