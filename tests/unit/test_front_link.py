@@ -139,18 +139,30 @@ async def test_a_long_frame_gets_its_own_buffer_and_its_payload_is_a_view_of_it(
     assert sink.events[2][1] == (1, b"y")
 
 
-async def test_frames_sent_while_other_work_is_ready_wait_for_the_iterations_one_write() -> None:
+class RecordingTransport(asyncio.Transport):
+    """Keeps every write (one bytes object per write call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def writing_link() -> tuple[fl.FrameLink, list[bytes]]:
+    """A connected link whose writes are recorded."""
     link, _ = make_link()
-    writes: list[bytes] = []
+    transport = RecordingTransport()
+    link.connection_made(transport)
+    return link, transport.writes
 
-    class Transport(asyncio.Transport):
-        def write(self, data: bytes | bytearray | memoryview) -> None:
-            writes.append(bytes(data))
 
-        def is_closing(self) -> bool:
-            return False
-
-    link.connection_made(Transport())
+async def test_frames_sent_while_other_work_is_ready_wait_for_the_iterations_one_write() -> None:
+    link, writes = writing_link()
     loop = asyncio.get_running_loop()
     loop.call_soon(lambda: None)  # another call's work, ready in this iteration (a burst)
     link.send(fl.encode_finish(1, 0, "", b"zero"))
@@ -161,17 +173,7 @@ async def test_frames_sent_while_other_work_is_ready_wait_for_the_iterations_one
 
 
 async def test_the_first_frame_of_an_iteration_goes_at_once_the_rest_in_one_write() -> None:
-    link, _ = make_link()
-    writes: list[bytes] = []
-
-    class Transport(asyncio.Transport):
-        def write(self, data: bytes | bytearray | memoryview) -> None:
-            writes.append(bytes(data))
-
-        def is_closing(self) -> bool:
-            return False
-
-    link.connection_made(Transport())
+    link, writes = writing_link()
     first = fl.encode_finish(1, 0, "", b"zero")
     link.send(first)
     assert writes == [first]  # at low load the answer leaves at once
