@@ -283,6 +283,8 @@ class DynamicBatcher(Generic[T, R]):
                 self._release(instance)
                 raise
         if results is None:
+            if self._ordered is not None:
+                self._ordered.append(ticket)  # later requests wait for it (preserve_ordering)
             self._spawn(instance, [ticket])
             return await ticket.future
         self._release(instance)

@@ -141,3 +141,22 @@ async def test_a_wrong_batch_size_is_refused_before_running() -> None:
         raise AssertionError("a batch of 9 was accepted")
     assert now.calls == []
     await batcher.close()
+
+
+@pytest.mark.usefixtures("always_alone")
+async def test_with_preserve_ordering_a_later_request_does_not_overtake_one_run_in_a_task() -> None:
+    run, now = Executor(gated=True), RunNow(inline=False)
+    batcher = make(run, now, instances=2, preserve_ordering=True)
+    first = submit(batcher, "a")
+    await settle()
+    second = submit(batcher, "b")
+    await settle()
+    assert run.payloads == [["a"], ["b"]]  # both running, one per instance
+    run.gates[1].set()  # b finishes first ...
+    await settle()
+    overtook = second.done()
+    run.gates[0].set()
+    both = asyncio.gather(first, second)
+    assert await asyncio.wait_for(both, 5) == ["out:a", "out:b"]  # (a lost answer: a timeout)
+    await batcher.close()
+    assert not overtook  # ... but waited for a
