@@ -7,7 +7,7 @@ request's Future gets its result (in arrival order with preserve_ordering).
 
 Everything runs on one event loop: no locks, no task per request. The driver sleeps on an
 asyncio.Event, woken by a submit, a finished batch, or a timer armed through the injectable Clock
-for the next max_queue_delay or queue deadline.
+(clock.py) for the next max_queue_delay or queue deadline.
 
 A request that would be dispatched alone at once (no batching delay, the queue empty, an instance
 free, no other callback ready in the loop, so none can join it) skips the driver: ``run_now``
@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar, cast
+from typing import Generic, TypeVar, cast
 
 from protos.gen.inference import model_config_pb2 as mc
 from services.core.batch_queue import BatchPolicy, BatchQueue, Pending, QueuePolicy
 from services.core.busy_poll import nothing_else_ready
+from services.core.clock import MONOTONIC, Clock, MonotonicClock, TimerHandle
 from services.core.errors import InternalError, ModelLoadError, QueueTimeout, Unavailable
 
 __all__ = [
@@ -55,73 +55,6 @@ RunBatch = Callable[[int, Sequence[Pending[T]]], Awaitable[Sequence[R | BaseExce
 #: ``run_now(instance, items)``: the same, run at once on the caller's thread when the runtime
 #: chooses to (a short execution), else None without running anything.
 RunNow = Callable[[int, Sequence[Pending[T]]], Sequence[R | BaseException] | None]
-
-
-class TimerHandle(Protocol):
-    def cancel(self) -> None: ...
-
-
-class Clock(Protocol):
-    """Monotonic time in nanoseconds, and a timer on that time (tests pass a fake one)."""
-
-    def monotonic_ns(self) -> int: ...
-
-    def call_at(self, when_ns: int, callback: Callable[[], None]) -> TimerHandle:
-        """Call ``callback`` on the running loop once ``monotonic_ns() >= when_ns``."""
-        ...
-
-
-#: asyncio rounds selector timeouts up to whole milliseconds, so a 100 µs call_later fires after
-#: ~1 ms. The last stretch before a deadline is waited by re-queuing with call_soon instead: the
-#: loop keeps polling sockets (new requests still arrive) and the timer fires within microseconds.
-_COARSE_MARGIN_NS = 1_500_000
-
-
-class _PreciseTimer:
-    """A timer on the running loop accurate to microseconds (see _COARSE_MARGIN_NS)."""
-
-    __slots__ = ("_callback", "_cancelled", "_handle", "_loop", "_when_ns")
-
-    def __init__(self, when_ns: int, callback: Callable[[], None]) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._when_ns = when_ns
-        self._callback = callback
-        self._cancelled = False
-        self._handle: asyncio.Handle | None = None
-        self._arm()
-
-    def _arm(self) -> None:
-        remaining = self._when_ns - time.monotonic_ns()
-        if remaining > _COARSE_MARGIN_NS:
-            self._handle = self._loop.call_later((remaining - _COARSE_MARGIN_NS) / 1e9, self._tick)
-        else:
-            self._handle = self._loop.call_soon(self._tick)
-
-    def _tick(self) -> None:
-        if self._cancelled:
-            return
-        if time.monotonic_ns() >= self._when_ns:
-            self._callback()
-        else:
-            self._arm()
-
-    def cancel(self) -> None:
-        self._cancelled = True
-        if self._handle is not None:
-            self._handle.cancel()
-
-
-class MonotonicClock:
-    """time.monotonic_ns with microsecond-accurate timers on the running event loop."""
-
-    def monotonic_ns(self) -> int:
-        return time.monotonic_ns()
-
-    def call_at(self, when_ns: int, callback: Callable[[], None]) -> TimerHandle:
-        return _PreciseTimer(when_ns, callback)
-
-
-MONOTONIC: Clock = MonotonicClock()
 
 
 @dataclass(slots=True, eq=False)

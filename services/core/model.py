@@ -19,11 +19,11 @@ from typing import TypeVar
 import numpy as np
 
 from protos.gen.inference import model_config_pb2 as mc
-from services.core import dtypes, tracing
+from services.core import dtypes, model_prep, tracing
 from services.core.batcher import DynamicBatcher, Pending, batch_policy_from_config
 from services.core.errors import InternalError, ServingError
 from services.core.requests import Array, InferRequest
-from services.core.runtime import InstanceSpec, Runtime
+from services.core.runtime import Runtime
 from services.core.statistics import ModelStats
 from services.core.validation import RequestValidator
 from services.core.warmup import run_warmup
@@ -58,22 +58,6 @@ class ItemResult:
     batch_start_ns: int = 0
     batch_end_ns: int = 0
     batch_size: int = 0
-
-
-def instance_specs(config: mc.ModelConfig) -> list[InstanceSpec]:
-    """Expand instance_group entries into one spec per instance (Triton's instance naming)."""
-    specs: list[InstanceSpec] = []
-    for g_index, group in enumerate(config.instance_group):
-        name = group.name or f"{config.name}_{g_index}"
-        devices = list(group.gpus) if group.kind == mc.ModelInstanceGroup.KIND_GPU else [-1]
-        for device in devices or [0]:
-            for i in range(max(group.count, 1)):
-                specs.append(
-                    InstanceSpec(
-                        name=f"{name}_{i}", kind=group.kind, device_id=device, index=len(specs)
-                    )
-                )
-    return specs or [InstanceSpec(name=f"{config.name}_0", kind=mc.ModelInstanceGroup.KIND_CPU)]
 
 
 class ServedModel:
@@ -129,7 +113,7 @@ class ServedModel:
         model_file = version_path / (
             config.default_model_filename or runtime_cls.default_model_filename
         )
-        specs = instance_specs(config)
+        specs = model_prep.instance_specs(config)
         executor = ThreadPoolExecutor(
             max_workers=len(specs), thread_name_prefix=f"{config.name}-v{version}"
         )

@@ -1,4 +1,5 @@
-"""Model preparation: which runtime serves a repository folder, and the config it is loaded with.
+"""Model preparation: which runtime serves a repository folder, the config it is loaded with, and
+the instances its instance groups expand to.
 
 Data flow: repository (a model's folder and config.pbtxt, or a load request's override) ─▶
 ``prepare_config`` (runtime chosen by platform, backend or model file; config auto-completed by
@@ -14,7 +15,7 @@ from protos.gen.inference import model_config_pb2 as mc
 from services.core import config as cfg
 from services.core import repository as repo
 from services.core.errors import ModelLoadError, ServingError
-from services.core.runtime import Runtime
+from services.core.runtime import InstanceSpec, Runtime
 
 
 def serves(runtimes: Sequence[type[Runtime]], model_dir: repo.ModelDir) -> bool:
@@ -81,3 +82,19 @@ def prepare_config(
     cfg.apply_defaults(config)
     cfg.validate_config(config, name)
     return config, runtime
+
+
+def instance_specs(config: mc.ModelConfig) -> list[InstanceSpec]:
+    """Expand instance_group entries into one spec per instance (Triton's instance naming)."""
+    specs: list[InstanceSpec] = []
+    for g_index, group in enumerate(config.instance_group):
+        name = group.name or f"{config.name}_{g_index}"
+        devices = list(group.gpus) if group.kind == mc.ModelInstanceGroup.KIND_GPU else [-1]
+        for device in devices or [0]:
+            for i in range(max(group.count, 1)):
+                specs.append(
+                    InstanceSpec(
+                        name=f"{name}_{i}", kind=group.kind, device_id=device, index=len(specs)
+                    )
+                )
+    return specs or [InstanceSpec(name=f"{config.name}_0", kind=mc.ModelInstanceGroup.KIND_CPU)]

@@ -20,7 +20,7 @@ from services.tensorrt.engine import EngineIO, ProfileRange, Shape
 
 
 def group_of(config: mc.ModelConfig, instance: InstanceSpec) -> mc.ModelInstanceGroup | None:
-    """The instance group ``instance`` was expanded from (services/core/model.instance_specs)."""
+    """The instance group ``instance`` was expanded from (model_prep.instance_specs)."""
     first = 0
     for group in config.instance_group:
         devices = list(group.gpus) if group.kind == mc.ModelInstanceGroup.KIND_GPU else [-1]
