@@ -140,10 +140,11 @@ class Gateway:
             stderr=asyncio.subprocess.PIPE,
             **self.spawn_options,
         )
-        self._stderr_task = asyncio.create_task(self._log_stderr(), name="envoy-stderr")
+        # both get the process itself: stop() clears self._proc, maybe before they first run
+        self._stderr_task = asyncio.create_task(self._log_stderr(self._proc), name="envoy-stderr")
         log.info("started Envoy (pid %d) with %s", self._proc.pid, config_path)
         try:
-            await asyncio.wait_for(self._wait_ready(address_path), timeout)
+            await asyncio.wait_for(self._wait_ready(self._proc, address_path), timeout)
         except BaseException as exc:
             await self.stop()
             if isinstance(exc, TimeoutError):
@@ -153,15 +154,14 @@ class Gateway:
                 ) from None
             raise
 
-    async def _wait_ready(self, address_path: Path) -> None:
-        assert self._proc is not None
+    async def _wait_ready(self, proc: asyncio.subprocess.Process, address_path: Path) -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
             while True:
-                if self._proc.returncode is not None:
+                if proc.returncode is not None:
                     if self._stderr_task is not None:  # its last words, read to the end
                         await asyncio.wait({self._stderr_task}, timeout=2)
                     raise GatewayError(
-                        f"Envoy exited with status {self._proc.returncode}: "
+                        f"Envoy exited with status {proc.returncode}: "
                         + " | ".join(self._last_lines)
                     )
                 if self._admin_url is None and address_path.exists():  # noqa: ASYNC240
@@ -175,10 +175,10 @@ class Gateway:
                                 return
                 await asyncio.sleep(0.05)
 
-    async def _log_stderr(self) -> None:
-        assert self._proc is not None and self._proc.stderr is not None
+    async def _log_stderr(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stderr is not None
         level = logging.WARNING
-        async for raw in self._proc.stderr:
+        async for raw in proc.stderr:
             line = raw.decode(errors="replace").rstrip()
             if line:
                 self._last_lines.append(line)

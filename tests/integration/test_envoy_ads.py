@@ -172,3 +172,18 @@ async def test_an_envoy_that_cannot_start_is_reported_with_its_own_words(
             await gateway.start(timeout=30)
     assert "address already in use" in str(raised.value).lower()
     assert gateway.pid is None
+
+
+async def test_a_gateway_stopped_while_it_starts_fails_the_start_with_envoys_exit(
+    control_plane: ControlPlane,
+) -> None:
+    # With no snapshot served Envoy is not ready for a while; stopping it meanwhile (as a mesh
+    # does when another part fails to start) must end the start with a GatewayError.
+    gateway = Gateway("127.0.0.1", control_plane.port, admin_port=0)
+    start = asyncio.create_task(gateway.start(timeout=30))
+    await eventually(lambda: gateway.pid is not None, "Envoy spawned")
+    await asyncio.sleep(0.3)  # the readiness probe and the stderr reader are running
+    await gateway.stop()
+    with pytest.raises(GatewayError, match="Envoy exited with status"):
+        await start
+    assert gateway.pid is None
