@@ -338,8 +338,9 @@ def encode_infer_response(resp: InferResponse, binary_default: bool) -> tuple[by
         item: JsonObject = {"name": out.name, "datatype": out.datatype, "shape": list(out.shape)}
         binary = binary_default if out.binary_data is None else out.binary_data
         if out.shared_memory is not None:
-            ref = out.shared_memory
-            item["parameters"] = {REGION: ref.region, OFFSET: ref.offset, BYTE_SIZE: ref.byte_size}
+            # Written to the region: no data and no parameters here, as Triton answers. Triton's
+            # C++ client (perf_analyzer) takes an output's "parameters" to mean binary data.
+            pass
         elif binary:
             raw = _wire_bytes(out.datatype, out.data)
             item["parameters"] = {
