@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODELS := examples/models
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: run test unit integration e2e lint typecheck protos bench models setup clean native
+.PHONY: run test unit integration e2e lint typecheck protos bench models setup clean native perf_analyzer
 
 setup: $(STAMP) native
 
@@ -36,6 +36,12 @@ $(FRONT): services/core/native/grpc_front.cc
 	       "services will serve gRPC with grpc.aio instead of grpc_front"; \
 	fi
 
+# perf_analyzer (PyPI's wheel needs a newer glibc: the script sets up a private one), for
+# `make bench` and the tests that check it works against the mesh (they skip where it is missing)
+perf_analyzer: $(STAMP)
+	@bash benchmarks/setup_perf_analyzer.sh || \
+	  echo "note: perf_analyzer could not be set up; the tests that run it will skip"
+
 models: $(STAMP) native
 	$(PY) -m examples.build_repository $(MODELS)
 
@@ -43,7 +49,7 @@ models: $(STAMP) native
 run: models
 	$(VENV)/bin/meshserve up --model-repository $(MODELS)
 
-test: $(STAMP) native
+test: $(STAMP) native perf_analyzer
 	$(PY) -m pytest -q tests/unit
 	$(PY) -m pytest -q tests/integration tests/e2e
 
@@ -60,8 +66,7 @@ typecheck: $(STAMP)
 protos: $(STAMP)
 	$(PY) -m protos.build
 
-bench: models
-	bash benchmarks/setup_perf_analyzer.sh
+bench: models perf_analyzer
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.seed
 	$(PY) -m benchmarks.ensemble
