@@ -103,6 +103,13 @@ class FrontError(Exception):
         return cls(grpc.StatusCode.NOT_FOUND, f"unknown model '{name}'")
 
     @classmethod
+    def unknown_version(cls, name: str, version: str, known: Sequence[str]) -> FrontError:
+        return cls(
+            grpc.StatusCode.NOT_FOUND,
+            f"unknown version {version} of model '{name}' (it has {', '.join(known)})",
+        )
+
+    @classmethod
     def from_rpc(cls, exc: grpc.aio.AioRpcError, inst: ServiceInstance) -> FrontError:
         """A service's answer keeps its status and message; a transport failure names the hop."""
         code, details = exc.code(), exc.details() or ""
@@ -167,6 +174,17 @@ class Front:
         ]
         return ready or registered
 
+    def not_found(self, model: str, version: str) -> FrontError:
+        """NOT_FOUND for a model no service has, or a version of it none has."""
+        if version:
+            known = sorted(
+                {m.version for i in self.state().instances for m in i.models if m.name == model},
+                key=lambda v: (len(v), v),
+            )
+            if known:
+                return FrontError.unknown_version(model, version, known)
+        return FrontError.unknown_model(model)
+
     def route(self, model: str, version: str) -> ServiceInstance:
         """One instance with the model READY for a model-scoped request (round robin).
 
@@ -176,7 +194,7 @@ class Front:
         """
         candidates = self.instances_of(model, version)
         if not candidates:
-            raise FrontError.unknown_model(model)
+            raise self.not_found(model, version)
         ready = [
             i
             for i in candidates
@@ -360,7 +378,7 @@ class Front:
     ) -> pb.ModelStatisticsResponse:
         instances = self.instances_of(name, version) if name else list(self.state().instances)
         if name and not instances:
-            raise FrontError.unknown_model(name)
+            raise self.not_found(name, version)
         request = pb.ModelStatisticsRequest(name=name, version=version)
         answers = await self.gather(
             instances, "ModelStatistics", request, pb.ModelStatisticsResponse, rpc_timeout

@@ -256,6 +256,23 @@ def test_unknown_model(mesh: Mesh) -> None:
     assert json.loads(http_info.value.read()) == {"error": "unknown model 'nope'"}
 
 
+def test_unknown_version_of_a_known_model(mesh: Mesh) -> None:
+    # the front knows the model: the error names the version and the versions there are
+    expected = "unknown version 7 of model 'simple' (it has 1)"
+    for client, kind in ((mesh.grpc, grpcclient), (mesh.http, httpclient)):
+        assert not client.is_model_ready("simple", "7")
+        for call in (
+            lambda: client.infer("simple", simple_inputs(kind, 1, 1), model_version="7"),
+            lambda: client.get_model_metadata("simple", "7"),
+            lambda: client.get_inference_statistics("simple", "7"),
+        ):
+            with pytest.raises(InferenceServerException) as info:
+                call()
+            assert expected in info.value.message()
+            assert info.value.status() in ("StatusCode.NOT_FOUND", "404")
+    assert mesh.grpc.is_model_ready("simple", "1")
+
+
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
 def test_compressed_grpc_infer_is_proxied(mesh: Mesh, algorithm: str) -> None:
     c = mesh.grpc
