@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -261,13 +262,14 @@ def test_unknown_version_of_a_known_model(mesh: Mesh) -> None:
     expected = "unknown version 7 of model 'simple' (it has 1)"
     for client, kind in ((mesh.grpc, grpcclient), (mesh.http, httpclient)):
         assert not client.is_model_ready("simple", "7")
-        for call in (
-            lambda: client.infer("simple", simple_inputs(kind, 1, 1), model_version="7"),
-            lambda: client.get_model_metadata("simple", "7"),
-            lambda: client.get_inference_statistics("simple", "7"),
-        ):
+        calls: list[tuple[Any, tuple[Any, ...], dict[str, str]]] = [
+            (client.infer, ("simple", simple_inputs(kind, 1, 1)), {"model_version": "7"}),
+            (client.get_model_metadata, ("simple", "7"), {}),
+            (client.get_inference_statistics, ("simple", "7"), {}),
+        ]
+        for call, args, kwargs in calls:
             with pytest.raises(InferenceServerException) as info:
-                call()
+                call(*args, **kwargs)
             assert expected in info.value.message()
             assert info.value.status() in ("StatusCode.NOT_FOUND", "404")
     assert mesh.grpc.is_model_ready("simple", "1")
