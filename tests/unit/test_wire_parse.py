@@ -77,7 +77,10 @@ def assert_matches_protobuf(data: bytes) -> None:
     expected = pb.ModelInferRequest.FromString(data)
     wire = walk_infer_request(data)
     assert wire.msg == without_raw(expected)
-    assert wire.msg.SerializeToString() == without_raw(expected).SerializeToString()
+    # the same bytes too (unknown fields kept); deterministic: map entries in key order, else
+    # protobuf writes them in whatever order its map iterates
+    want = without_raw(expected).SerializeToString(deterministic=True)
+    assert wire.msg.SerializeToString(deterministic=True) == want
     assert [bytes(r) for r in wire.raw] == list(expected.raw_input_contents)
     for view in wire.raw:
         assert isinstance(view, memoryview)
