@@ -26,7 +26,6 @@ import asyncio
 import importlib.util
 import inspect
 import itertools
-import json
 import logging
 import sys
 from collections.abc import Mapping, Sequence
@@ -35,8 +34,6 @@ from types import ModuleType
 from typing import Any, ClassVar
 
 import numpy as np
-from google.protobuf import descriptor as pb_descriptor
-from google.protobuf import json_format
 
 from protos.gen.inference import model_config_pb2 as mc
 from services.core import dtypes, tracing
@@ -53,8 +50,9 @@ from services.core.errors import (
 )
 from services.core.requests import Array, InferRequest
 from services.core.runtime import InstanceSpec, Runtime
-from services.python import bls
+from services.python import auto_complete, bls
 from services.python import triton_python_backend_utils as pb_utils
+from services.python.auto_complete import model_config_json
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +60,6 @@ logger = logging.getLogger(__name__)
 UTILS_MODULE = "triton_python_backend_utils"
 
 _module_ids = itertools.count()
-
-_INT64_TYPES = frozenset(
-    {
-        pb_descriptor.FieldDescriptor.TYPE_INT64,
-        pb_descriptor.FieldDescriptor.TYPE_UINT64,
-        pb_descriptor.FieldDescriptor.TYPE_SINT64,
-        pb_descriptor.FieldDescriptor.TYPE_FIXED64,
-        pb_descriptor.FieldDescriptor.TYPE_SFIXED64,
-    }
-)
 
 _ERROR_BY_CODE: dict[int, type[ServingError]] = {
     pb_utils.TritonError.NOT_FOUND: NotFound,
@@ -83,34 +71,6 @@ _ERROR_BY_CODE: dict[int, type[ServingError]] = {
 
 #: what execute's result becomes for one request: its outputs, or the error that fails it
 RequestResult = dict[str, Array] | ServingError
-
-
-def _int64_as_numbers(descriptor: Any, data: dict[str, Any]) -> None:
-    """JSON mapping writes 64-bit integers as strings; Triton's model_config JSON has numbers."""
-    for field in descriptor.fields:
-        if field.name not in data:
-            continue
-        value = data[field.name]
-        if field.message_type is not None:
-            if field.message_type.GetOptions().map_entry:
-                value_field = field.message_type.fields_by_name["value"]
-                if value_field.message_type is not None:
-                    for item in value.values():
-                        _int64_as_numbers(value_field.message_type, item)
-            else:
-                for item in value if isinstance(value, list) else [value]:
-                    _int64_as_numbers(field.message_type, item)
-        elif field.type in _INT64_TYPES:
-            data[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
-
-
-def model_config_json(config: mc.ModelConfig) -> str:
-    """The config as Triton gives it to ``initialize``: proto field names, every field present."""
-    data = json_format.MessageToDict(
-        config, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    _int64_as_numbers(config.DESCRIPTOR, data)
-    return json.dumps(data)
 
 
 def initialize_args(
@@ -173,6 +133,15 @@ class PythonRuntime(Runtime):
     default_model_filename: ClassVar[str] = "model.py"
     #: the scheduler should call ``infer_requests`` with the batch's requests kept apart
     takes_request_list: ClassVar[bool] = True
+
+    @classmethod
+    def autocomplete(cls, config: mc.ModelConfig, model_path: Path) -> None:
+        """Let the model's ``auto_complete_config`` complete its config (auto_complete.py)."""
+        module = _import_model(config.name, model_path)
+        try:
+            auto_complete.complete(config, getattr(module, "TritonPythonModel", None))
+        finally:
+            sys.modules.pop(module.__name__, None)
 
     def __init__(self, config: mc.ModelConfig, model_path: Path, instance: InstanceSpec) -> None:
         self.name = config.name

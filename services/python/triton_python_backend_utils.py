@@ -49,6 +49,7 @@ from services.python._pb_utils_config import (
     triton_to_numpy_type,
     using_decoupled_model_transaction_policy,
 )
+from services.python.auto_complete import ModelConfig as ModelConfig
 
 if TYPE_CHECKING:
     from services.python.bls_stream import ResponseIterator
@@ -59,6 +60,7 @@ __all__ = [
     "InferenceResponse",
     "InferenceResponseSender",
     "Logger",
+    "ModelConfig",
     "Tensor",
     "TritonError",
     "TritonModelException",

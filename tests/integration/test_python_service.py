@@ -205,3 +205,62 @@ def test_bls_model_calls_through_the_gateway(
         with pytest.raises(InferenceServerException, match="unknown model: 'gone'"):
             client.infer("bls_python", inputs, parameters={"bls_model": "gone"})
     assert [r.model_name for r in fake_gateway.requests] == ["simple", "gone"]
+
+
+AUTO_MODEL = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    @staticmethod
+    def auto_complete_config(auto_complete_model_config):
+        for name in ("INPUT0", "INPUT1"):
+            auto_complete_model_config.add_input(
+                {"name": name, "data_type": "TYPE_FP32", "dims": [4]}
+            )
+        auto_complete_model_config.add_output(
+            {"name": "OUTPUT0", "data_type": "TYPE_FP32", "dims": [4]}
+        )
+        auto_complete_model_config.set_max_batch_size(4)
+        auto_complete_model_config.set_dynamic_batching()
+        return auto_complete_model_config
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            a = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            b = pb_utils.get_input_tensor_by_name(request, "INPUT1").as_numpy()
+            out = pb_utils.Tensor("OUTPUT0", (a + b).astype(np.float32))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
+        return responses
+"""
+
+
+def test_a_model_without_config_file_completes_its_own(tmp_path: Path) -> None:
+    # Triton's auto_complete_config: no config.pbtxt at all for one model; another whose
+    # config.pbtxt asks for a larger batch than the model allows fails alone, with the reason
+    for name, config in (("auto", None), ("auto_too_big", "max_batch_size: 8")):
+        (tmp_path / name / "1").mkdir(parents=True)
+        (tmp_path / name / "1" / "model.py").write_text(AUTO_MODEL)
+        if config is not None:
+            (tmp_path / name / "config.pbtxt").write_text(f'backend: "python"\n{config}\n')
+    server = ServerThread(settings_for(tmp_path), [PythonRuntime]).start()
+    try:
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            config = client.get_model_config("auto", as_json=True)["config"]
+            assert config["max_batch_size"] == 4 and "dynamic_batching" in config
+            assert [i["name"] for i in config["input"]] == ["INPUT0", "INPUT1"]
+            a = np.ones((2, 4), np.float32)
+            inputs = [grpcclient.InferInput(n, [2, 4], "FP32") for n in ("INPUT0", "INPUT1")]
+            for tensor in inputs:
+                tensor.set_data_from_numpy(a)
+            result = client.infer("auto", inputs)
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + a)
+            index = {
+                m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]
+            }
+            assert index["auto_too_big"]["state"] == "UNAVAILABLE"
+            assert "max_batch_size 8, more than the 4" in index["auto_too_big"]["reason"]
+    finally:
+        server.stop()
