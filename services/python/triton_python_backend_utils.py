@@ -68,9 +68,12 @@ __all__ = [
     "get_input_tensor_by_name",
     "get_output_config_by_name",
     "get_output_tensor_by_name",
+    "is_model_ready",
+    "load_model",
     "numpy_to_triton_type",
     "triton_string_to_numpy",
     "triton_to_numpy_type",
+    "unload_model",
     "using_decoupled_model_transaction_policy",
 ]
 
@@ -368,3 +371,25 @@ def get_input_tensor_by_name(inference_request: InferenceRequest, name: str) -> 
 def get_output_tensor_by_name(inference_response: InferenceResponse, name: str) -> Tensor | None:
     """The response's output ``name``, or None."""
     return _by_name(inference_response.output_tensors(), name)
+
+
+# ---- BLS model loading API (services/python/bls_control.py) ----------------------------------
+def load_model(model_name: str, config: str = "", files: Mapping[str, bytes] | None = None) -> None:
+    """Load ``model_name`` through the gateway; raises TritonModelException on failure."""
+    from services.python import bls_control
+
+    bls_control.load_model(model_name, config, files)
+
+
+def unload_model(model_name: str, unload_dependents: bool = False) -> None:
+    """Unload ``model_name`` through the gateway; raises TritonModelException on failure."""
+    from services.python import bls_control
+
+    bls_control.unload_model(model_name, unload_dependents)
+
+
+def is_model_ready(model_name: str, model_version: str = "") -> bool:
+    """Whether the mesh serves ``model_name`` (at ``model_version`` when given)."""
+    from services.python import bls_control
+
+    return bls_control.is_model_ready(model_name, model_version)
