@@ -2,7 +2,11 @@
 
 Families from several services are merged (one HELP/TYPE each, as the exposition format
 requires) and each sample gains a ``service`` label naming the instance it came from, so two
-replicas of one model stay distinct series.
+replicas of one model stay distinct series. Every family passes through, whatever its name (the
+Triton ones, Envoy's, a Python model's custom metrics). Where services disagree, the text stays
+valid: the first HELP text seen is kept; a service whose TYPE for a family differs from the first
+one seen has its samples of that family left out; a sample that already carries a ``service``
+label keeps it as ``exported_service`` (Prometheus' rule for a clashing target label).
 """
 
 from __future__ import annotations
@@ -16,43 +20,61 @@ import aiohttp
 from aiohttp import web
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(.*)$")
+_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*(?:,|$)')
 
 
 def merge_exposition(parts: list[tuple[str, str]]) -> str:
     """Merge ``(service id, exposition text)`` pairs into one valid exposition text."""
-    headers: dict[str, list[str]] = {}
+    headers: dict[str, dict[str, str]] = {}  # family -> {"HELP": line, "TYPE": line}
     samples: dict[str, list[str]] = {}
     order: list[str] = []
+
+    def family_seen(name: str) -> dict[str, str]:
+        if name not in headers:
+            headers[name], samples[name] = {}, []
+            order.append(name)
+        return headers[name]
+
     for service, text in parts:
         family = ""
+        conflicting: set[str] = set()  # families whose TYPE here is not the one kept
         for line in text.splitlines():
-            if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            if line.startswith(("# HELP ", "# TYPE ")):
                 family = line.split()[2]
-                if family not in headers:
-                    headers[family], samples[family] = [], []
-                    order.append(family)
-                if line not in headers[family]:
-                    headers[family].append(line)
+                kept = family_seen(family).setdefault(line[2:6], line)
+                if line.startswith("# TYPE ") and kept != line:
+                    conflicting.add(family)
                 continue
             m = _SAMPLE.match(line)
             if m is None:
                 continue
             name, labels, value = m.groups()
             key = family if family and name.startswith(family) else name
-            if key not in samples:
-                headers[key], samples[key] = [], []
-                order.append(key)
-            label = f'service="{service}"' if service else ""
-            if labels and label:
-                labels = "{" + label + "," + labels[1:]
-            elif label:
-                labels = "{" + label + "}"
-            samples[key].append(f"{name}{labels or ''} {value}")
+            family_seen(key)
+            if key in conflicting:
+                continue
+            samples[key].append(f"{name}{_with_service(labels or '', service)} {value}")
     out: list[str] = []
     for family in order:
-        out.extend(headers[family])
+        out.extend(headers[family].values())
         out.extend(samples[family])
     return "\n".join(out) + "\n"
+
+
+def _with_service(labels: str, service: str) -> str:
+    """``labels`` (``{...}`` or "") with ``service="<service>"`` first; one already there is
+    renamed ``exported_service``."""
+    if not service:
+        return labels
+    inner = labels[1:-1]
+    pairs = [(m.group(1), m.group(2)) for m in _LABEL.finditer(inner)]
+    if any(name == "service" for name, _ in pairs) and _LABEL.sub("", inner).strip() == "":
+        inner = ",".join(
+            f'{"exported_service" if name == "service" else name}="{value}"'
+            for name, value in pairs
+        )
+    label = f'service="{service}"'
+    return "{" + label + ("," + inner if inner else "") + "}"
 
 
 StatusFn = Callable[[], Awaitable[dict[str, Any] | None]]

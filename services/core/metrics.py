@@ -13,14 +13,22 @@ buckets built exactly from the per-batch-size execution counts).
 
 Counter naming: Triton exposes its counters as ``# TYPE nv_inference_request_success counter``
 with no ``_total`` suffix. prometheus_client's ``generate_latest`` always appends ``_total`` to the
-HELP/TYPE lines of a counter family, so ``render_text`` writes the text format itself for the
-Triton counters (sample names are exactly Triton's either way) and leaves every other family to
-``generate_latest``. Serve with ``render_text`` (``metrics_app`` does) to match Triton byte for byte
-in names and types; ``generate_latest`` on the same registry gives the same samples.
+HELP/TYPE lines of a counter family, so ``render_text`` writes the text format itself for every
+``VerbatimFamily`` (the Triton counters, and families code above the kit builds the same way) and
+leaves every other family to ``generate_latest``. Serve with ``render_text`` (``metrics_app`` does)
+to match Triton byte for byte in names and types; ``generate_latest`` on the same registry gives
+the same samples.
+
+Families from above the kit: a service layer that must not be imported here (e.g. the Python
+backend's custom metrics, services/python/custom_metrics.py) hands its collector to
+``add_process_collector``; start_server's registry holds one ``ProcessCollectors``, which yields
+their families after the Triton ones at every scrape.
 """
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -50,7 +58,13 @@ class ModelMetricsSource:
     max_batch_size: int = 0
 
 
-class TritonCounterFamily(Metric):
+class VerbatimFamily(Metric):
+    """A family ``render_text`` writes exactly as given, as Triton's exposition does: HELP/TYPE
+    under ``name`` (a counter gets no ``_total``), each sample under its own name, label names
+    sorted with ``le`` last, values as ``prometheus_number`` writes them."""
+
+
+class TritonCounterFamily(VerbatimFamily):
     """A counter family exposed under its own name, without the ``_total`` suffix (as Triton)."""
 
     def __init__(self, name: str, documentation: str) -> None:
@@ -209,29 +223,77 @@ class _OneFamily:
 
 
 def render_text(registry: Collector) -> bytes:
-    """The Prometheus text format (0.0.4) of ``registry``, Triton counters without ``_total``."""
+    """The Prometheus text format (0.0.4) of ``registry``; ``VerbatimFamily`` families (the Triton
+    counters among them) as given, without ``_total``."""
     parts: list[bytes] = []
     for metric in registry.collect():
-        if isinstance(metric, TritonCounterFamily):
-            parts.append(_render_triton_counter(metric).encode("utf-8"))
+        if isinstance(metric, VerbatimFamily):
+            parts.append(_render_verbatim(metric).encode("utf-8"))
         else:
             parts.append(generate_latest(_OneFamily(metric)))
     return b"".join(parts)
 
 
-def _render_triton_counter(metric: TritonCounterFamily) -> str:
+def prometheus_number(value: float) -> str:
+    """A sample value or bucket bound as Triton writes it: ``3``, ``0.25``, ``+Inf``, ``NaN``."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return repr(value)
+
+
+def _render_verbatim(metric: VerbatimFamily) -> str:
     doc = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
-    lines = [f"# HELP {metric.name} {doc}\n", f"# TYPE {metric.name} counter\n"]
+    lines = [f"# HELP {metric.name} {doc}\n", f"# TYPE {metric.name} {metric.type}\n"]
     for sample in metric.samples:
-        labels = ",".join(f'{k}="{_escape_label(v)}"' for k, v in sorted(sample.labels.items()))
-        value = sample.value
-        text = str(int(value)) if value.is_integer() else repr(value)
+        names = sorted(sample.labels, key=lambda k: (k == "le", k))
+        labels = ",".join(f'{k}="{_escape_label(sample.labels[k])}"' for k in names)
+        text = prometheus_number(float(sample.value))
         lines.append(f"{sample.name}{{{labels}}} {text}\n" if labels else f"{sample.name} {text}\n")
     return "".join(lines)
 
 
 def _escape_label(value: str) -> str:
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+# ---------------------------------------------------------------------------- process-wide hook
+
+_process_collectors: list[Collector] = []
+_process_lock = threading.Lock()
+
+
+def add_process_collector(collector: Collector) -> None:
+    """Serve ``collector``'s families on this process's metrics endpoint (start_server's), after
+    the Triton ones; adding the same collector twice adds it once. Its ``collect`` runs at every
+    scrape, on the thread serving it: it must be quick, thread safe, and must not raise."""
+    with _process_lock:
+        if all(c is not collector for c in _process_collectors):
+            _process_collectors.append(collector)
+
+
+def remove_process_collector(collector: Collector) -> None:
+    """Stop serving a collector given to ``add_process_collector`` (no-op if it was not)."""
+    with _process_lock:
+        _process_collectors[:] = [c for c in _process_collectors if c is not collector]
+
+
+class ProcessCollectors:
+    """The collectors given to ``add_process_collector``, read at every scrape (one added after
+    the endpoint started shows from the next scrape on)."""
+
+    def describe(self) -> list[Metric]:
+        """No fixed names: the families come and go with the collectors."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        with _process_lock:
+            collectors = list(_process_collectors)
+        for collector in collectors:
+            yield from collector.collect()
 
 
 # ---------------------------------------------------------------------------- HTTP endpoint

@@ -36,6 +36,7 @@ from services.core.manager import ModelManager
 from services.core.metrics import (
     MetricsServer,
     ModelMetricsSource,
+    ProcessCollectors,
     TritonMetricsCollector,
     start_metrics_server,
 )
@@ -248,6 +249,7 @@ async def start_server(
     if settings.metrics_port >= 0:
         registry = CollectorRegistry()
         registry.register(TritonMetricsCollector(lambda: _metrics_sources(manager)))
+        registry.register(ProcessCollectors())  # families added by add_process_collector
         metrics_server = await start_metrics_server(registry, settings.host, settings.metrics_port)
         metrics_port = metrics_server.port
 

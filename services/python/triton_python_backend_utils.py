@@ -50,6 +50,7 @@ from services.python._pb_utils_config import (
     using_decoupled_model_transaction_policy,
 )
 from services.python.auto_complete import ModelConfig as ModelConfig
+from services.python.custom_metrics import Metric, MetricFamily
 
 if TYPE_CHECKING:
     from services.python.bls_stream import ResponseIterator
@@ -60,6 +61,8 @@ __all__ = [
     "InferenceResponse",
     "InferenceResponseSender",
     "Logger",
+    "Metric",
+    "MetricFamily",
     "ModelConfig",
     "Tensor",
     "TritonError",
