@@ -21,7 +21,8 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from control_plane.front_core import Front, FrontError, serialize
+from control_plane.front_core import Front, serialize
+from control_plane.front_errors import FrontError
 from control_plane.model import ServiceInstance
 from protos.gen.inference import grpc_service_pb2 as pb
 from protos.gen.inference import grpc_service_pb2_grpc as pbg

@@ -28,9 +28,9 @@ Decisions (documented here, to be folded into DESIGN):
 * ModelStatistics: asked of every instance that has the model (every instance for an empty
   name); entries of one (name, version) from several replicas are summed.
 
-Errors are ``FrontError`` (gRPC status + message; the HTTP code comes from one table in
-front_http); a service's own error keeps its status and message. Each transport translates them
-in one place.
+Errors are ``FrontError`` (front_errors.py: gRPC status + message; the HTTP code comes from one
+table in front_http); a service's own error keeps its status and message. Each transport
+translates them in one place.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from typing import TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from control_plane.front_errors import FrontError, all_or_raise, answered
 from control_plane.model import Address, MeshState, ServiceInstance
 from control_plane.shared_regions import RegionBook
 from control_plane.shared_settings import SettingsBook
@@ -87,35 +88,6 @@ def server_version() -> str:
         return importlib.metadata.version("meshserve")
     except importlib.metadata.PackageNotFoundError:
         return "0.0.0"
-
-
-class FrontError(Exception):
-    """The front's one error type: a gRPC status and a message for the user (front_http maps
-    the status to its HTTP code)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    @classmethod
-    def unknown_model(cls, name: str) -> FrontError:
-        return cls(grpc.StatusCode.NOT_FOUND, f"unknown model '{name}'")
-
-    @classmethod
-    def unknown_version(cls, name: str, version: str, known: Sequence[str]) -> FrontError:
-        return cls(
-            grpc.StatusCode.NOT_FOUND,
-            f"unknown version {version} of model '{name}' (it has {', '.join(known)})",
-        )
-
-    @classmethod
-    def from_rpc(cls, exc: grpc.aio.AioRpcError, inst: ServiceInstance) -> FrontError:
-        """A service's answer keeps its status and message; a transport failure names the hop."""
-        code, details = exc.code(), exc.details() or ""
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN):
-            details = f"service '{inst.id}' ({inst.host}:{inst.grpc_port}): {details}"
-        return cls(code, details)
 
 
 class Front:
@@ -296,7 +268,7 @@ class Front:
         if not instances:
             raise FrontError(grpc.StatusCode.UNAVAILABLE, "no service is registered")
         answers = await self.gather(instances, method, request, response_type, rpc_timeout)
-        return _all_or_raise(answers)[0]
+        return all_or_raise(answers)[0]
 
     async def close(self) -> None:
         self._closed = True
@@ -313,7 +285,7 @@ class Front:
             self.fanout_timeout,
         )
         extensions = set(FRONT_EXTENSIONS)
-        for answer in _answered(answers, "ServerMetadata"):
+        for answer in answered(answers, "ServerMetadata"):
             extensions &= set(answer.extensions)
         return pb.ServerMetadataResponse(
             name=SERVER_NAME,
@@ -335,7 +307,7 @@ class Front:
 
     async def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:
         merged: dict[tuple[str, str], pb.RepositoryIndexResponse.ModelIndex] = {}
-        for answer in _answered(await self.index_by_instance(ready_only), "RepositoryIndex"):
+        for answer in answered(await self.index_by_instance(ready_only), "RepositoryIndex"):
             for entry in answer.models:
                 key = (entry.name, entry.version)
                 if key not in merged or entry.state == "READY":
@@ -371,7 +343,7 @@ class Front:
     ) -> None:
         """RepositoryModelLoad / RepositoryModelUnload on every owner of ``model``."""
         owners = await self.owners(model)
-        _all_or_raise(await self.gather(owners, method, request, response_type, rpc_timeout))
+        all_or_raise(await self.gather(owners, method, request, response_type, rpc_timeout))
 
     async def statistics(
         self, name: str, version: str, rpc_timeout: float | None
@@ -383,32 +355,7 @@ class Front:
         answers = await self.gather(
             instances, "ModelStatistics", request, pb.ModelStatisticsResponse, rpc_timeout
         )
-        answered = _answered(answers, "ModelStatistics")
-        if name and not answered:
-            _all_or_raise(answers)
-        return merge_statistics(answered)
-
-
-def _answered(answers: list[tuple[ServiceInstance, M | FrontError]], what: str) -> list[M]:
-    """The answers of those that answered; the others are logged and skipped."""
-    out: list[M] = []
-    for inst, answer in answers:
-        if isinstance(answer, FrontError):
-            log.warning("%s: skipped %s", what, _naming(inst, answer.message))
-        else:
-            out.append(answer)
-    return out
-
-
-def _naming(inst: ServiceInstance, message: str) -> str:
-    prefix = f"service '{inst.id}'"
-    return message if message.startswith(prefix) else f"{prefix}: {message}"
-
-
-def _all_or_raise(answers: list[tuple[ServiceInstance, M | FrontError]]) -> list[M]:
-    for inst, answer in answers:
-        if isinstance(answer, FrontError):
-            if len(answers) > 1:
-                raise FrontError(answer.code, _naming(inst, answer.message))
-            raise answer
-    return [a for _, a in answers if not isinstance(a, FrontError)]
+        stats = answered(answers, "ModelStatistics")
+        if name and not stats:
+            all_or_raise(answers)
+        return merge_statistics(stats)

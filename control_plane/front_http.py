@@ -39,7 +39,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from control_plane.front_core import Front, FrontError
+from control_plane.front_core import Front
+from control_plane.front_errors import FrontError
 from control_plane.model import MeshState, ServiceInstance
 from services.core.http_json import message_to_json
 

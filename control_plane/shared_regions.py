@@ -110,7 +110,7 @@ async def catch_up(front: Front) -> None:
     """Make the book's regions on every registered instance that lacks them, concurrently; an
     instance that refuses one is logged (its requests naming that region will fail) and asked
     again at the next registry change."""
-    from control_plane.front_core import FrontError
+    from control_plane.front_errors import FrontError
 
     book = front.regions
 

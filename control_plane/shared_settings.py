@@ -263,7 +263,7 @@ async def catch_up(front: Front) -> None:
 
 
 async def _replay(front: Front, replay: Replay) -> None:
-    from control_plane.front_core import FrontError
+    from control_plane.front_errors import FrontError
 
     instance, scope = replay.instance, replay.scope
     try:

@@ -2,9 +2,8 @@
 
 Service A serves ``simple`` and ``mlp`` (explicit control mode; ``simple_identity`` sits in its
 repository, never loaded); service B serves ``simple_string``. The MeshState is built by hand
-from their ports, as the registry would build it. The front (gRPC servicer and HTTP app) runs on
-its own event loop in a thread, on 127.0.0.1 port 0, and the clients talk to the front only,
-except to check on a service directly what the front did to it.
+from their ports. The front (gRPC servicer and HTTP app) runs on its own loop in a thread, on
+127.0.0.1 port 0; clients talk to it only, except to check on a service what it did there.
 """
 
 from __future__ import annotations
@@ -18,8 +17,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
@@ -242,37 +241,30 @@ def test_load_unload_forwarded_over_http(mesh: Mesh) -> None:
     assert "unknown model 'no_such_model'" in info.value.message()
 
 
-def test_unknown_model(mesh: Mesh) -> None:
+@pytest.mark.parametrize(
+    ("model", "version", "expected"),
+    [
+        ("nope", "", "unknown model 'nope'"),
+        ("simple", "7", "unknown version 7 of model 'simple' (it has 1)"),
+    ],
+)
+def test_unknown_model_or_version(mesh: Mesh, model: str, version: str, expected: str) -> None:
     for client, kind in ((mesh.grpc, grpcclient), (mesh.http, httpclient)):
-        assert not client.is_model_ready("nope")
-        with pytest.raises(InferenceServerException) as info:
-            client.infer("nope", simple_inputs(kind, 1, 1))
-        assert "unknown model 'nope'" in info.value.message()
-        assert info.value.status() in ("StatusCode.NOT_FOUND", "404")
-        with pytest.raises(InferenceServerException):
-            client.get_model_metadata("nope")
-    with pytest.raises(urllib.error.HTTPError) as http_info:
-        urllib.request.urlopen(f"{mesh.http_base}/v2/models/nope/config")
-    assert http_info.value.code == 404
-    assert json.loads(http_info.value.read()) == {"error": "unknown model 'nope'"}
-
-
-def test_unknown_version_of_a_known_model(mesh: Mesh) -> None:
-    # the front knows the model: the error names the version and the versions there are
-    expected = "unknown version 7 of model 'simple' (it has 1)"
-    for client, kind in ((mesh.grpc, grpcclient), (mesh.http, httpclient)):
-        assert not client.is_model_ready("simple", "7")
-        calls: list[tuple[Any, tuple[Any, ...], dict[str, str]]] = [
-            (client.infer, ("simple", simple_inputs(kind, 1, 1)), {"model_version": "7"}),
-            (client.get_model_metadata, ("simple", "7"), {}),
-            (client.get_inference_statistics, ("simple", "7"), {}),
-        ]
-        for call, args, kwargs in calls:
+        assert not client.is_model_ready(model, version)
+        for call in (
+            partial(client.infer, model, simple_inputs(kind, 1, 1), model_version=version),
+            partial(client.get_model_metadata, model, version),
+            partial(client.get_inference_statistics, model, version),
+        ):
             with pytest.raises(InferenceServerException) as info:
-                call(*args, **kwargs)
+                call()
             assert expected in info.value.message()
             assert info.value.status() in ("StatusCode.NOT_FOUND", "404")
-    assert mesh.grpc.is_model_ready("simple", "1")
+    url = f"{mesh.http_base}/v2/models/{model}" + (f"/versions/{version}" if version else "")
+    with pytest.raises(urllib.error.HTTPError) as http_info:
+        urllib.request.urlopen(url + "/config")
+    assert http_info.value.code == 404
+    assert json.loads(http_info.value.read()) == {"error": expected}
 
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
