@@ -2,7 +2,8 @@
 
 ``python -m examples.build_repository <dir>`` writes a Triton-layout repository
 (``<dir>/<model>/config.pbtxt`` + ``<dir>/<model>/1/model.onnx``) holding the models a Triton
-user knows from its quick-start (``simple``, ``simple_string``, ``simple_identity``), two
+user knows from its quick-start (``simple``, ``simple_string``, ``simple_identity``, the stateful
+``simple_sequence``), two
 compute-bound ones for benchmarks (``mlp``, ``cnn``) and ``dtypes_onnx``, an identity per
 datatype for the conformance suite (``IN_<DTYPE>`` → ``OUT_<DTYPE>``, every Triton datatype
 but BF16, see DTYPES_DATATYPES). Nothing is downloaded: graphs are built
@@ -21,22 +22,18 @@ from __future__ import annotations
 import itertools
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from examples.build_sequence import build_simple_sequence
 from examples.cli import builder_parser, config_type, write_if_changed
 from examples.onnx_convnet import ConvNet, he_weights, initializer
+from examples.onnx_graph import BATCH, ExampleModel, finish_model, value_info
 
-#: onnxruntime 1.31 reads IR versions up to 13; onnx 1.23 would write 14 by default
-IR_VERSION = 8
-OPSET = 17
 SEED = 20261121
-#: the symbolic batch dimension of every batched model
-BATCH = "batch"
 
 CNN_LABELS = (
     "airplane",
@@ -50,30 +47,6 @@ CNN_LABELS = (
     "ship",
     "truck",
 )
-
-
-@dataclass(frozen=True, slots=True)
-class ExampleModel:
-    """One model directory: its config text, its ONNX graph and any extra files."""
-
-    config: str
-    model: onnx.ModelProto
-    extra_files: dict[str, str]
-
-
-def _tensor(name: str, elem_type: int, shape: Sequence[int | str]) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, elem_type, list(shape))
-
-
-def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
-    model = helper.make_model(
-        graph,
-        ir_version=IR_VERSION,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="meshserve.examples",
-    )
-    onnx.checker.check_model(model)
-    return model
 
 
 def _add_sub_nodes(a: str, b: str, out_sum: str, out_diff: str) -> list[onnx.NodeProto]:
@@ -107,13 +80,16 @@ def build_simple() -> ExampleModel:
     graph = helper.make_graph(
         _add_sub_nodes("INPUT0", "INPUT1", "OUTPUT0", "OUTPUT1"),
         "simple",
-        [_tensor("INPUT0", TensorProto.INT32, shape), _tensor("INPUT1", TensorProto.INT32, shape)],
         [
-            _tensor("OUTPUT0", TensorProto.INT32, shape),
-            _tensor("OUTPUT1", TensorProto.INT32, shape),
+            value_info("INPUT0", TensorProto.INT32, shape),
+            value_info("INPUT1", TensorProto.INT32, shape),
+        ],
+        [
+            value_info("OUTPUT0", TensorProto.INT32, shape),
+            value_info("OUTPUT1", TensorProto.INT32, shape),
         ],
     )
-    return ExampleModel(_simple_config("simple", "TYPE_INT32"), _model(graph), {})
+    return ExampleModel(_simple_config("simple", "TYPE_INT32"), finish_model(graph), {})
 
 
 def build_simple_string() -> ExampleModel:
@@ -131,10 +107,10 @@ def build_simple_string() -> ExampleModel:
     graph = helper.make_graph(
         nodes,
         "simple_string",
-        [_tensor("INPUT0", to_str, shape), _tensor("INPUT1", to_str, shape)],
-        [_tensor("OUTPUT0", to_str, shape), _tensor("OUTPUT1", to_str, shape)],
+        [value_info("INPUT0", to_str, shape), value_info("INPUT1", to_str, shape)],
+        [value_info("OUTPUT0", to_str, shape), value_info("OUTPUT1", to_str, shape)],
     )
-    return ExampleModel(_simple_config("simple_string", "TYPE_STRING"), _model(graph), {})
+    return ExampleModel(_simple_config("simple_string", "TYPE_STRING"), finish_model(graph), {})
 
 
 def build_simple_identity() -> ExampleModel:
@@ -143,15 +119,15 @@ def build_simple_identity() -> ExampleModel:
     graph = helper.make_graph(
         [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"], name="identity")],
         "simple_identity",
-        [_tensor("INPUT0", TensorProto.STRING, shape)],
-        [_tensor("OUTPUT0", TensorProto.STRING, shape)],
+        [value_info("INPUT0", TensorProto.STRING, shape)],
+        [value_info("OUTPUT0", TensorProto.STRING, shape)],
     )
     config = (
         'name: "simple_identity"\nbackend: "onnxruntime"\nmax_batch_size: 8\n'
         + _io_block("input", "TYPE_STRING", "-1", 1)
         + _io_block("output", "TYPE_STRING", "-1", 1)
     )
-    return ExampleModel(config, _model(graph), {})
+    return ExampleModel(config, finish_model(graph), {})
 
 
 #: Triton datatype → ONNX element type, for every datatype the ONNX service exchanges
@@ -194,8 +170,8 @@ def build_dtypes() -> ExampleModel:
         nodes.append(
             helper.make_node("Identity", [f"IN_{datatype}"], [f"OUT_{datatype}"], name=datatype)
         )
-        inputs.append(_tensor(f"IN_{datatype}", ONNX_TYPES[datatype], shape))
-        outputs.append(_tensor(f"OUT_{datatype}", ONNX_TYPES[datatype], shape))
+        inputs.append(value_info(f"IN_{datatype}", ONNX_TYPES[datatype], shape))
+        outputs.append(value_info(f"OUT_{datatype}", ONNX_TYPES[datatype], shape))
     graph = helper.make_graph(nodes, "dtypes_onnx", inputs, outputs)
     config = (
         'name: "dtypes_onnx"\nbackend: "onnxruntime"\nmax_batch_size: 8\n'
@@ -203,7 +179,7 @@ def build_dtypes() -> ExampleModel:
         + _named_io_block("output", [(f"OUT_{d}", config_type(d)) for d in DTYPES_DATATYPES], "-1")
         + "dynamic_batching { }\n"
     )
-    return ExampleModel(config, _model(graph), {})
+    return ExampleModel(config, finish_model(graph), {})
 
 
 def _batched_config(
@@ -257,15 +233,15 @@ def build_mlp(seed: int = SEED) -> ExampleModel:
     graph = helper.make_graph(
         nodes,
         "mlp",
-        [_tensor("INPUT0", TensorProto.FLOAT, [BATCH, 256])],
-        [_tensor("OUTPUT0", TensorProto.FLOAT, [BATCH, 10])],
+        [value_info("INPUT0", TensorProto.FLOAT, [BATCH, 256])],
+        [value_info("OUTPUT0", TensorProto.FLOAT, [BATCH, 10])],
         initializer=inits,
     )
     # Tuned for latency on a small machine (benchmarks/README.md): one onnxruntime thread (a
     # batch-1 run is memory-bound; a second thread mostly costs a wake-up) and no batching delay
     # (under load batches still form from the requests that queue while one runs).
     config = _batched_config("mlp", [256], 64, 0, parameters={"intra_op_thread_count": "1"})
-    return ExampleModel(config, _model(graph), {})
+    return ExampleModel(config, finish_model(graph), {})
 
 
 def build_cnn(seed: int = SEED + 1) -> ExampleModel:
@@ -290,12 +266,12 @@ def build_cnn(seed: int = SEED + 1) -> ExampleModel:
     graph = helper.make_graph(
         net.nodes,
         "cnn",
-        [_tensor("INPUT0", TensorProto.FLOAT, [BATCH, 3, 64, 64])],
-        [_tensor("OUTPUT0", TensorProto.FLOAT, [BATCH, 10])],
+        [value_info("INPUT0", TensorProto.FLOAT, [BATCH, 3, 64, 64])],
+        [value_info("OUTPUT0", TensorProto.FLOAT, [BATCH, 10])],
         initializer=net.inits,
     )
     config = _batched_config("cnn", [3, 64, 64], 64, 2000, label_filename="labels.txt")
-    return ExampleModel(config, _model(graph), {"labels.txt": "\n".join(CNN_LABELS) + "\n"})
+    return ExampleModel(config, finish_model(graph), {"labels.txt": "\n".join(CNN_LABELS) + "\n"})
 
 
 BUILDERS: dict[str, Callable[[], ExampleModel]] = {
@@ -305,6 +281,7 @@ BUILDERS: dict[str, Callable[[], ExampleModel]] = {
     "mlp": build_mlp,
     "cnn": build_cnn,
     "dtypes_onnx": build_dtypes,
+    "simple_sequence": build_simple_sequence,
 }
 
 

@@ -10,7 +10,9 @@ A family's runtime reads its model file into tensors (name, config data type, sh
   output has a dynamic first dimension (and no user-written dims say otherwise), Triton's
   default of 4, with ``dynamic_batching`` when no scheduler is configured; otherwise 0;
 - dims leave out the batch dimension when batching; unknown dimensions become -1;
-- ``platform`` / ``backend`` are filled only where empty.
+- ``platform`` / ``backend`` are filled only where empty;
+- a stateful model's control inputs and implicit state (``sequence_batching``) are left out:
+  the server supplies them (services/core/sequences.py).
 Nothing the user wrote is overwritten.
 """
 
@@ -87,6 +89,10 @@ def complete_io(
     elif not config.backend and config.platform == platform:
         config.backend = backend
 
+    # a stateful model's control and state tensors are the server's, not the client's
+    server_inputs, server_outputs = _sequence_tensors(config)
+    inputs = [t for t in inputs if t.name not in server_inputs]
+    outputs = [t for t in outputs if t.name not in server_outputs]
     everything = [*inputs, *outputs]
     if config.max_batch_size == 0:
         can_batch = all(t.batchable for t in everything)
@@ -110,6 +116,13 @@ def complete_io(
     for io in config.output:
         if io.name in by_name:
             _fill(io, by_name[io.name], batching)
+
+
+def _sequence_tensors(config: mc.ModelConfig) -> tuple[set[str], set[str]]:
+    """The model inputs and outputs sequence_batching reserves (control inputs, state)."""
+    sb = config.sequence_batching
+    inputs = {c.name for c in sb.control_input} | {s.input_name for s in sb.state}
+    return inputs, {s.output_name for s in sb.state}
 
 
 def check_shape(

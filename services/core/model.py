@@ -24,6 +24,8 @@ from services.core.batcher import DynamicBatcher, Pending, batch_policy_from_con
 from services.core.errors import InternalError, ServingError
 from services.core.requests import Array, InferRequest
 from services.core.runtime import Runtime
+from services.core.sequence_batcher import SequenceBatcher
+from services.core.sequences import SequenceSettings, runtime_config
 from services.core.statistics import ModelStats
 from services.core.validation import RequestValidator
 from services.core.warmup import run_warmup
@@ -88,6 +90,14 @@ class ServedModel:
             o.name: dtypes.triton_from_config(o.data_type) for o in config.output
         }
         self._input_names = [i.name for i in config.input]
+        #: a stateful model's sequence settings (None: stateless)
+        self.sequence = SequenceSettings.from_config(config, version_path)
+        #: what the runtime is asked for: the outputs, and a stateful model's state outputs
+        self._run_outputs = self._output_names + [
+            n
+            for n in (self.sequence.state_outputs if self.sequence else ())
+            if n not in self._output_names
+        ]
         #: moving average of batch execution time; starts high so the first batches use a worker
         self._exec_ewma_ns = 10 * INLINE_EXECUTION_NS
         #: the instance that runs requests itself on the event loop (an ensemble), else None
@@ -98,12 +108,18 @@ class ServedModel:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self.batcher: DynamicBatcher[InferRequest, ItemResult] = DynamicBatcher(
-            batch_policy_from_config(config),
-            self._run_batch,
-            instances=len(self._instances),
-            run_now=self._run_now,
-        )
+        self.batcher: DynamicBatcher[InferRequest, ItemResult] | SequenceBatcher[ItemResult]
+        if self.sequence is not None:
+            self.batcher = SequenceBatcher(
+                self.sequence, self._run_batch, instances=len(self._instances)
+            )
+        else:
+            self.batcher = DynamicBatcher(
+                batch_policy_from_config(config),
+                self._run_batch,
+                instances=len(self._instances),
+                run_now=self._run_now,
+            )
 
     @classmethod
     async def load(
@@ -114,13 +130,15 @@ class ServedModel:
             config.default_model_filename or runtime_cls.default_model_filename
         )
         specs = model_prep.instance_specs(config)
+        SequenceSettings.from_config(config, version_path)  # a bad section fails before loading
+        loaded = runtime_config(config) if runtime_cls.declares_sequence_io else config
         executor = ThreadPoolExecutor(
             max_workers=len(specs), thread_name_prefix=f"{config.name}-v{version}"
         )
         loop = asyncio.get_running_loop()
         try:
             instances = await asyncio.gather(
-                *(loop.run_in_executor(executor, runtime_cls, config, model_file, s) for s in specs)
+                *(loop.run_in_executor(executor, runtime_cls, loaded, model_file, s) for s in specs)
             )
         except BaseException:
             executor.shutdown(wait=False)
@@ -339,7 +357,7 @@ class ServedModel:
     def _guarded(self, run: Callable[[A, Sequence[str]], R], arg: A, sizes: list[int]) -> R:
         """Call the runtime; a non-ServingError becomes a generic INTERNAL error (logged)."""
         try:
-            return run(arg, self._output_names)
+            return run(arg, self._run_outputs)
         except ServingError:
             raise
         except Exception as exc:
@@ -354,7 +372,7 @@ class ServedModel:
             ) from exc
 
     def _split(self, results: dict[str, Array], sizes: list[int]) -> list[dict[str, Array]]:
-        missing = [n for n in self._output_names if n not in results]
+        missing = [n for n in self._run_outputs if n not in results]
         if missing:
             raise InternalError(f"model '{self.name}' returned no value for outputs {missing}")
         if len(sizes) == 1:

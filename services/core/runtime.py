@@ -72,6 +72,11 @@ class Runtime(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} does not take request lists")
 
+    #: True: a stateful model's control inputs and implicit state (sequence_batching) are
+    #: loaded as inputs and outputs of the config this runtime gets (sequences.runtime_config);
+    #: False: the runtime gets the user's config and finds them only in each request's inputs
+    declares_sequence_io: ClassVar[bool] = True
+
     #: False: batches never run on the event loop's thread however quick they are (a runtime
     #: whose code may wait on this service, or run an event loop of its own, sets it)
     runs_inline: bool = True

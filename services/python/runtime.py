@@ -133,6 +133,8 @@ class PythonRuntime(Runtime):
     default_model_filename: ClassVar[str] = "model.py"
     #: the scheduler should call ``infer_requests`` with the batch's requests kept apart
     takes_request_list: ClassVar[bool] = True
+    #: model.py sees the user's config, as in Triton; START / END / state come with requests
+    declares_sequence_io: ClassVar[bool] = False
 
     @classmethod
     def autocomplete(cls, config: mc.ModelConfig, model_path: Path) -> None:

@@ -1,0 +1,381 @@
+"""Triton's sequence batcher: the scheduler of a stateful model (config ``sequence_batching``).
+
+Data flow: ServedModel.infer ─▶ SequenceBatcher.submit (the request's correlation ID and START /
+END flags, sequences.py) ─▶ the sequence's own queue ─▶ the driver task forms a batch on a free
+instance from the oldest ready request of each of that instance's sequences ─▶ each request is
+given its control tensors and its sequence's state (``SequenceSettings.model_inputs``) ─▶
+``run_batch(instance, items)`` ─▶ the state outputs are kept for the sequence's next request and
+taken out of the response ─▶ each caller's Future.
+
+Rules, as in Triton:
+* A sequence is bound to one instance from its START to its END, so a model that keeps state in
+  the instance (a Python model keyed by ``correlation_id()``) sees all of it; each instance holds
+  ``slots_per_instance`` sequences, and a sequence that finds every slot taken waits (its
+  requests queue) until one ends or goes idle.
+* Requests of one sequence run one at a time, in arrival order; a batch never holds two requests
+  of the same sequence, and only requests with equal non-batch shapes.
+* A request without START for a sequence that is not running is refused, as is one after its
+  sequence's END; a sequence with nothing queued for ``max_sequence_idle_microseconds`` loses its
+  slot and its state.
+* A request whose caller gave up still runs (its sequence's state moves on); nothing queued is
+  dropped on close.
+
+Unlike Triton's direct strategy, a batch holds only the ready requests: no filler items with
+READY false for idle slots (no runtime here keeps state by batch slot; implicit state and the
+correlation ID are passed with each request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections import deque
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+import numpy as np
+
+from services.core.batch_queue import Pending
+from services.core.batcher import RunBatch
+from services.core.clock import MONOTONIC, Clock, TimerHandle
+from services.core.errors import InternalError, InvalidArgument, Unavailable
+from services.core.requests import Array, InferRequest
+from services.core.sequences import SequenceFlags, SequenceSettings, sequence_flags
+
+log = logging.getLogger(__name__)
+
+
+class HasOutputs(Protocol):
+    outputs: dict[str, Array]
+
+
+R = TypeVar("R", bound=HasOutputs)
+
+
+@dataclass(slots=True, eq=False)
+class _Ticket(Pending[InferRequest]):
+    flags: SequenceFlags = field(kw_only=True)
+    future: asyncio.Future[HasOutputs] = field(kw_only=True)
+
+
+@dataclass(slots=True, eq=False)
+class _Sequence:
+    correlation_id: object
+    #: requests waiting, oldest first
+    queue: deque[_Ticket] = field(default_factory=deque)
+    #: the instance holding its slot; None while it waits for one
+    instance: int | None = None
+    #: a request of it is executing
+    running: bool = False
+    #: takes requests without START (between its START and its END)
+    open: bool = True
+    #: the state outputs of its last request (without the batch dimension)
+    state: dict[str, Array] | None = None
+    #: clock time when it last had nothing queued or running
+    idle_since_ns: int = 0
+
+
+class SequenceBatcher(Generic[R]):
+    """One stateful model version's scheduler; the same interface as DynamicBatcher."""
+
+    def __init__(
+        self,
+        settings: SequenceSettings,
+        run_batch: RunBatch[InferRequest, R],
+        instances: int = 1,
+        clock: Clock = MONOTONIC,
+    ) -> None:
+        if instances < 1:
+            raise ValueError(f"instances must be >= 1, got {instances}")
+        self.settings = settings
+        self._run_batch = run_batch
+        self._clock = clock
+        self._sequences: dict[object, _Sequence] = {}
+        #: per instance: the sequences holding its slots
+        self._bound: list[list[_Sequence]] = [[] for _ in range(instances)]
+        self._busy = [False] * instances
+        #: sequences waiting for a slot, in START order
+        self._backlog: deque[_Sequence] = deque()
+        self._queued = 0
+        self._running: set[asyncio.Task[None]] = set()
+        self._wake: asyncio.Event | None = None
+        self._driver: asyncio.Task[None] | None = None
+        self._timer: TimerHandle | None = None
+        self._timer_at: int | None = None
+        self._closing = False
+
+    @property
+    def pending(self) -> int:
+        """Requests queued and not yet executing (nv_inference_pending_request_count)."""
+        return self._queued
+
+    @property
+    def active_sequences(self) -> int:
+        """Sequences started and not ended or released (holding a slot or waiting for one)."""
+        return len(self._sequences)
+
+    def start(self) -> None:
+        if self._driver is not None:
+            raise RuntimeError(f"sequence batcher of model '{self.settings.model}' already started")
+        self._wake = asyncio.Event()
+        self._driver = asyncio.get_running_loop().create_task(
+            self._drive(), name=f"sequence-batcher:{self.settings.model}"
+        )
+
+    async def submit(
+        self,
+        payload: InferRequest,
+        *,
+        batch_size: int,
+        signature: Hashable,
+        priority: int = 0,
+        timeout_us: int = 0,
+    ) -> R:
+        """Queue one request of a sequence and wait for its result (priority and queue timeout
+        do not apply to sequences)."""
+        del priority, timeout_us
+        driver, wake = self._driver, self._wake
+        model = self.settings.model
+        if self._closing or driver is None or wake is None or driver.done():
+            raise Unavailable(f"model '{model}' is not accepting requests")
+        flags = sequence_flags(model, payload.parameters)
+        if self.settings.batched and batch_size != 1:
+            raise InvalidArgument(
+                f"a request of a sequence to model '{model}' carries one item (batch size 1); "
+                f"this one has {batch_size}"
+            )
+        self.settings.check_correlation_id(flags.correlation_id)
+        cid = flags.correlation_id
+        seq = self._sequences.get(cid)
+        if not flags.start and (seq is None or not seq.open):
+            raise InvalidArgument(
+                f"inference request for sequence {cid!r} to model '{model}' must specify the "
+                "START flag on the first request of the sequence"
+                + ("" if seq is None else " (its previous request ended it)")
+            )
+        if seq is None:
+            seq = self._sequences[cid] = _Sequence(cid)
+            self._place(seq)
+        seq.open = not flags.end
+        now = self._clock.monotonic_ns()
+        future: asyncio.Future[HasOutputs] = asyncio.get_running_loop().create_future()
+        seq.queue.append(_Ticket(payload, 1, signature, 1, now, flags=flags, future=future))
+        self._queued += 1
+        wake.set()
+        return await future  # type: ignore[return-value]
+
+    def _place(self, seq: _Sequence) -> None:
+        """Give a new sequence a slot on the least-loaded instance, or put it in the backlog."""
+        load = [len(b) for b in self._bound]
+        instance = min(range(len(load)), key=load.__getitem__)
+        if load[instance] < self.settings.slots_per_instance:
+            seq.instance = instance
+            self._bound[instance].append(seq)
+        else:
+            self._backlog.append(seq)
+
+    def _release(self, seq: _Sequence, why: str) -> None:
+        """The sequence ended or went idle: free its slot for the oldest waiting sequence."""
+        if self._sequences.get(seq.correlation_id) is seq:
+            del self._sequences[seq.correlation_id]
+        if why != "ended":
+            log.warning(
+                "model %r: sequence %r released (%s)", self.settings.model, seq.correlation_id, why
+            )
+        instance = seq.instance
+        if instance is None:
+            return
+        self._bound[instance].remove(seq)
+        if self._backlog:
+            waiting = self._backlog.popleft()
+            waiting.instance = instance
+            self._bound[instance].append(waiting)
+
+    async def close(self) -> None:
+        """Stop accepting requests, run everything queued, stop the driver."""
+        self._closing = True
+        driver = self._driver
+        if driver is None:
+            return
+        if self._wake is not None:
+            self._wake.set()
+        await asyncio.wait([driver])
+        if not driver.cancelled() and (crash := driver.exception()) is not None:
+            raise crash
+
+    # -- driver ------------------------------------------------------------------------------
+
+    async def _drive(self) -> None:
+        wake = self._wake
+        assert wake is not None
+        try:
+            while True:
+                wake.clear()
+                self._schedule()
+                if self._closing and not self._queued and not any(self._busy):
+                    return
+                await wake.wait()
+        finally:
+            self._cancel_timer()
+            await self._abort()
+
+    def _schedule(self) -> None:
+        """Release idle sequences, dispatch every batch that is due, arm the timer."""
+        now = self._clock.monotonic_ns()
+        wake_at: int | None = None
+        idle_ns = self.settings.idle_ns
+        for seq in [s for b in self._bound for s in b if not s.queue and not s.running]:
+            if not seq.open:
+                self._release(seq, "ended")
+            elif self._closing or now - seq.idle_since_ns >= idle_ns:
+                self._release(seq, "closing" if self._closing else f"idle for {idle_ns // 1000} µs")
+            else:
+                wake_at = _earliest(wake_at, seq.idle_since_ns + idle_ns)
+        for instance, bound in enumerate(self._bound):
+            if self._busy[instance]:
+                continue
+            ready = sorted((s for s in bound if s.queue), key=lambda s: s.queue[0].enqueue_ns)
+            if not ready:
+                continue
+            signature = ready[0].queue[0].signature
+            batch = [s for s in ready if s.queue[0].signature == signature]
+            batch = batch[: self.settings.max_batch_size]
+            due_at = self._due_at(len(ready), len(batch), ready[0].queue[0].enqueue_ns)
+            if self._closing or due_at <= now:
+                self._dispatch(instance, batch, now)
+            else:
+                wake_at = _earliest(wake_at, due_at)
+        self._arm_timer(wake_at)
+
+    def _due_at(self, ready: int, size: int, oldest_ns: int) -> int:
+        """When a batch of ``size`` (of ``ready`` sequences) must run: 0 for at once."""
+        s = self.settings
+        delay = s.max_queue_delay_ns
+        if delay == 0 or size >= s.max_batch_size:
+            return 0
+        if s.strategy == "direct" and ready >= s.minimum_slot_utilization * s.slots_per_instance:
+            return 0
+        if s.preferred_batch_sizes and size >= s.preferred_batch_sizes[-1]:
+            return 0
+        if size in s.preferred_batch_sizes:
+            return 0
+        return oldest_ns + delay
+
+    def _dispatch(self, instance: int, batch: list[_Sequence], now: int) -> None:
+        tickets: list[_Ticket] = []
+        for seq in batch:
+            ticket = seq.queue.popleft()
+            self._queued -= 1
+            seq.running = True
+            if ticket.flags.start:
+                seq.state = None
+            ticket.start_ns = now
+            inputs = self.settings.model_inputs(ticket.flags, seq.state)
+            ticket.payload = dataclasses.replace(
+                ticket.payload, inputs={**ticket.payload.inputs, **inputs}
+            )
+            tickets.append(ticket)
+        self._busy[instance] = True
+        task = asyncio.get_running_loop().create_task(self._execute(instance, batch, tickets))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _execute(self, instance: int, batch: list[_Sequence], tickets: list[_Ticket]) -> None:
+        """Run one batch; keep each sequence's new state; every request gets an outcome."""
+        model = self.settings.model
+        try:
+            try:
+                results: Sequence[R | BaseException] = await self._run_batch(instance, tickets)
+                if len(results) != len(tickets):
+                    log.error(
+                        "model %r: run_batch returned %d results for %d sequence requests",
+                        model,
+                        len(results),
+                        len(tickets),
+                    )
+                    raise InternalError(f"model '{model}' failed to execute the batch")
+            except BaseException as exc:
+                fatal = not isinstance(exc, Exception)
+                error = Unavailable(f"model '{model}' is shutting down") if fatal else exc
+                for ticket in tickets:
+                    _resolve(ticket.future, error)
+                if fatal:
+                    raise
+            else:
+                for seq, ticket, result in zip(batch, tickets, results, strict=True):
+                    if not isinstance(result, BaseException):
+                        result = self._keep_state(seq, result)
+                    _resolve(ticket.future, result)
+        finally:
+            now = self._clock.monotonic_ns()
+            for seq in batch:
+                seq.running = False
+                seq.idle_since_ns = now
+            self._busy[instance] = False
+            if self._wake is not None:
+                self._wake.set()
+
+    def _keep_state(self, seq: _Sequence, result: R) -> R | BaseException:
+        """Take the state outputs out of a request's result and keep them for its sequence."""
+        names = self.settings.state_outputs
+        if not names:
+            return result
+        outputs = result.outputs
+        missing = [n for n in names if n not in outputs]
+        if missing:
+            return InternalError(
+                f"model '{self.settings.model}' returned no state output {missing}"
+            )
+        batched = self.settings.batched
+        seq.state = {n: np.array(outputs[n][0] if batched else outputs[n]) for n in names}
+        result.outputs = {n: v for n, v in outputs.items() if n not in names}
+        return result
+
+    def _arm_timer(self, wake_at: int | None) -> None:
+        if wake_at == self._timer_at:
+            return
+        self._cancel_timer()
+        if wake_at is not None and self._wake is not None:
+            self._timer = self._clock.call_at(wake_at, self._on_timer)
+            self._timer_at = wake_at
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if self._wake is not None:
+            self._wake.set()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self._timer_at = None
+
+    async def _abort(self) -> None:
+        """Driver stopped: fail what waits, cancel and await what runs."""
+        self._closing = True
+        error = Unavailable(f"model '{self.settings.model}' is shutting down")
+        for seq in list(self._sequences.values()):
+            while seq.queue:
+                _resolve(seq.queue.popleft().future, error)
+        self._queued = 0
+        running = list(self._running)
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+
+
+def _earliest(current: int | None, candidate: int) -> int:
+    return candidate if current is None else min(current, candidate)
+
+
+def _resolve(future: asyncio.Future[HasOutputs], outcome: object) -> None:
+    if future.done():  # the caller gave up
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)  # type: ignore[arg-type]
