@@ -22,6 +22,8 @@
 - ``bls_decoupled_python``: decoupled BLS: calls ``repeat_python`` with ``exec(decoupled=True)``
   (or ``async_exec``, by request parameter) and returns what it streamed, joined into one response
   (examples/python_decoupled.py).
+- ``sequence_python``: a stateful model (``sequence_batching``, two instances): the running sum
+  of INPUT per sequence, kept in the model by ``correlation_id()`` (examples/python_sequence.py).
 
 The steps of the ensembles in examples/build_ensemble.py (all batched, max_batch_size 8, dynamic
 batching; shapes below leave out the batch dimension):
@@ -65,6 +67,7 @@ from examples.python_ensemble_steps import (
     TOPK_MODEL,
     slow_config,
 )
+from examples.python_sequence import SEQUENCE_PYTHON_CONFIG, SEQUENCE_PYTHON_MODEL
 
 ADD_SUB_CONFIG = """name: "add_sub_python"
 backend: "python"
@@ -283,6 +286,7 @@ EXAMPLES: dict[str, tuple[str, str]] = {
     "repeat_python": (REPEAT_CONFIG, REPEAT_MODEL),
     "bls_decoupled_python": (BLS_DECOUPLED_CONFIG, BLS_DECOUPLED_MODEL),
     "repeat_count_python": (REPEAT_COUNT_CONFIG, REPEAT_COUNT_MODEL),
+    "sequence_python": (SEQUENCE_PYTHON_CONFIG, SEQUENCE_PYTHON_MODEL),
 }
 #: model name → other files of its model directory (name → text)
 EXTRA_FILES: dict[str, dict[str, str]] = {

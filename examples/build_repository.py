@@ -341,6 +341,7 @@ def _other_families(root: Path) -> list[str]:
         "bls_python",
         "repeat_python",
         "bls_decoupled_python",
+        "sequence_python",
         *ensembles.python,
     ]
     build_python_repository(root, python_models)

@@ -157,8 +157,16 @@ def build_request(request: pb_utils.InferenceRequest) -> pb.ModelInferRequest:
     params: dict[str, Any] = json.loads(request.parameters() or "{}")
     for key, value in params.items():
         _set_parameter(message.parameters[key], value)
-    if request.correlation_id():
-        message.parameters["sequence_id"].int64_param = request.correlation_id()
+    correlation_id = request.correlation_id()
+    if isinstance(correlation_id, str) and correlation_id:
+        message.parameters["sequence_id"].string_param = correlation_id
+    elif correlation_id:
+        message.parameters["sequence_id"].int64_param = correlation_id
+    flags = request.flags()
+    if flags & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START:
+        message.parameters["sequence_start"].bool_param = True
+    if flags & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END:
+        message.parameters["sequence_end"].bool_param = True
     return message
 
 

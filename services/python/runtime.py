@@ -50,6 +50,7 @@ from services.core.errors import (
 )
 from services.core.requests import Array, InferRequest
 from services.core.runtime import InstanceSpec, Runtime
+from services.core.sequences import SEQUENCE_END, SEQUENCE_ID, SEQUENCE_START
 from services.python import auto_complete, bls
 from services.python import triton_python_backend_utils as pb_utils
 from services.python.auto_complete import model_config_json
@@ -205,6 +206,8 @@ class PythonRuntime(Runtime):
                 inputs=[pb_utils.Tensor(n, a) for n, a in r.inputs.items()],
                 requested_output_names=[o.name for o in r.outputs] or list(outputs),
                 request_id=r.id,
+                correlation_id=_correlation_id(r),
+                flags=_sequence_flags(r),
                 parameters=dict(r.parameters),
             )
             for r in requests
@@ -355,3 +358,17 @@ def _batch_size(inputs: Mapping[str, Array]) -> int | None:
     for array in inputs.values():
         return int(array.shape[0]) if array.ndim else None
     return None
+
+
+def _correlation_id(request: InferRequest) -> int | str:
+    """The request's sequence_id parameter as ``correlation_id()`` gives it (0: none)."""
+    value = request.parameters.get(SEQUENCE_ID, 0)
+    return value if isinstance(value, int | str) and not isinstance(value, bool) else 0
+
+
+def _sequence_flags(request: InferRequest) -> int:
+    """``flags()``: the START and END bits of the request's sequence parameters."""
+    params = request.parameters
+    start = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START if params.get(SEQUENCE_START) else 0
+    end = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END if params.get(SEQUENCE_END) else 0
+    return start | end

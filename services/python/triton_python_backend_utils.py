@@ -84,6 +84,7 @@ NDArray = npt.NDArray[Any]
 
 #: the flag of a decoupled model's last response to a request (``InferenceResponseSender.send``)
 TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+TRITONSERVER_REQUEST_FLAG_SEQUENCE_START, TRITONSERVER_REQUEST_FLAG_SEQUENCE_END = 1, 2
 
 
 class TritonModelException(Exception):
@@ -184,7 +185,7 @@ class InferenceRequest:
         inputs: Sequence[Tensor] = (),
         requested_output_names: Sequence[str] = (),
         request_id: str = "",
-        correlation_id: int = 0,
+        correlation_id: int | str = 0,
         flags: int = 0,
         parameters: Mapping[str, Any] | str | None = None,
         model_version: int = -1,
@@ -219,12 +220,12 @@ class InferenceRequest:
         """The client's request id ("" when it gave none)."""
         return self._request_id
 
-    def correlation_id(self) -> int:
+    def correlation_id(self) -> int | str:
         """The sequence correlation id (0: not part of a sequence)."""
         return self._correlation_id
 
     def flags(self) -> int:
-        """Sequence flags (0 here)."""
+        """Sequence flags: TRITONSERVER_REQUEST_FLAG_SEQUENCE_START / _END bits."""
         return self._flags
 
     def parameters(self) -> str:
