@@ -12,7 +12,8 @@ import pytest
 from google.protobuf import text_format
 from onnx import TensorProto, helper
 
-from examples.build_repository import DTYPES_DATATYPES, IR_VERSION, OPSET, build_repository
+from examples.build_repository import DTYPES_DATATYPES, build_repository
+from examples.onnx_graph import IR_VERSION, OPSET
 from protos.gen.inference import model_config_pb2 as mc
 from services.core.errors import InvalidArgument, ModelLoadError, Unavailable
 from services.core.runtime import InstanceSpec
