@@ -1,5 +1,5 @@
 """The one mesh of the conformance package: every available family's add/sub and identity
-models from one repository, explicit model control, all loaded at start. Package-scoped, so the
+models (and its stateful accumulator, where it has one) from one repository, explicit model control, all loaded at start. Package-scoped, so the
 test modules here share a single mesh start."""
 
 from __future__ import annotations
@@ -21,6 +21,6 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshHandle]:
     for family in AVAILABLE:
         module = importlib.import_module(family.builder[0])
         build: Callable[..., None] = getattr(module, family.builder[1])
-        build(repo, [family.model, family.identity])
+        build(repo, [family.model, family.identity, *filter(None, [family.sequence])])
     with running_mesh(repo, root, "explicit", load_models=("*",)) as handle:
         yield handle

@@ -36,6 +36,9 @@ class Family:
     datatypes: tuple[str, ...]
     #: BYTES are UTF-8 text in this framework: other bytes are refused with INVALID_ARGUMENT
     utf8_bytes_only: bool = False
+    #: its stateful accumulator (sequence_batching; INT32 INPUT [1] → OUTPUT [1], the running
+    #: sum of the sequence), "" where the family has none
+    sequence: str = ""
 
     def arrays(self, value: int) -> tuple[np.ndarray, np.ndarray]:
         dtype = {"INT32": np.int32, "FP32": np.float32}[self.datatype]
@@ -58,6 +61,7 @@ FAMILIES = [
         identity="dtypes_onnx",
         datatypes=tuple(d for d in ALL_DATATYPES if d != "BF16"),
         utf8_bytes_only=True,
+        sequence="simple_sequence",
     ),
     Family(
         "torch",
@@ -97,6 +101,7 @@ FAMILIES = [
         "numpy",
         identity="dtypes_python",
         datatypes=ALL_DATATYPES,
+        sequence="sequence_python",
     ),
 ]
 AVAILABLE = [f for f in FAMILIES if importlib.util.find_spec(f.needs) is not None]
