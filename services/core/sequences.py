@@ -15,6 +15,7 @@ sends). This module holds the pure parts; the scheduling is in sequence_batcher.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from protos.gen.inference import model_config_pb2 as mc
 from services.core import dtypes
 from services.core.errors import InvalidArgument, ModelLoadError
 from services.core.requests import Array, ParamValue
+
+log = logging.getLogger(__name__)
 
 _Kind = mc.ModelSequenceBatching.Control
 
@@ -111,8 +114,19 @@ class SequenceSettings:
             return None
         sb = config.sequence_batching
         name = config.name
+        if sb.iterative_sequence:
+            raise ModelLoadError(
+                f"model '{name}': sequence_batching iterative_sequence is not supported; "
+                "send each step of the sequence as a request"
+            )
         slots = max(1, config.max_batch_size)
         oldest = sb.WhichOneof("strategy_choice") == "oldest"
+        if oldest and sb.oldest.preserve_ordering:
+            log.warning(
+                "model %r: oldest.preserve_ordering is ignored (each sequence's responses are "
+                "in order; responses of different sequences are not ordered)",
+                name,
+            )
         delay_us = sb.oldest.max_queue_delay_microseconds if oldest else 0
         utilization = 0.0
         if not oldest and sb.direct.minimum_slot_utilization > 0:

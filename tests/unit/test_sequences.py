@@ -98,6 +98,7 @@ def test_state_starts_from_zeros_or_its_initial_file_and_resets_on_start(tmp_pat
             'initial_state { data_type: TYPE_FP32 dims: [2] data_file: "missing" } }',
             "cannot read initial_state file",
         ),
+        ("iterative_sequence: true", "iterative_sequence is not supported"),
     ],
 )
 def test_bad_sections_fail_the_load_with_the_reason(section: str, message: str) -> None:
