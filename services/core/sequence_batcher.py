@@ -180,7 +180,13 @@ class SequenceBatcher(Generic[R]):
         """The sequence ended or went idle: free its slot for the oldest waiting sequence."""
         if self._sequences.get(seq.correlation_id) is seq:
             del self._sequences[seq.correlation_id]
-        if why != "ended":
+        if why == "closing":
+            log.info(
+                "model %r: sequence %r ended by the model's unload",
+                self.settings.model,
+                seq.correlation_id,
+            )
+        elif why != "ended":
             log.warning(
                 "model %r: sequence %r released (%s)", self.settings.model, seq.correlation_id, why
             )
@@ -242,7 +248,11 @@ class SequenceBatcher(Generic[R]):
             signature = ready[0].queue[0].signature
             batch = [s for s in ready if s.queue[0].signature == signature]
             batch = batch[: self.settings.max_batch_size]
-            due_at = self._due_at(len(ready), len(batch), ready[0].queue[0].enqueue_ns)
+            # every slot of this instance taken by a ready sequence: waiting cannot add any
+            full = len(ready) == len(bound) == self.settings.slots_per_instance
+            due_at = (
+                0 if full else self._due_at(len(ready), len(batch), ready[0].queue[0].enqueue_ns)
+            )
             if self._closing or due_at <= now:
                 self._dispatch(instance, batch, now)
             else:

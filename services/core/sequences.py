@@ -34,6 +34,8 @@ _Kind = mc.ModelSequenceBatching.Control
 #: the request parameters tritonclient sets for a sequence request
 SEQUENCE_ID, SEQUENCE_START, SEQUENCE_END = "sequence_id", "sequence_start", "sequence_end"
 
+_UINT64_MAX = 2**64 - 1
+
 #: a correlation ID: tritonclient sends an unsigned integer or a string
 CorrelationId = int | str
 
@@ -280,9 +282,9 @@ def sequence_flags(model: str, parameters: dict[str, ParamValue]) -> SequenceFla
             f"inference request to model '{model}' must specify a non-zero or non-empty "
             f"correlation ID (request parameter '{SEQUENCE_ID}'): it is a stateful model"
         )
-    if isinstance(cid, float) or (isinstance(cid, int) and cid < 0):
+    if isinstance(cid, float) or (isinstance(cid, int) and not 0 < cid <= _UINT64_MAX):
         raise InvalidArgument(
-            f"request parameter '{SEQUENCE_ID}' must be an unsigned integer or a string, "
+            f"request parameter '{SEQUENCE_ID}' must be an unsigned 64-bit integer or a string, "
             f"got {cid!r}"
         )
     flags = []

@@ -220,7 +220,7 @@ async def test_start_restarts_a_running_sequence_and_end_closes_it() -> None:
         ({"sequence_id": 0, "sequence_start": True}, "non-zero or non-empty correlation ID"),
         ({"sequence_id": "a", "sequence_start": True}, "integer correlation IDs"),
         ({"sequence_id": 3, "sequence_start": "yes"}, "'sequence_start' must be a boolean"),
-        ({"sequence_id": 1.5, "sequence_start": True}, "unsigned integer or a string"),
+        ({"sequence_id": 1.5, "sequence_start": True}, "unsigned 64-bit integer or a string"),
     ],
 )
 async def test_bad_sequence_parameters_are_refused(
@@ -333,3 +333,14 @@ async def test_close_runs_what_is_queued_and_then_refuses() -> None:
     assert [await value(t) for t in tasks] == [1, 3]
     with pytest.raises(Unavailable):
         await send(batcher, 2, 1, start=True)
+
+
+async def test_a_batch_of_every_slot_runs_without_waiting_for_the_delay() -> None:
+    model, clock = Model(), FakeClock()
+    extra = "oldest { max_candidate_sequences: 2 max_queue_delay_microseconds: 1000 }"
+    batcher = make(model, clock, extra=extra)
+    tasks = [send(batcher, sid, sid, start=True) for sid in (1, 2)]
+    await settle()
+    assert [b for _, b in model.batches] == [[(1, 1), (2, 2)]]  # no more can join: both slots
+    assert [await value(t) for t in tasks] == [1, 2]
+    await batcher.close()
