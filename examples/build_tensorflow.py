@@ -14,7 +14,11 @@ services/tensorflow (``<dir>/<name>/1/model.savedmodel/``):
   ``tensorflow_graphdef``; Placeholders INPUT0/INPUT1, Identity ops OUTPUT0/OUTPUT1);
 - ``dtypes_tf``: identity per datatype for the conformance suite: signature input
   ``IN_<DTYPE>`` [-1] → output ``OUT_<DTYPE>`` (``tf.identity``) for all 14 Triton datatypes
-  (BYTES as tf.string, BF16 as tf.bfloat16), max_batch_size 8.
+  (BYTES as tf.string, BF16 as tf.bfloat16), max_batch_size 8;
+- ``simple_sequence_tf``: the stateful accumulator (Triton's ``simple_sequence``, served by the
+  sequence batcher): INT32 INPUT [1] → OUTPUT, the running sum of the sequence; signature
+  ``serving_default`` takes INPUT, the control inputs START and READY and the state ACC_IN, and
+  returns OUTPUT and the state ACC_OUT, max_batch_size 8.
 
 Weights come from fixed seeds (numpy), so every build computes the same numbers; ``mlp_weights()``
 returns them for tests to compare against. A model directory is written next to its final place
@@ -101,6 +105,18 @@ class _Simple(tf.Module):  # type: ignore[misc]  # tf.Module is untyped (Any)
     @tf.function(input_signature=[_spec, _spec])  # type: ignore[untyped-decorator]  # untyped in TF
     def swapped(self, INPUT0: Any, INPUT1: Any) -> dict[str, Any]:  # noqa: N803
         return {"OUTPUT0": INPUT0 + INPUT1, "OUTPUT1": INPUT1 - INPUT0}
+
+
+class _Sequence(tf.Module):  # type: ignore[misc]  # tf.Module is untyped (Any)
+    """The running sum of a sequence: the server feeds START and READY (0 / 1) and the state
+    ACC_IN (ACC_OUT of the sequence's previous request; zeros at START)."""
+
+    _spec = tf.TensorSpec([None, 1], tf.int32)
+
+    @tf.function(input_signature=[_spec] * 4)  # type: ignore[untyped-decorator]  # untyped in TF
+    def serve(self, INPUT: Any, START: Any, READY: Any, ACC_IN: Any) -> dict[str, Any]:  # noqa: N803
+        acc_out = INPUT * READY + ACC_IN * (1 - START)
+        return {"OUTPUT": tf.identity(acc_out), "ACC_OUT": acc_out}
 
 
 #: Triton datatype → TensorFlow dtype, for every datatype of ``dtypes_tf``
@@ -190,6 +206,30 @@ def build_dtypes(path: Path) -> str:
     return _config("dtypes_tf", inputs, outputs, 8, 0)
 
 
+SEQUENCE_CONFIG = """name: "simple_sequence_tf"
+platform: "tensorflow_savedmodel"
+max_batch_size: 8
+input [ { name: "INPUT" data_type: TYPE_INT32 dims: [ 1 ] } ]
+output [ { name: "OUTPUT" data_type: TYPE_INT32 dims: [ 1 ] } ]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+sequence_batching {
+  max_sequence_idle_microseconds: 5000000
+  control_input [
+    { name: "START" control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] } ] },
+    { name: "READY" control [ { kind: CONTROL_SEQUENCE_READY int32_false_true: [ 0, 1 ] } ] }
+  ]
+  state [ { input_name: "ACC_IN" output_name: "ACC_OUT" data_type: TYPE_INT32 dims: [ 1 ] } ]
+}
+"""
+
+
+def build_sequence(path: Path) -> str:
+    """The stateful accumulator: INPUT → OUTPUT, the sum of the sequence's INPUTs so far."""
+    module = _Sequence()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return SEQUENCE_CONFIG
+
+
 def build_simple_graphdef(path: Path) -> str:
     """The simple model as a frozen GraphDef (``model.graphdef`` beside where a SavedModel would
     go): Placeholders INPUT0/INPUT1, Identity ops OUTPUT0/OUTPUT1; returns its config."""
@@ -220,6 +260,7 @@ BUILDERS: dict[str, Builder] = {
     "mlp_tf": build_mlp,
     "simple_tf_auto": build_simple_auto,
     "dtypes_tf": build_dtypes,
+    "simple_sequence_tf": build_sequence,
 }
 
 

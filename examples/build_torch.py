@@ -11,7 +11,12 @@
 - ``dtypes_torch``: identity per datatype for the conformance suite (TorchScript): input
   ``IN_<DTYPE>`` [-1] (a forward() argument of that name) → output ``OUT_<DTYPE>`` (the key of
   the returned dict), for every datatype of DTYPES_DATATYPES: all of Triton's but BYTES, which
-  has no torch tensor type; max_batch_size 8.
+  has no torch tensor type; max_batch_size 8;
+- ``simple_sequence_torch``: the stateful accumulator (Triton's ``simple_sequence``, served by the
+  sequence batcher; TorchScript): INT32 INPUT__0 [1] → OUTPUT__0, the running sum of the
+  sequence. As Triton's PyTorch backend wants, the control inputs and the implicit state are
+  named ``<name>__<index>``, the index being their place among forward()'s arguments or in its
+  returned tuple: START__1, READY__2, state ACC_IN__3 → ACC_OUT__1.
 
 Weights come from fixed seeds, so every build gives the same numbers; ``mlp_module()`` etc.
 return the eager modules for tests to compare against. A file whose bytes would not change is
@@ -92,6 +97,18 @@ class DtypesIdentity(nn.Module):
             "OUT_FP64": IN_FP64,
             "OUT_BF16": IN_BF16,
         }
+
+
+class SequenceAccumulator(nn.Module):
+    """The running sum of a sequence (Triton's ``simple_sequence``): the server feeds START and
+    READY (0 / 1) and the state ``acc_in`` (what the sequence's previous request returned as
+    its second result; zeros at START)."""
+
+    def forward(
+        self, value: torch.Tensor, start: torch.Tensor, ready: torch.Tensor, acc_in: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        acc_out = value * ready + acc_in * (1 - start)
+        return acc_out, acc_out
 
 
 class _Block(nn.Module):
@@ -235,12 +252,37 @@ def build_dtypes() -> TorchExample:
     return TorchExample(config, "model.pt", _script_bytes(DtypesIdentity()), {})
 
 
+SEQUENCE_CONFIG = """name: "simple_sequence_torch"
+platform: "pytorch_libtorch"
+max_batch_size: 8
+input [ { name: "INPUT__0" data_type: TYPE_INT32 dims: [ 1 ] } ]
+output [ { name: "OUTPUT__0" data_type: TYPE_INT32 dims: [ 1 ] } ]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+sequence_batching {
+  max_sequence_idle_microseconds: 5000000
+  control_input [
+    { name: "START__1" control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] } ] },
+    { name: "READY__2" control [ { kind: CONTROL_SEQUENCE_READY int32_false_true: [ 0, 1 ] } ] }
+  ]
+  state [
+    { input_name: "ACC_IN__3" output_name: "ACC_OUT__1" data_type: TYPE_INT32 dims: [ 1 ] }
+  ]
+}
+"""
+
+
+def build_sequence() -> TorchExample:
+    """The stateful accumulator: INPUT__0 → OUTPUT__0, the sum of the sequence's INPUT__0s."""
+    return TorchExample(SEQUENCE_CONFIG, "model.pt", _script_bytes(SequenceAccumulator()), {})
+
+
 BUILDERS: dict[str, Callable[[], TorchExample]] = {
     "simple_torch": build_simple,
     "mlp_torch": build_mlp,
     "cnn_torch": build_cnn,
     "mlp_torch_export": build_mlp_export,
     "dtypes_torch": build_dtypes,
+    "simple_sequence_torch": build_sequence,
 }
 
 

@@ -22,6 +22,12 @@ Tensor naming, as Triton's PyTorch backend:
 - an output named ``<name>__<index>`` is element ``<index>`` of the returned tuple/list (a single
   returned tensor is element 0) or, when forward() returns a dict, the entry of that name;
   any other output name must be a key of the returned dict.
+
+A stateful model's control inputs (START__1, READY__2, ...) and implicit state (input
+ACC_IN__3, output ACC_OUT__1) follow the same rules: the kit appends them to the config this
+runtime loads with (services/core/sequences.py ``runtime_config``), so they take their places
+among forward()'s arguments and results like any other input and output, and a load error about
+one names the sequence_batching entry to rename.
 """
 
 from __future__ import annotations
@@ -119,9 +125,26 @@ def _check_types(config: mc.ModelConfig) -> None:
                 raise ModelLoadError(f"model '{config.name}': {kind} '{io.name}' is {reason}")
 
 
+def _declared_as(config: mc.ModelConfig, name: str) -> str:
+    """Where config.pbtxt declares input ``name``: in ``input``, or (stateful models) as a
+    sequence_batching control input or state, which the kit appends to the inputs."""
+    sequence = config.sequence_batching
+    if any(c.name == name for c in sequence.control_input):
+        return f"sequence_batching control_input '{name}'"
+    if any(s.input_name == name for s in sequence.state):
+        return f"sequence_batching state input_name '{name}'"
+    return f"input '{name}'"
+
+
 def bind_inputs(config: mc.ModelConfig, arguments: Sequence[str], path: Path) -> list[str]:
     """Config input names in forward()'s positional order (see the module docstring)."""
     model = config.name
+    # a stateful model's control and state inputs count too (the kit appended them)
+    which = (
+        "inputs, sequence_batching control inputs and state inputs"
+        if config.HasField("sequence_batching")
+        else "inputs"
+    )
     slots: dict[int, str] = {}
     for io in config.input:
         if io.name in arguments:
@@ -130,27 +153,28 @@ def bind_inputs(config: mc.ModelConfig, arguments: Sequence[str], path: Path) ->
             position = _indexed(io.name)
         if position is None:
             raise ModelLoadError(
-                f"model '{model}': input '{io.name}' is neither an argument of forward() in "
-                f"{path.name} (arguments: {list(arguments)}) nor named '<name>__<index>'; "
-                "rename it to an argument name or to INPUT__<position>"
+                f"model '{model}': {_declared_as(config, io.name)} is neither an argument of "
+                f"forward() in {path.name} (arguments: {list(arguments)}) nor named "
+                "'<name>__<index>'; rename it to an argument name or to <name>__<position>"
             )
         if position in slots:
             raise ModelLoadError(
-                f"model '{model}': inputs '{slots[position]}' and '{io.name}' both map to "
-                f"forward() argument {position}; give each input its own position"
+                f"model '{model}': {_declared_as(config, slots[position])} and "
+                f"{_declared_as(config, io.name)} both map to forward() argument {position}; "
+                "give each its own position"
             )
         slots[position] = io.name
     order = sorted(slots)
     if order != list(range(len(order))):
         missing = sorted(set(range(max(order, default=-1) + 1)) - set(order))
         raise ModelLoadError(
-            f"model '{model}': inputs leave forward() argument(s) {missing} unset; name the "
-            "inputs INPUT__0..INPUT__<n-1> without gaps"
+            f"model '{model}': the {which} leave forward() argument(s) {missing} unset; name "
+            "them <name>__0..<name>__<n-1> without gaps"
         )
     if arguments and len(order) > len(arguments):
         raise ModelLoadError(
-            f"model '{model}': config declares {len(order)} inputs but forward() in {path.name} "
-            f"takes {len(arguments)} ({list(arguments)}); remove the extra inputs"
+            f"model '{model}': config declares {len(order)} {which} but forward() in "
+            f"{path.name} takes {len(arguments)} ({list(arguments)}); remove the extra ones"
         )
     return [slots[i] for i in order]
 

@@ -1,5 +1,6 @@
 """The real TensorFlow service (TensorflowRuntime on the serving kit) through tritonclient gRPC and
-HTTP: infer, metadata, auto-completed config, batching and the kit's bad-input errors."""
+HTTP: infer, metadata, auto-completed config, batching, the kit's bad-input errors, and the
+stateful ``simple_sequence_tf`` under the sequence batcher."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def simple_inputs(a: np.ndarray, b: np.ndarray, mod: Any = grpcclient) -> list[A
 
 
 def test_all_models_ready(client: grpcclient.InferenceServerClient) -> None:
-    for name in ("simple_tf", "mlp_tf", "simple_tf_auto"):
+    for name in ("simple_tf", "mlp_tf", "simple_tf_auto", "simple_sequence_tf"):
         assert client.is_model_ready(name), name
 
 
@@ -187,3 +188,56 @@ def test_frozen_graphdef_served_beside_savedmodels(
     np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
     result = http.infer("simple_tf_graphdef", simple_inputs(a, b, httpclient))
     np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+
+
+def sequence_step(
+    client: grpcclient.InferenceServerClient, sid: int | str, value: int, start: bool, end: bool
+) -> int:
+    """One request of a sequence to simple_sequence_tf; its OUTPUT (the running sum)."""
+    inp = tensor(grpcclient, "INPUT", np.array([[value]], np.int32), "INT32")
+    result = client.infer(
+        "simple_sequence_tf",
+        [inp],
+        sequence_id=sid,
+        sequence_start=start,
+        sequence_end=end,
+    )
+    out = result.as_numpy("OUTPUT")
+    assert out is not None and out.shape == (1, 1)
+    return int(out[0, 0])
+
+
+def test_interleaved_sequences_keep_their_running_sums(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    # (sequence, INPUT, start, end, expected OUTPUT); 41 restarts midway: START resets
+    steps: list[tuple[int | str, int, bool, bool, int]] = [
+        (41, 3, True, False, 3),
+        ("seq-b", 10, True, False, 10),
+        (41, 4, False, False, 7),
+        ("seq-b", -2, False, False, 8),
+        (41, 5, True, False, 5),
+        ("seq-b", 1, False, True, 9),
+        (41, 6, False, True, 11),
+    ]
+    got = [sequence_step(client, sid, value, start, end) for sid, value, start, end, _ in steps]
+    assert got == [expected for *_, expected in steps]
+
+
+def test_sequence_metadata_lists_only_the_users_tensors(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    meta = client.get_model_metadata("simple_sequence_tf", as_json=True)
+    assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == [
+        ("INPUT", "INT32", ["-1", "1"])
+    ]
+    assert [(t["name"], t["datatype"], t["shape"]) for t in meta["outputs"]] == [
+        ("OUTPUT", "INT32", ["-1", "1"])
+    ]
+    config = client.get_model_config("simple_sequence_tf", as_json=True)["config"]
+    assert [t["name"] for t in config["input"]] == ["INPUT"]
+    assert [t["name"] for t in config["output"]] == ["OUTPUT"]
+    assert [c["name"] for c in config["sequence_batching"]["control_input"]] == [
+        "START",
+        "READY",
+    ]

@@ -1,5 +1,6 @@
 """The real PyTorch service (TorchRuntime on the serving kit) through tritonclient gRPC and HTTP:
-infer, metadata, config, batching, statistics and the kit's bad-input errors."""
+infer, metadata, config, batching, statistics, the kit's bad-input errors, and the stateful
+``simple_sequence_torch`` under the sequence batcher."""
 
 from __future__ import annotations
 
@@ -67,7 +68,13 @@ def eager(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
 
 
 def test_all_models_ready(client: grpcclient.InferenceServerClient) -> None:
-    for name in ("simple_torch", "mlp_torch", "cnn_torch", "mlp_torch_export"):
+    for name in (
+        "simple_torch",
+        "mlp_torch",
+        "cnn_torch",
+        "mlp_torch_export",
+        "simple_sequence_torch",
+    ):
         assert client.is_model_ready(name), name
 
 
@@ -180,3 +187,56 @@ def test_http_wrong_dtype_is_400(http: httpclient.InferenceServerClient) -> None
     with pytest.raises(InferenceServerException) as info:
         http.infer("simple_torch", inputs)
     assert "400" in str(info.value.status()) or "INPUT__0" in str(info.value)
+
+
+def sequence_step(
+    client: grpcclient.InferenceServerClient, sid: int | str, value: int, start: bool, end: bool
+) -> int:
+    """One request of a sequence to simple_sequence_torch; its OUTPUT__0 (the running sum)."""
+    inp = tensor(grpcclient, "INPUT__0", np.array([[value]], np.int32), "INT32")
+    result = client.infer(
+        "simple_sequence_torch",
+        [inp],
+        sequence_id=sid,
+        sequence_start=start,
+        sequence_end=end,
+    )
+    out = result.as_numpy("OUTPUT__0")
+    assert out is not None and out.shape == (1, 1)
+    return int(out[0, 0])
+
+
+def test_interleaved_sequences_keep_their_running_sums(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    # (sequence, INPUT__0, start, end, expected OUTPUT__0); 41 restarts midway: START resets
+    steps: list[tuple[int | str, int, bool, bool, int]] = [
+        (41, 3, True, False, 3),
+        ("seq-b", 10, True, False, 10),
+        (41, 4, False, False, 7),
+        ("seq-b", -2, False, False, 8),
+        (41, 5, True, False, 5),
+        ("seq-b", 1, False, True, 9),
+        (41, 6, False, True, 11),
+    ]
+    got = [sequence_step(client, sid, value, start, end) for sid, value, start, end, _ in steps]
+    assert got == [expected for *_, expected in steps]
+
+
+def test_sequence_metadata_lists_only_the_users_tensors(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    meta = client.get_model_metadata("simple_sequence_torch", as_json=True)
+    assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == [
+        ("INPUT__0", "INT32", ["-1", "1"])
+    ]
+    assert [(t["name"], t["datatype"], t["shape"]) for t in meta["outputs"]] == [
+        ("OUTPUT__0", "INT32", ["-1", "1"])
+    ]
+    config = client.get_model_config("simple_sequence_torch", as_json=True)["config"]
+    assert [t["name"] for t in config["input"]] == ["INPUT__0"]
+    assert [t["name"] for t in config["output"]] == ["OUTPUT__0"]
+    assert [c["name"] for c in config["sequence_batching"]["control_input"]] == [
+        "START__1",
+        "READY__2",
+    ]

@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 
 from examples.build_torch import (  # noqa: E402
     DTYPES_DATATYPES,
+    SEQUENCE_CONFIG,
     SimpleAddSub,
     build_torch_repository,
     cnn_module,
@@ -22,6 +23,7 @@ from protos.gen.inference import model_config_pb2 as mc  # noqa: E402
 from services.core.dtypes import BF16_DTYPE  # noqa: E402
 from services.core.errors import InternalError, ModelLoadError, Unavailable  # noqa: E402
 from services.core.runtime import InstanceSpec  # noqa: E402
+from services.core.sequences import runtime_config  # noqa: E402
 from services.torch.runtime import TorchRuntime  # noqa: E402
 from services.torch.tensors import CONFIG_TO_TORCH, to_numpy, to_torch  # noqa: E402
 from tests.datatype_samples import assert_identical, edge_values, kit_form  # noqa: E402
@@ -183,6 +185,38 @@ def test_bad_input_names_fail_to_load(tmp_path: Path, inputs: list[str], message
     config.output.add(name="OUTPUT__0", data_type=mc.TYPE_INT32, dims=[2])
     with pytest.raises(ModelLoadError, match=re.escape(message)):
         TorchRuntime(config, path, CPU_INSTANCE)
+
+
+def test_sequence_controls_and_state_take_their_argument_positions(repo: Path) -> None:
+    config = runtime_config(read_config(repo, "simple_sequence_torch"))
+    runtime = load(repo, "simple_sequence_torch", config)
+    assert runtime.arguments == ["value", "start", "ready", "acc_in"]
+
+    def run(start: int, ready: int) -> tuple[int, int]:
+        feed = {"INPUT__0": 5, "START__1": start, "READY__2": ready, "ACC_IN__3": 7}
+        arrays = {name: np.array([[v]], dtype=np.int32) for name, v in feed.items()}
+        out = runtime.infer(arrays, ["OUTPUT__0", "ACC_OUT__1"])
+        return int(out["OUTPUT__0"][0, 0]), int(out["ACC_OUT__1"][0, 0])
+
+    assert run(start=0, ready=1) == (12, 12)
+    assert run(start=1, ready=1) == (5, 5)
+    assert run(start=0, ready=0) == (7, 7)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("START__1", "START", "sequence_batching control_input 'START' is neither an argument"),
+        ("ACC_IN__3", "ACC_IN__1", "control_input 'START__1' and sequence_batching state"),
+        ("ACC_IN__3", "ACC_IN__4", "control inputs and state inputs leave forward() argument"),
+    ],
+)
+def test_misnamed_sequence_inputs_name_their_config_entry(
+    repo: Path, old: str, new: str, message: str
+) -> None:
+    config = runtime_config(config_text(SEQUENCE_CONFIG.replace(old, new)))
+    with pytest.raises(ModelLoadError, match=re.escape(message)):
+        load(repo, "simple_sequence_torch", config)
 
 
 def test_output_index_beyond_the_result_is_a_clear_error(tmp_path: Path) -> None:

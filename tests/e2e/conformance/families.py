@@ -36,9 +36,10 @@ class Family:
     datatypes: tuple[str, ...]
     #: BYTES are UTF-8 text in this framework: other bytes are refused with INVALID_ARGUMENT
     utf8_bytes_only: bool = False
-    #: its stateful accumulator (sequence_batching; INT32 INPUT [1] → OUTPUT [1], the running
-    #: sum of the sequence), "" where the family has none
+    #: its stateful accumulator (sequence_batching; INT32 [1] → [1], the running sum of the
+    #: sequence), "" where the family has none, and that model's input and output names
     sequence: str = ""
+    sequence_io: tuple[str, str] = ("INPUT", "OUTPUT")
 
     def arrays(self, value: int) -> tuple[np.ndarray, np.ndarray]:
         dtype = {"INT32": np.int32, "FP32": np.float32}[self.datatype]
@@ -75,6 +76,8 @@ FAMILIES = [
         "torch",
         identity="dtypes_torch",
         datatypes=tuple(d for d in ALL_DATATYPES if d != "BYTES"),
+        sequence="simple_sequence_torch",
+        sequence_io=("INPUT__0", "OUTPUT__0"),
     ),
     Family(
         "tensorflow",
@@ -88,6 +91,7 @@ FAMILIES = [
         "tensorflow",
         identity="dtypes_tf",
         datatypes=ALL_DATATYPES,
+        sequence="simple_sequence_tf",
     ),
     Family(
         "python",

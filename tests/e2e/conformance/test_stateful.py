@@ -19,11 +19,11 @@ from tests.e2e.conformance.test_perf_analyzer import MISSING, perf_analyzer, suc
 from tests.e2e.conftest import MeshHandle
 
 
-def stateful(family: Family) -> str:
+def stateful(family: Family) -> Family:
     need(family)
     if not family.sequence:
         pytest.skip(f"{family.name}: no stateful example")
-    return family.sequence
+    return family
 
 
 def values_for(sid: int) -> list[int]:
@@ -31,20 +31,23 @@ def values_for(sid: int) -> list[int]:
 
 
 def step(
-    module: Any, client: Any, model: str, sid: int | str, value: int, start: bool, end: bool
+    module: Any, client: Any, family: Family, sid: int | str, value: int, start: bool, end: bool
 ) -> int:
-    tensor = module.InferInput("INPUT", [1, 1], "INT32")
+    name_in, name_out = family.sequence_io
+    tensor = module.InferInput(name_in, [1, 1], "INT32")
     tensor.set_data_from_numpy(np.array([[value]], np.int32))
-    result = client.infer(model, [tensor], sequence_id=sid, sequence_start=start, sequence_end=end)
-    return int(result.as_numpy("OUTPUT")[0, 0])
+    result = client.infer(
+        family.sequence, [tensor], sequence_id=sid, sequence_start=start, sequence_end=end
+    )
+    return int(result.as_numpy(name_out)[0, 0])
 
 
 def run_sequence(
-    module: Any, client: Any, model: str, sid: int | str, values: list[int]
+    module: Any, client: Any, family: Family, sid: int | str, values: list[int]
 ) -> list[int]:
     last = len(values) - 1
     return [
-        step(module, client, model, sid, v, start=i == 0, end=i == last)
+        step(module, client, family, sid, v, start=i == 0, end=i == last)
         for i, v in enumerate(values)
     ]
 
@@ -54,7 +57,7 @@ def run_sequence(
 def test_concurrent_sequences_keep_their_sums(
     mesh: MeshHandle, family: Family, protocol: str
 ) -> None:
-    model = stateful(family)
+    family = stateful(family)
     module: Any = grpcclient if protocol == "grpc" else httpclient
     url = mesh.grpc_url if protocol == "grpc" else mesh.http_url
     ids: list[int | str] = [101, 102, "s-103", 104]
@@ -63,7 +66,7 @@ def test_concurrent_sequences_keep_their_sums(
         client = module.InferenceServerClient(url)
         try:
             return run_sequence(
-                module, client, model, sid, values_for(len(str(sid)) + ids.index(sid))
+                module, client, family, sid, values_for(len(str(sid)) + ids.index(sid))
             )
         finally:
             client.close()
@@ -75,15 +78,15 @@ def test_concurrent_sequences_keep_their_sums(
     client = module.InferenceServerClient(url)
     try:
         with pytest.raises(InferenceServerException, match="START flag"):
-            step(module, client, model, 101, 1, start=False, end=False)  # 101 has ended
-        assert step(module, client, model, 101, 5, start=True, end=True) == 5
+            step(module, client, family, 101, 1, start=False, end=False)  # 101 has ended
+        assert step(module, client, family, 101, 5, start=True, end=True) == 5
     finally:
         client.close()
 
 
 @pytest.mark.parametrize("family", family_param())
 def test_sequences_on_one_stream(mesh: MeshHandle, family: Family) -> None:
-    model = stateful(family)
+    family = stateful(family)
     answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
     client = grpcclient.InferenceServerClient(mesh.grpc_url)
     plans = {201: values_for(3), 202: values_for(4), 203: values_for(5)}
@@ -91,10 +94,10 @@ def test_sequences_on_one_stream(mesh: MeshHandle, family: Family) -> None:
         client.start_stream(callback=lambda result, error: answers.put((result, error)))
         for step in range(12):
             for sid, values in plans.items():
-                tensor = grpcclient.InferInput("INPUT", [1, 1], "INT32")
+                tensor = grpcclient.InferInput(family.sequence_io[0], [1, 1], "INT32")
                 tensor.set_data_from_numpy(np.array([[values[step]]], np.int32))
                 client.async_stream_infer(
-                    model,
+                    family.sequence,
                     [tensor],
                     request_id=f"{sid}:{step}",
                     sequence_id=sid,
@@ -105,7 +108,7 @@ def test_sequences_on_one_stream(mesh: MeshHandle, family: Family) -> None:
         for _ in range(12 * len(plans)):
             result, error = answers.get(timeout=60)
             assert error is None, error
-            got[result.get_response().id] = int(result.as_numpy("OUTPUT")[0, 0])
+            got[result.get_response().id] = int(result.as_numpy(family.sequence_io[1])[0, 0])
     finally:
         client.stop_stream()
         client.close()
@@ -119,9 +122,9 @@ def test_sequences_on_one_stream(mesh: MeshHandle, family: Family) -> None:
 def test_perf_analyzer_drives_sequences(
     mesh: MeshHandle, family: Family, way: tuple[str, ...]
 ) -> None:
-    model = stateful(family)
-    before = success_count(mesh, model)
+    family = stateful(family)
+    before = success_count(mesh, family.sequence)
     options = ("--sequence-length", "6", "--concurrency-range", "3", *way[1:])
-    counted = perf_analyzer(mesh, model, way[0], *options)
+    counted = perf_analyzer(mesh, family.sequence, way[0], *options)
     assert counted > 0
-    assert success_count(mesh, model) - before >= counted
+    assert success_count(mesh, family.sequence) - before >= counted
