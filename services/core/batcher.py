@@ -27,7 +27,7 @@ from typing import Generic, TypeVar, cast
 from protos.gen.inference import model_config_pb2 as mc
 from services.core.batch_queue import BatchPolicy, BatchQueue, Pending, QueuePolicy
 from services.core.busy_poll import nothing_else_ready
-from services.core.clock import MONOTONIC, Clock, MonotonicClock, TimerHandle
+from services.core.clock import MONOTONIC, Clock, MonotonicClock, TimerHandle, WakeTimer
 from services.core.errors import InternalError, ModelLoadError, QueueTimeout, Unavailable
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "RunNow",
     "TimerHandle",
     "batch_policy_from_config",
+    "resolve",
 ]
 
 log = logging.getLogger(__name__)
@@ -133,8 +134,7 @@ class DynamicBatcher(Generic[T, R]):
         self._running: set[asyncio.Task[None]] = set()
         self._wake: asyncio.Event | None = None
         self._driver: asyncio.Task[None] | None = None
-        self._timer: TimerHandle | None = None
-        self._timer_at: int | None = None
+        self._timer = WakeTimer(clock)
         self._closing = False
 
     @property
@@ -268,7 +268,7 @@ class DynamicBatcher(Generic[T, R]):
                     return
                 await wake.wait()
         finally:
-            self._cancel_timer()
+            self._timer.cancel()
             await self._abort()
 
     def _schedule(self) -> None:
@@ -290,7 +290,8 @@ class DynamicBatcher(Generic[T, R]):
             self._dispatch(items, now)
         else:
             wake_at = queue.next_deadline()
-        self._arm_timer(wake_at)
+        if self._wake is not None:
+            self._timer.arm(wake_at, self._wake)
 
     def _dispatch(self, items: list[_Ticket[T, R]], now: int) -> None:
         items = [t for t in items if not t.future.done()]  # drop callers that gave up
@@ -340,36 +341,15 @@ class DynamicBatcher(Generic[T, R]):
         """Resolve the ticket's future, or hold the outcome until earlier requests resolved."""
         ordered = self._ordered
         if ordered is None:
-            _resolve(ticket.future, outcome)
+            resolve(ticket.future, outcome)
             return
         ticket.outcome = outcome
         ticket.done = True
         while ordered and (ordered[0].done or ordered[0].future.done()):
             head = ordered.popleft()
             if head.done:
-                _resolve(head.future, cast("R | BaseException", head.outcome))
+                resolve(head.future, cast("R | BaseException", head.outcome))
                 head.outcome = None
-
-    def _arm_timer(self, wake_at: int | None) -> None:
-        if wake_at == self._timer_at:
-            return
-        self._cancel_timer()
-        if wake_at is not None and self._wake is not None:
-            self._timer = self._clock.call_at(wake_at, self._on_timer)
-            self._timer_at = wake_at
-
-    def _on_timer(self) -> None:
-        # A fired timer is forgotten, so the same wake time re-arms it (timers may fire early).
-        self._timer = None
-        self._timer_at = None
-        if self._wake is not None:
-            self._wake.set()
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = None
-        self._timer_at = None
 
     async def _abort(self) -> None:
         """Driver stopped (cancelled or crashed): fail what waits, cancel and await what runs."""
@@ -384,7 +364,8 @@ class DynamicBatcher(Generic[T, R]):
             await asyncio.gather(*running, return_exceptions=True)
 
 
-def _resolve(future: asyncio.Future[R], outcome: R | BaseException) -> None:
+def resolve(future: asyncio.Future[R], outcome: R | BaseException) -> None:
+    """Give a request's caller its outcome, unless it gave up waiting."""
     if future.done():  # the caller gave up (cancelled)
         return
     if isinstance(outcome, BaseException):

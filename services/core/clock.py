@@ -80,3 +80,40 @@ class MonotonicClock:
 
 
 MONOTONIC: Clock = MonotonicClock()
+
+
+class WakeTimer:
+    """A scheduler's one timer: sets ``event`` once the clock reaches the time last armed.
+
+    Arming again at the same time keeps the timer; another time (or None) replaces it. A fired
+    timer is forgotten, so the same time arms it again (timers may fire early).
+    """
+
+    __slots__ = ("_at", "_clock", "_event", "_handle")
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._event: asyncio.Event | None = None
+        self._handle: TimerHandle | None = None
+        self._at: int | None = None
+
+    def arm(self, wake_at: int | None, event: asyncio.Event) -> None:
+        if wake_at == self._at:
+            return
+        self.cancel()
+        if wake_at is not None:
+            self._event = event
+            self._handle = self._clock.call_at(wake_at, self._fire)
+            self._at = wake_at
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._at = None
+        if self._event is not None:
+            self._event.set()
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = None
+        self._at = None

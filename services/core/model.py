@@ -89,15 +89,10 @@ class ServedModel:
         self._output_datatypes = {
             o.name: dtypes.triton_from_config(o.data_type) for o in config.output
         }
-        self._input_names = [i.name for i in config.input]
         #: a stateful model's sequence settings (None: stateless)
-        self.sequence = SequenceSettings.from_config(config, version_path)
+        sequence = SequenceSettings.from_config(config, version_path)
         #: what the runtime is asked for: the outputs, and a stateful model's state outputs
-        self._run_outputs = self._output_names + [
-            n
-            for n in (self.sequence.state_outputs if self.sequence else ())
-            if n not in self._output_names
-        ]
+        self._run_outputs = self._output_names + list(sequence.state_outputs if sequence else ())
         #: moving average of batch execution time; starts high so the first batches use a worker
         self._exec_ewma_ns = 10 * INLINE_EXECUTION_NS
         #: the instance that runs requests itself on the event loop (an ensemble), else None
@@ -109,10 +104,8 @@ class ServedModel:
         self._idle = asyncio.Event()
         self._idle.set()
         self.batcher: DynamicBatcher[InferRequest, ItemResult] | SequenceBatcher[ItemResult]
-        if self.sequence is not None:
-            self.batcher = SequenceBatcher(
-                self.sequence, self._run_batch, instances=len(self._instances)
-            )
+        if sequence is not None:
+            self.batcher = SequenceBatcher(sequence, self._run_batch, len(self._instances))
         else:
             self.batcher = DynamicBatcher(
                 batch_policy_from_config(config),

@@ -33,13 +33,13 @@ import logging
 from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar, cast
 
 import numpy as np
 
 from services.core.batch_queue import Pending
-from services.core.batcher import RunBatch
-from services.core.clock import MONOTONIC, Clock, TimerHandle
+from services.core.batcher import RunBatch, resolve
+from services.core.clock import MONOTONIC, Clock, WakeTimer
 from services.core.errors import InternalError, InvalidArgument, Unavailable
 from services.core.requests import Array, InferRequest
 from services.core.sequences import SequenceFlags, SequenceSettings, sequence_flags
@@ -102,8 +102,7 @@ class SequenceBatcher(Generic[R]):
         self._running: set[asyncio.Task[None]] = set()
         self._wake: asyncio.Event | None = None
         self._driver: asyncio.Task[None] | None = None
-        self._timer: TimerHandle | None = None
-        self._timer_at: int | None = None
+        self._timer = WakeTimer(clock)
         self._closing = False
 
     @property
@@ -224,7 +223,7 @@ class SequenceBatcher(Generic[R]):
                     return
                 await wake.wait()
         finally:
-            self._cancel_timer()
+            self._timer.cancel()
             await self._abort()
 
     def _schedule(self) -> None:
@@ -257,7 +256,8 @@ class SequenceBatcher(Generic[R]):
                 self._dispatch(instance, batch, now)
             else:
                 wake_at = _earliest(wake_at, due_at)
-        self._arm_timer(wake_at)
+        if self._wake is not None:
+            self._timer.arm(wake_at, self._wake)
 
     def _due_at(self, ready: int, size: int, oldest_ns: int) -> int:
         """When a batch of ``size`` (of ``ready`` sequences) must run: 0 for at once."""
@@ -310,14 +310,14 @@ class SequenceBatcher(Generic[R]):
                 fatal = not isinstance(exc, Exception)
                 error = Unavailable(f"model '{model}' is shutting down") if fatal else exc
                 for ticket in tickets:
-                    _resolve(ticket.future, error)
+                    resolve(ticket.future, error)
                 if fatal:
                     raise
             else:
                 for seq, ticket, result in zip(batch, tickets, results, strict=True):
                     if not isinstance(result, BaseException):
                         result = self._keep_state(seq, result)
-                    _resolve(ticket.future, result)
+                    resolve(ticket.future, cast("HasOutputs | BaseException", result))
         finally:
             now = self._clock.monotonic_ns()
             for seq in batch:
@@ -343,33 +343,13 @@ class SequenceBatcher(Generic[R]):
         result.outputs = {n: v for n, v in outputs.items() if n not in names}
         return result
 
-    def _arm_timer(self, wake_at: int | None) -> None:
-        if wake_at == self._timer_at:
-            return
-        self._cancel_timer()
-        if wake_at is not None and self._wake is not None:
-            self._timer = self._clock.call_at(wake_at, self._on_timer)
-            self._timer_at = wake_at
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
-        if self._wake is not None:
-            self._wake.set()
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = None
-        self._timer_at = None
-
     async def _abort(self) -> None:
         """Driver stopped: fail what waits, cancel and await what runs."""
         self._closing = True
         error = Unavailable(f"model '{self.settings.model}' is shutting down")
         for seq in list(self._sequences.values()):
             while seq.queue:
-                _resolve(seq.queue.popleft().future, error)
+                resolve(seq.queue.popleft().future, error)
         self._queued = 0
         running = list(self._running)
         for task in running:
@@ -380,12 +360,3 @@ class SequenceBatcher(Generic[R]):
 
 def _earliest(current: int | None, candidate: int) -> int:
     return candidate if current is None else min(current, candidate)
-
-
-def _resolve(future: asyncio.Future[HasOutputs], outcome: object) -> None:
-    if future.done():  # the caller gave up
-        return
-    if isinstance(outcome, BaseException):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)  # type: ignore[arg-type]
