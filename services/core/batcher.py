@@ -27,8 +27,9 @@ from typing import Generic, TypeVar, cast
 from protos.gen.inference import model_config_pb2 as mc
 from services.core.batch_queue import BatchPolicy, BatchQueue, Pending, QueuePolicy
 from services.core.busy_poll import nothing_else_ready
-from services.core.clock import MONOTONIC, Clock, MonotonicClock, TimerHandle, WakeTimer
+from services.core.clock import MONOTONIC, Clock, MonotonicClock, TimerHandle
 from services.core.errors import InternalError, ModelLoadError, QueueTimeout, Unavailable
+from services.core.scheduler_driver import SchedulerDriver
 
 __all__ = [
     "MONOTONIC",
@@ -102,7 +103,7 @@ def batch_policy_from_config(config: mc.ModelConfig) -> BatchPolicy:
         raise ModelLoadError(f"model '{config.name}': dynamic_batching: {exc}") from exc
 
 
-class DynamicBatcher(Generic[T, R]):
+class DynamicBatcher(SchedulerDriver, Generic[T, R]):
     """Triton's dynamic batcher (or direct scheduler) for one model version.
 
     ``start()`` inside the running loop, ``submit`` from any coroutine on that loop, ``close()``
@@ -120,36 +121,22 @@ class DynamicBatcher(Generic[T, R]):
     ) -> None:
         if instances < 1:
             raise ValueError(f"instances must be >= 1, got {instances}")
+        super().__init__(policy.model, "batcher", clock)
         self.policy = policy
         self._run_batch = run_batch
         self._run_now = run_now
         #: a request that finds the queue empty and an instance free runs at once: the policy
         #: would dispatch it alone without waiting (no batching delay)
         self._immediate = not policy.dynamic or policy.max_queue_delay_us == 0
-        self._clock = clock
         self._queue: BatchQueue[_Ticket[T, R]] = BatchQueue(policy)
         self._instances = instances
         self._free: list[int] = list(range(instances - 1, -1, -1))
         self._ordered: deque[_Ticket[T, R]] | None = deque() if policy.preserve_ordering else None
-        self._running: set[asyncio.Task[None]] = set()
-        self._wake: asyncio.Event | None = None
-        self._driver: asyncio.Task[None] | None = None
-        self._timer = WakeTimer(clock)
-        self._closing = False
 
     @property
     def pending(self) -> int:
         """Requests queued and not yet executing (nv_inference_pending_request_count)."""
         return len(self._queue)
-
-    def start(self) -> None:
-        """Start the driver task; call inside the running loop, once."""
-        if self._driver is not None:
-            raise RuntimeError(f"batcher of model '{self.policy.model}' already started")
-        self._wake = asyncio.Event()
-        self._driver = asyncio.get_running_loop().create_task(
-            self._drive(), name=f"batcher:{self.policy.model}"
-        )
 
     async def submit(
         self,
@@ -168,9 +155,7 @@ class DynamicBatcher(Generic[T, R]):
         is full, QueueTimeout when the request's queue timeout expires (REJECT), or whatever the
         batch execution raised.
         """
-        driver, wake = self._driver, self._wake
-        if self._closing or driver is None or wake is None or driver.done():
-            raise Unavailable(f"model '{self.policy.model}' is not accepting requests")
+        wake = self._accepting()
         queue = self._queue
         now = self._clock.monotonic_ns()
         level = queue.level_of(priority)
@@ -218,7 +203,7 @@ class DynamicBatcher(Generic[T, R]):
         if results is None:
             if self._ordered is not None:
                 self._ordered.append(ticket)  # later requests wait for it (preserve_ordering)
-            self._spawn(instance, [ticket])
+            self._spawn_batch(instance, [ticket])
             return await ticket.future
         self._release(instance)
         if len(results) != 1:
@@ -240,36 +225,10 @@ class DynamicBatcher(Generic[T, R]):
         if (self._queue or self._closing) and self._wake is not None:
             self._wake.set()
 
-    async def close(self) -> None:
-        """Stop accepting requests, finish everything queued or running, stop the driver.
-
-        Safe to call before ``start``, twice, or after the driver was cancelled.
-        """
-        self._closing = True
-        driver = self._driver
-        if driver is None:
-            return
-        if self._wake is not None:
-            self._wake.set()
-        await asyncio.wait([driver])  # neither the driver's end nor its cancel reaches us
-        if not driver.cancelled() and (crash := driver.exception()) is not None:
-            raise crash
-
     # -- driver ------------------------------------------------------------------------------
 
-    async def _drive(self) -> None:
-        wake = self._wake
-        assert wake is not None
-        try:
-            while True:
-                wake.clear()
-                self._schedule()
-                if self._closing and not self._queue and len(self._free) == self._instances:
-                    return
-                await wake.wait()
-        finally:
-            self._timer.cancel()
-            await self._abort()
+    def _drained(self) -> bool:
+        return not self._queue and len(self._free) == self._instances
 
     def _schedule(self) -> None:
         """Fail expired requests, dispatch every batch that is due, arm the timer."""
@@ -290,8 +249,7 @@ class DynamicBatcher(Generic[T, R]):
             self._dispatch(items, now)
         else:
             wake_at = queue.next_deadline()
-        if self._wake is not None:
-            self._timer.arm(wake_at, self._wake)
+        self._arm(wake_at)
 
     def _dispatch(self, items: list[_Ticket[T, R]], now: int) -> None:
         items = [t for t in items if not t.future.done()]  # drop callers that gave up
@@ -299,12 +257,10 @@ class DynamicBatcher(Generic[T, R]):
             return
         for ticket in items:
             ticket.start_ns = now
-        self._spawn(self._free.pop(), items)
+        self._spawn_batch(self._free.pop(), items)
 
-    def _spawn(self, instance: int, items: list[_Ticket[T, R]]) -> None:
-        task = asyncio.get_running_loop().create_task(self._execute(instance, items))
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
+    def _spawn_batch(self, instance: int, items: list[_Ticket[T, R]]) -> None:
+        self._spawn(self._execute(instance, items))
 
     async def _execute(self, instance: int, items: list[_Ticket[T, R]]) -> None:
         """Run one batch on ``instance``; every item gets an outcome, whatever happens."""
@@ -322,9 +278,7 @@ class DynamicBatcher(Generic[T, R]):
                     raise InternalError(f"model '{self.policy.model}' failed to execute the batch")
             except BaseException as exc:
                 fatal = not isinstance(exc, Exception)  # cancelled, or the process is exiting
-                error = (
-                    Unavailable(f"model '{self.policy.model}' is shutting down") if fatal else exc
-                )
+                error = self._shutting_down() if fatal else exc
                 for ticket in items:
                     self._finish(ticket, error)
                 if fatal:
@@ -334,8 +288,7 @@ class DynamicBatcher(Generic[T, R]):
                     self._finish(ticket, result)
         finally:
             self._free.append(instance)
-            if self._wake is not None:
-                self._wake.set()
+            self._poke()
 
     def _finish(self, ticket: _Ticket[T, R], outcome: R | BaseException) -> None:
         """Resolve the ticket's future, or hold the outcome until earlier requests resolved."""
@@ -351,17 +304,9 @@ class DynamicBatcher(Generic[T, R]):
                 resolve(head.future, cast("R | BaseException", head.outcome))
                 head.outcome = None
 
-    async def _abort(self) -> None:
-        """Driver stopped (cancelled or crashed): fail what waits, cancel and await what runs."""
-        self._closing = True
-        error = Unavailable(f"model '{self.policy.model}' is shutting down")
+    def _fail_queued(self, error: Unavailable) -> None:
         for ticket in self._queue.drain():
             self._finish(ticket, error)
-        running = list(self._running)
-        for task in running:
-            task.cancel()
-        if running:
-            await asyncio.gather(*running, return_exceptions=True)
 
 
 def resolve(future: asyncio.Future[R], outcome: R | BaseException) -> None:

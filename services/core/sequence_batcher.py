@@ -39,9 +39,10 @@ import numpy as np
 
 from services.core.batch_queue import Pending
 from services.core.batcher import RunBatch, resolve
-from services.core.clock import MONOTONIC, Clock, WakeTimer
+from services.core.clock import MONOTONIC, Clock
 from services.core.errors import InternalError, InvalidArgument, Unavailable
 from services.core.requests import Array, InferRequest
+from services.core.scheduler_driver import SchedulerDriver
 from services.core.sequences import SequenceFlags, SequenceSettings, sequence_flags
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class _Sequence:
     idle_since_ns: int = 0
 
 
-class SequenceBatcher(Generic[R]):
+class SequenceBatcher(SchedulerDriver, Generic[R]):
     """One stateful model version's scheduler; the same interface as DynamicBatcher."""
 
     def __init__(
@@ -89,9 +90,9 @@ class SequenceBatcher(Generic[R]):
     ) -> None:
         if instances < 1:
             raise ValueError(f"instances must be >= 1, got {instances}")
+        super().__init__(settings.model, "sequence-batcher", clock)
         self.settings = settings
         self._run_batch = run_batch
-        self._clock = clock
         self._sequences: dict[object, _Sequence] = {}
         #: per instance: the sequences holding its slots
         self._bound: list[list[_Sequence]] = [[] for _ in range(instances)]
@@ -99,11 +100,6 @@ class SequenceBatcher(Generic[R]):
         #: sequences waiting for a slot, in START order
         self._backlog: deque[_Sequence] = deque()
         self._queued = 0
-        self._running: set[asyncio.Task[None]] = set()
-        self._wake: asyncio.Event | None = None
-        self._driver: asyncio.Task[None] | None = None
-        self._timer = WakeTimer(clock)
-        self._closing = False
 
     @property
     def pending(self) -> int:
@@ -114,14 +110,6 @@ class SequenceBatcher(Generic[R]):
     def active_sequences(self) -> int:
         """Sequences started and not ended or released (holding a slot or waiting for one)."""
         return len(self._sequences)
-
-    def start(self) -> None:
-        if self._driver is not None:
-            raise RuntimeError(f"sequence batcher of model '{self.settings.model}' already started")
-        self._wake = asyncio.Event()
-        self._driver = asyncio.get_running_loop().create_task(
-            self._drive(), name=f"sequence-batcher:{self.settings.model}"
-        )
 
     async def submit(
         self,
@@ -135,10 +123,8 @@ class SequenceBatcher(Generic[R]):
         """Queue one request of a sequence and wait for its result (priority and queue timeout
         do not apply to sequences)."""
         del priority, timeout_us
-        driver, wake = self._driver, self._wake
+        wake = self._accepting()
         model = self.settings.model
-        if self._closing or driver is None or wake is None or driver.done():
-            raise Unavailable(f"model '{model}' is not accepting requests")
         flags = sequence_flags(model, payload.parameters)
         if self.settings.batched and batch_size != 1:
             raise InvalidArgument(
@@ -198,33 +184,10 @@ class SequenceBatcher(Generic[R]):
             waiting.instance = instance
             self._bound[instance].append(waiting)
 
-    async def close(self) -> None:
-        """Stop accepting requests, run everything queued, stop the driver."""
-        self._closing = True
-        driver = self._driver
-        if driver is None:
-            return
-        if self._wake is not None:
-            self._wake.set()
-        await asyncio.wait([driver])
-        if not driver.cancelled() and (crash := driver.exception()) is not None:
-            raise crash
-
     # -- driver ------------------------------------------------------------------------------
 
-    async def _drive(self) -> None:
-        wake = self._wake
-        assert wake is not None
-        try:
-            while True:
-                wake.clear()
-                self._schedule()
-                if self._closing and not self._queued and not any(self._busy):
-                    return
-                await wake.wait()
-        finally:
-            self._timer.cancel()
-            await self._abort()
+    def _drained(self) -> bool:
+        return not self._queued and not any(self._busy)
 
     def _schedule(self) -> None:
         """Release idle sequences, dispatch every batch that is due, arm the timer."""
@@ -256,8 +219,7 @@ class SequenceBatcher(Generic[R]):
                 self._dispatch(instance, batch, now)
             else:
                 wake_at = _earliest(wake_at, due_at)
-        if self._wake is not None:
-            self._timer.arm(wake_at, self._wake)
+        self._arm(wake_at)
 
     def _due_at(self, ready: int, size: int, oldest_ns: int) -> int:
         """When a batch of ``size`` (of ``ready`` sequences) must run: 0 for at once."""
@@ -288,9 +250,7 @@ class SequenceBatcher(Generic[R]):
             )
             tickets.append(ticket)
         self._busy[instance] = True
-        task = asyncio.get_running_loop().create_task(self._execute(instance, batch, tickets))
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        self._spawn(self._execute(instance, batch, tickets))
 
     async def _execute(self, instance: int, batch: list[_Sequence], tickets: list[_Ticket]) -> None:
         """Run one batch; keep each sequence's new state; every request gets an outcome."""
@@ -308,7 +268,7 @@ class SequenceBatcher(Generic[R]):
                     raise InternalError(f"model '{model}' failed to execute the batch")
             except BaseException as exc:
                 fatal = not isinstance(exc, Exception)
-                error = Unavailable(f"model '{model}' is shutting down") if fatal else exc
+                error = self._shutting_down() if fatal else exc
                 for ticket in tickets:
                     resolve(ticket.future, error)
                 if fatal:
@@ -324,8 +284,7 @@ class SequenceBatcher(Generic[R]):
                 seq.running = False
                 seq.idle_since_ns = now
             self._busy[instance] = False
-            if self._wake is not None:
-                self._wake.set()
+            self._poke()
 
     def _keep_state(self, seq: _Sequence, result: R) -> R | BaseException:
         """Take the state outputs out of a request's result and keep them for its sequence."""
@@ -343,19 +302,11 @@ class SequenceBatcher(Generic[R]):
         result.outputs = {n: v for n, v in outputs.items() if n not in names}
         return result
 
-    async def _abort(self) -> None:
-        """Driver stopped: fail what waits, cancel and await what runs."""
-        self._closing = True
-        error = Unavailable(f"model '{self.settings.model}' is shutting down")
+    def _fail_queued(self, error: Unavailable) -> None:
         for seq in list(self._sequences.values()):
             while seq.queue:
                 resolve(seq.queue.popleft().future, error)
         self._queued = 0
-        running = list(self._running)
-        for task in running:
-            task.cancel()
-        if running:
-            await asyncio.gather(*running, return_exceptions=True)
 
 
 def _earliest(current: int | None, candidate: int) -> int:
