@@ -19,6 +19,7 @@ from typing import Any
 
 from deploy import infer
 from deploy.supervisor import MeshSettings, run_until_signal
+from services.core.response_cache import parse_cache_config
 
 
 def _call(url: str, method: str = "GET", body: dict[str, Any] | None = None) -> Any:
@@ -109,6 +110,10 @@ def up_settings(a: argparse.Namespace) -> MeshSettings:
     """MeshSettings from `meshserve up`'s arguments."""
     if not a.model_repository.is_dir():
         raise SystemExit(f"meshserve: model repository {a.model_repository} is not a folder")
+    try:
+        parse_cache_config(a.cache_config)
+    except ValueError as exc:
+        raise SystemExit(f"meshserve: {exc}") from None
     return MeshSettings(
         repository=a.model_repository.resolve(),
         host=a.host,
@@ -120,6 +125,7 @@ def up_settings(a: argparse.Namespace) -> MeshSettings:
         model_control_mode=a.model_control_mode,
         gateway_workers=a.gateway_workers,
         load_models=tuple(a.load_model),
+        cache_config=tuple(a.cache_config),
     )
 
 
@@ -145,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--load-model", action="append", default=[], help="explicit mode: load at start (* = all)"
+    )
+    up.add_argument(
+        "--cache-config",
+        action="append",
+        default=[],
+        metavar="local,size=BYTES",
+        help="a response cache in every service, for models with response_cache { enable: true }",
     )
     sub.add_parser("status", help="services, their models, splits, mirrors, gateway config state")
     sub.add_parser("models", help="every model of the repository with its state")

@@ -102,6 +102,8 @@ class MeshSettings:
     load_models: tuple[str, ...] = ()
     #: Envoy worker threads (0: one per core)
     gateway_workers: int = 0
+    #: every service's --cache-config values (Triton's form, e.g. "local,size=1048576")
+    cache_config: tuple[str, ...] = ()
     python: str = sys.executable
 
 
@@ -210,6 +212,7 @@ class Mesh:
                 "--control-plane",
                 f"{s.host}:{s.control_port}",
                 *(arg for name in s.load_models for arg in ("--load-model", name)),
+                *(arg for value in s.cache_config for arg in ("--cache-config", value)),
                 # BLS calls from Python models go through the gateway (services/python/bls.py);
                 # ensemble steps follow the gateway's routes read from the control plane's ADS
                 # (services/core/mesh_caller.py)

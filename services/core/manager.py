@@ -27,6 +27,7 @@ from services.core.errors import (
 from services.core.model import ServedModel
 from services.core.model_prep import prepare_config, serves
 from services.core.model_state import IndexEntry, ModelEntry, ModelState, VersionEntry
+from services.core.response_cache import ResponseCache
 from services.core.runtime import Runtime
 from services.core.settings import ServerSettings
 
@@ -53,6 +54,10 @@ class ModelManager:
         self._latest: dict[str, ServedModel] = {}
         self._poll_task: asyncio.Task[None] | None = None
         self._closed = False
+        #: shared by the models that enable response_cache (None: no --cache-config size)
+        self.response_cache = (
+            ResponseCache(settings.response_cache_bytes) if settings.response_cache_bytes else None
+        )
         #: called (on the loop thread) after every change of what is served, e.g. to re-register
         self.on_change: Callable[[], None] | None = None
 
@@ -270,7 +275,7 @@ class ModelManager:
     ) -> VersionEntry:
         log.info("model %r version %d: loading with %s", config.name, number, runtime.__name__)
         try:
-            served = await ServedModel.load(config, number, vpath, runtime)
+            served = await ServedModel.load(config, number, vpath, runtime, self.response_cache)
         except Exception as exc:
             reason = (
                 exc.message if isinstance(exc, ServingError) else f"{type(exc).__name__}: {exc}"
@@ -280,6 +285,13 @@ class ModelManager:
                 old.reason = f"reload failed, still serving the previous load: {reason}"
                 return old
             return VersionEntry(number, ModelState.UNAVAILABLE, reason, None, vfp)
+        if config.response_cache.enable and self.response_cache is None:
+            log.warning(
+                "model %r version %d: response_cache is enabled but this service has no cache;"
+                " every request runs (start it with --cache-config local,size=BYTES)",
+                config.name,
+                number,
+            )
         log.info("model %r version %d: READY", config.name, number)
         return VersionEntry(number, ModelState.READY, "", served, vfp)
 

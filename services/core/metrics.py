@@ -117,6 +117,26 @@ _COUNTERS: tuple[tuple[str, str, Callable[[ModelStats], int]], ...] = (
         "(does not include cached requests)",
         lambda s: s.compute_output_ns // _NS_PER_US,
     ),
+    (
+        "nv_cache_num_hits_per_model",
+        "Number of requests answered from the response cache per model",
+        lambda s: s.cache_hit_count,
+    ),
+    (
+        "nv_cache_num_misses_per_model",
+        "Number of response cache misses per model",
+        lambda s: s.cache_miss_count,
+    ),
+    (
+        "nv_cache_hit_duration_per_model",
+        "Cumulative time of response cache hits (lookup and fetch) per model in microseconds",
+        lambda s: s.cache_hit_ns // _NS_PER_US,
+    ),
+    (
+        "nv_cache_miss_duration_per_model",
+        "Cumulative time of response cache misses (lookup and insertion) per model in microseconds",
+        lambda s: s.cache_miss_ns // _NS_PER_US,
+    ),
 )
 _FAILURE = ("nv_inference_request_failure", "Number of failed inference requests, all batch sizes")
 _PENDING = (

@@ -1,8 +1,8 @@
 """One READY model version: its runtime instances, its scheduler and its statistics.
 
-Data flow: data plane ─▶ ServedModel.infer (validate, submit) ─▶ DynamicBatcher ─▶ run_batch on a
-free instance (concatenate inputs, Runtime.infer in a worker thread, split outputs) ─▶ back to each
-caller with its timings, recorded in ModelStats.
+Data flow: data plane ─▶ ServedModel.infer (response cache lookup, validate, submit) ─▶
+DynamicBatcher ─▶ run_batch on a free instance (batch_io.py: concatenate inputs, Runtime.infer in a
+worker thread, split outputs) ─▶ back to each caller with its timings, recorded in ModelStats.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
-
 from protos.gen.inference import model_config_pb2 as mc
 from services.core import dtypes, model_prep, tracing
+from services.core.batch_io import gather_inputs, split_outputs
 from services.core.batcher import DynamicBatcher, Pending, batch_policy_from_config
 from services.core.errors import InternalError, ServingError
 from services.core.requests import Array, InferRequest
+from services.core.response_cache import ModelCache, ResponseCache
 from services.core.runtime import Runtime
 from services.core.sequence_batcher import SequenceBatcher
 from services.core.sequences import SequenceSettings, runtime_config
@@ -72,6 +72,7 @@ class ServedModel:
         version_path: Path,
         instances: Sequence[Runtime],
         executor: ThreadPoolExecutor,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -82,6 +83,12 @@ class ServedModel:
         self.validator = RequestValidator(config)
         self._instances = list(instances)
         self._executor = executor
+        #: this version's use of the service's response cache (None: not cached)
+        self._cache = (
+            ModelCache(cache, self.stats)
+            if cache is not None and config.response_cache.enable
+            else None
+        )
         self._batched = config.max_batch_size > 0
         #: the model sends its responses itself (any number; ModelStreamInfer only)
         self.decoupled = config.model_transaction_policy.decoupled
@@ -116,9 +123,15 @@ class ServedModel:
 
     @classmethod
     async def load(
-        cls, config: mc.ModelConfig, version: int, version_path: Path, runtime_cls: type[Runtime]
+        cls,
+        config: mc.ModelConfig,
+        version: int,
+        version_path: Path,
+        runtime_cls: type[Runtime],
+        cache: ResponseCache | None = None,
     ) -> ServedModel:
-        """Create every instance (in worker threads), run warmup, start the scheduler."""
+        """Create every instance (in worker threads), run warmup, start the scheduler; a model
+        with ``response_cache`` enabled uses ``cache`` (none given: it runs every request)."""
         model_file = version_path / (
             config.default_model_filename or runtime_cls.default_model_filename
         )
@@ -136,7 +149,7 @@ class ServedModel:
         except BaseException:
             executor.shutdown(wait=False)
             raise
-        model = cls(config, version, version_path, instances, executor)
+        model = cls(config, version, version_path, instances, executor, cache)
         try:
             if config.model_warmup:
                 await loop.run_in_executor(
@@ -156,6 +169,19 @@ class ServedModel:
         return self._output_datatypes[name]
 
     async def infer(self, request: InferRequest) -> ItemResult:
+        """The stored answer to the same inputs when the model caches responses, else run it."""
+        if self._cache is None:
+            return await self._infer(request)
+        lookup = self._cache.lookup(request)
+        if lookup.outputs is not None:
+            hit = ItemResult(lookup.outputs, 0, 0, 0, 0)
+            self._trace_execution(hit)
+            return hit
+        result = await self._infer(request)
+        self._cache.store(lookup, result.outputs)
+        return result
+
+    async def _infer(self, request: InferRequest) -> ItemResult:
         """Validate, queue, execute; record statistics either way."""
         if self._direct is not None:
             return await self._infer_direct(self._direct, request)
@@ -192,11 +218,8 @@ class ServedModel:
 
     def _trace_execution(self, result: ItemResult) -> None:
         """The request's queue wait and batch execution as child spans of its (sampled) span,
-        which learns the version that served it.
-
-        The batch ran in the batcher's task, where the request's trace context is not current,
-        so the spans are recorded here, afterwards, with the batch's own timestamps.
-        """
+        which learns the version that served it. The batch ran in the batcher's task, where the
+        request's trace context is not current: the spans are recorded here, afterwards."""
         if not tracing.recording():
             return
         tracing.annotate({tracing.MODEL_VERSION: self.version_str})
@@ -334,16 +357,13 @@ class ServedModel:
                     f"{len(payloads)} requests"
                 )
             return 0, time.monotonic_ns() - t0, 0, per_request
-        if len(payloads) == 1:
-            inputs = payloads[0].inputs
-        else:
-            inputs = {
-                n: np.concatenate([p.inputs[n] for p in payloads]) for n in payloads[0].inputs
-            }
+        inputs = gather_inputs(payloads)
         t1 = time.monotonic_ns()
         results = self._guarded(runtime.infer, inputs, sizes)
         t2 = time.monotonic_ns()
-        split: list[dict[str, Array] | ServingError] = list(self._split(results, sizes))
+        split: list[dict[str, Array] | ServingError] = list(
+            split_outputs(self.name, results, self._run_outputs, sizes)
+        )
         t3 = time.monotonic_ns()
         return t1 - t0, t2 - t1, t3 - t2, split
 
@@ -364,30 +384,12 @@ class ServedModel:
                 f"model '{self.name}' failed to execute the batch: {type(exc).__name__}"
             ) from exc
 
-    def _split(self, results: dict[str, Array], sizes: list[int]) -> list[dict[str, Array]]:
-        missing = [n for n in self._run_outputs if n not in results]
-        if missing:
-            raise InternalError(f"model '{self.name}' returned no value for outputs {missing}")
-        if len(sizes) == 1:
-            return [results]
-        total = sum(sizes)
-        for n, arr in results.items():
-            if arr.ndim == 0 or arr.shape[0] != total:
-                raise InternalError(
-                    f"model '{self.name}' output '{n}' has shape {list(arr.shape)}; "
-                    f"expected the batch dimension {total} first"
-                )
-        parts: list[dict[str, Array]] = []
-        offset = 0
-        for size in sizes:
-            parts.append({n: arr[offset : offset + size] for n, arr in results.items()})
-            offset += size
-        return parts
-
     async def close(self) -> None:
         """Finish everything queued or running, then release the instances."""
         await self.batcher.close()
         await self._idle.wait()
+        if self._cache is not None:
+            self._cache.close()
         loop = asyncio.get_running_loop()
         for runtime in self._instances:
             try:

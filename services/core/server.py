@@ -47,6 +47,7 @@ from services.core.registration import (
     RegistrationLoop,
     manager_models,
 )
+from services.core.response_cache import CacheMetricsCollector
 from services.core.runtime import Runtime
 from services.core.settings import ServerSettings, settings_from_args
 from services.core.tracing import configure_tracing
@@ -250,6 +251,8 @@ async def start_server(
         registry = CollectorRegistry()
         registry.register(TritonMetricsCollector(lambda: _metrics_sources(manager)))
         registry.register(ProcessCollectors())  # families added by add_process_collector
+        if manager.response_cache is not None:
+            registry.register(CacheMetricsCollector(manager.response_cache))
         metrics_server = await start_metrics_server(registry, settings.host, settings.metrics_port)
         metrics_port = metrics_server.port
 

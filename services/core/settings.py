@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from services.core.busy_poll import ENV as BUSY_POLL_ENV
+from services.core.response_cache import parse_cache_config
 
 ControlMode = Literal["none", "poll", "explicit"]
 #: who owns the gRPC port: grpc_front (C++, native_front.py), grpc.aio, or the front where built
@@ -87,6 +88,9 @@ class ServerSettings:
     #: microseconds the event loop run_service makes keeps polling for work before it sleeps
     #: (busy_poll.py; 0 = never: the loop sleeps as soon as it is idle)
     busy_poll_us: int = field(default_factory=default_busy_poll_us)
+    #: size of the response cache shared by the models that enable ``response_cache`` (bytes;
+    #: 0 = no cache, as Triton without --cache-config)
+    response_cache_bytes: int = 0
 
 
 def settings_from_args(argv: Sequence[str] | None, prog: str, family: str = "") -> ServerSettings:
@@ -133,7 +137,31 @@ def settings_from_args(argv: Sequence[str] | None, prog: str, family: str = "") 
         " at low load for CPU (0 = off; default: $MESHSERVE_BUSY_POLL_US, else"
         f" {DEFAULT_BUSY_POLL_US})",
     )
+    p.add_argument(
+        "--cache-config",
+        action="append",
+        default=[],
+        metavar="local,size=BYTES",
+        help="the response cache for models with response_cache { enable: true } (Triton's flag;"
+        " default: no cache)",
+    )
+    p.add_argument(
+        "--response-cache-byte-size",
+        type=int,
+        default=None,
+        help="the same as --cache-config local,size=BYTES (Triton's older flag)",
+    )
     a = p.parse_args(argv)
+    try:
+        cache_bytes = parse_cache_config(a.cache_config)
+    except ValueError as exc:
+        p.error(str(exc))
+    if a.response_cache_byte_size is not None:
+        if a.cache_config:
+            p.error("give the cache size once: --cache-config or --response-cache-byte-size")
+        if a.response_cache_byte_size < 0:
+            p.error("--response-cache-byte-size must be a whole number of bytes (0 = off)")
+        cache_bytes = a.response_cache_byte_size
     if a.busy_poll_us is None:
         try:
             a.busy_poll_us = default_busy_poll_us()
@@ -162,4 +190,5 @@ def settings_from_args(argv: Sequence[str] | None, prog: str, family: str = "") 
         registration_ttl_secs=a.registration_ttl_secs,
         grpc_frontend=a.grpc_frontend,
         busy_poll_us=a.busy_poll_us,
+        response_cache_bytes=cache_bytes,
     )

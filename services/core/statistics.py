@@ -18,6 +18,8 @@ Semantics follow Triton's statistics extension:
 * ``execution_count`` / ``inference_count``: one execution per batch run on the model, and the
   number of inferences (batch size) it performed; ``batch_stats`` accumulates per batch size.
   Models without batching record each execution as batch size 1.
+* ``cache_hit`` / ``cache_miss`` (response_cache.py): a hit is a success counted in ``queue``
+  (with 0 ns) but not in ``compute_*``, ``execution_count`` or ``inference_count``.
 * ``last_inference``: milliseconds since the epoch of the last execution (0 = never).
 
 Threading: every ``record_*`` call must come from the event loop thread. Readers on another thread
@@ -58,6 +60,10 @@ class ModelStats:
 
     __slots__ = (
         "_batch_stats",
+        "_cache_hit_count",
+        "_cache_hit_ns",
+        "_cache_miss_count",
+        "_cache_miss_ns",
         "_compute_infer_ns",
         "_compute_input_ns",
         "_compute_output_ns",
@@ -88,6 +94,10 @@ class ModelStats:
         self._execution_count = 0
         self._last_inference_ms = 0
         self._batch_stats: dict[int, BatchStats] = {}
+        self._cache_hit_count = 0
+        self._cache_hit_ns = 0
+        self._cache_miss_count = 0
+        self._cache_miss_ns = 0
 
     # ----------------------------------------------------------------- recording (hot path)
 
@@ -107,6 +117,20 @@ class ModelStats:
         self._compute_input_ns += compute_input_ns
         self._compute_infer_ns += compute_infer_ns
         self._compute_output_ns += compute_output_ns
+
+    def record_cache_hit(self, *, request_ns: int, lookup_ns: int) -> None:
+        """One request answered from the response cache: a success that waited in no queue and
+        ran nothing (``lookup_ns``: finding and fetching the stored outputs)."""
+        self._success_count += 1
+        self._success_ns += request_ns
+        self._cache_hit_count += 1
+        self._cache_hit_ns += lookup_ns
+
+    def record_cache_miss(self, ns: int) -> None:
+        """One request looked up in vain, run, and its outputs stored (``ns``: lookup and
+        insertion)."""
+        self._cache_miss_count += 1
+        self._cache_miss_ns += ns
 
     def record_request_failure(self, *, request_ns: int, reason: str) -> None:
         """One request failed after ``request_ns``; ``reason`` is ``ServingError.reason``.
@@ -196,6 +220,23 @@ class ModelStats:
         return self._compute_output_ns
 
     @property
+    def cache_hit_count(self) -> int:
+        """Requests answered from the response cache (included in ``success_count``)."""
+        return self._cache_hit_count
+
+    @property
+    def cache_hit_ns(self) -> int:
+        return self._cache_hit_ns
+
+    @property
+    def cache_miss_count(self) -> int:
+        return self._cache_miss_count
+
+    @property
+    def cache_miss_ns(self) -> int:
+        return self._cache_miss_ns
+
+    @property
     def inference_count(self) -> int:
         """Inferences performed (a batch of n counts n)."""
         return self._inference_count
@@ -234,10 +275,12 @@ class ModelStats:
         _set(infer.success, successes, self._success_ns)
         _set(infer.fail, self._failure_count, self._failure_ns)
         _set(infer.queue, successes, self._queue_ns)
-        _set(infer.compute_input, successes, self._compute_input_ns)
-        _set(infer.compute_infer, successes, self._compute_infer_ns)
-        _set(infer.compute_output, successes, self._compute_output_ns)
-        # cache_hit / cache_miss stay zero: there is no response cache.
+        computed = successes - self._cache_hit_count
+        _set(infer.compute_input, computed, self._compute_input_ns)
+        _set(infer.compute_infer, computed, self._compute_infer_ns)
+        _set(infer.compute_output, computed, self._compute_output_ns)
+        _set(infer.cache_hit, self._cache_hit_count, self._cache_hit_ns)
+        _set(infer.cache_miss, self._cache_miss_count, self._cache_miss_ns)
         for size, stats in sorted(self._batch_stats.items()):
             batch = out.batch_stats.add(batch_size=size)
             _set(batch.compute_input, stats.count, stats.compute_input_ns)

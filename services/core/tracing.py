@@ -35,6 +35,8 @@ MODEL_NAME = "model.name"
 MODEL_VERSION = "model.version"
 REQUEST_ID = "request.id"
 BATCH_SIZE = "batch.size"
+#: set (True) on a request answered from the response cache
+CACHE_HIT = "cache.hit"
 
 Attributes = dict[str, AttributeValue]
 Span = trace.Span

@@ -33,6 +33,19 @@ def test_up_arguments_become_mesh_settings(tmp_path: Path) -> None:
     assert s.model_control_mode == "explicit"
     assert s.load_models == ("*", "simple")
     assert s.gateway_workers == 1
+    assert s.cache_config == ()
+
+
+def test_up_passes_the_cache_config_and_refuses_a_bad_one(tmp_path: Path) -> None:
+    args = build_parser().parse_args(
+        ["up", "--model-repository", str(tmp_path), "--cache-config", "local,size=4096"]
+    )
+    assert up_settings(args).cache_config == ("local,size=4096",)
+    args = build_parser().parse_args(
+        ["up", "--model-repository", str(tmp_path), "--cache-config", "redis,host=x"]
+    )
+    with pytest.raises(SystemExit, match="only the 'local' cache"):
+        up_settings(args)
 
 
 def test_up_refuses_a_missing_repository(tmp_path: Path) -> None:
