@@ -233,6 +233,7 @@ def running_mesh(
     tmp: Path,
     model_control_mode: str = "none",
     load_models: tuple[str, ...] = (),
+    cache_config: tuple[str, ...] = (),
 ) -> Iterator[MeshHandle]:
     settings = MeshSettings(
         repository=repository,
@@ -243,12 +244,27 @@ def running_mesh(
         policy_file=tmp / "policy.json",
         model_control_mode=model_control_mode,
         load_models=load_models,
+        cache_config=cache_config,
     )
     handle = MeshHandle(settings)
     try:
         yield handle.start()
     finally:
         handle.stop()
+
+
+def add_cached_copy(repo: Path, model: str, name: str) -> None:
+    """Model ``name`` in ``repo``: ``model``'s files, its config renamed, response cache on."""
+    from google.protobuf import text_format
+
+    from services.core.config import load_config_file
+
+    copy = repo / name
+    shutil.copytree(repo / model, copy, symlinks=True)
+    config = load_config_file(copy / "config.pbtxt")
+    config.name = name
+    config.response_cache.enable = True
+    (copy / "config.pbtxt").write_text(text_format.MessageToString(config))
 
 
 # ---- extra service processes -----------------------------------------------------------------

@@ -25,13 +25,15 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
-from tests.e2e.conftest import MeshHandle, running_mesh, wait_for
+from tests.e2e.conftest import MeshHandle, add_cached_copy, running_mesh, wait_for
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("PIL") is None,
     reason="onnxruntime and Pillow are needed (pip install '.[onnx,python]')",
 )
 
+#: chain3 with response_cache enabled (the services run with a cache)
+CACHED_CHAIN = "chain3_cached"
 #: the slow branches' delay (examples/build_python.py: delay_ms 400)
 DELAY_S = 0.4
 
@@ -43,7 +45,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshHandle]:
     root: Path = tmp_path_factory.mktemp("ensembles")
     repo = root / "models"
     build_ensemble_repository(repo)
-    with running_mesh(repo, root) as handle:
+    add_cached_copy(repo, "chain3", CACHED_CHAIN)
+    with running_mesh(repo, root, cache_config=("local,size=1048576",)) as handle:
         yield handle
 
 
@@ -187,6 +190,23 @@ def test_ensemble_config_metadata_and_statistics_through_the_gateway(
     client.infer("chain3", ins)
     assert _success(client, "chain3")[0] == before + 1
     assert _success(client, "simple")[0] >= simple_before + 3
+
+
+def test_a_cached_ensemble_answers_a_repeat_without_calling_its_steps(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    a, b = np.arange(16, dtype=np.int32).reshape(1, 16), np.full((1, 16), 5, np.int32)
+    simple_before, _ = _success(client, "simple")
+    results = [
+        client.infer(CACHED_CHAIN, [_int_input("INPUT0", a), _int_input("INPUT1", b)])
+        for _ in range(2)
+    ]
+    for result in results:  # (a+b, a-b) three times over: 2(a+b), 2(a-b)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), 2 * (a + b))
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), 2 * (a - b))
+    assert _success(client, "simple")[0] == simple_before + 3  # the second call ran no step
+    stats = client.get_inference_statistics(CACHED_CHAIN).model_stats[0].inference_stats
+    assert (stats.success.count, stats.cache_hit.count, stats.cache_miss.count) == (2, 1, 1)
 
 
 def test_cancellation_reaches_the_steps(client: grpcclient.InferenceServerClient) -> None:

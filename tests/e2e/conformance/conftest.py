@@ -1,6 +1,8 @@
 """The one mesh of the conformance package: every available family's add/sub and identity
-models (and its stateful accumulator, where it has one) from one repository, explicit model control, all loaded at start. Package-scoped, so the
-test modules here share a single mesh start."""
+models (and its stateful accumulator, where it has one), plus a copy of the add/sub model with
+the response cache on (``<model>_cached``), from one repository; explicit model control, all
+loaded at start; every service with a response cache. Package-scoped, so the test modules here
+share a single mesh start."""
 
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.e2e.conformance.families import AVAILABLE
-from tests.e2e.conftest import MeshHandle, running_mesh
+from tests.e2e.conformance.families import AVAILABLE, cached_model
+from tests.e2e.conftest import MeshHandle, add_cached_copy, running_mesh
 
 
 @pytest.fixture(scope="package")
@@ -22,5 +24,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshHandle]:
         module = importlib.import_module(family.builder[0])
         build: Callable[..., None] = getattr(module, family.builder[1])
         build(repo, [family.model, family.identity, *filter(None, [family.sequence])])
-    with running_mesh(repo, root, "explicit", load_models=("*",)) as handle:
+        add_cached_copy(repo, family.model, cached_model(family.model))
+    with running_mesh(
+        repo, root, "explicit", load_models=("*",), cache_config=("local,size=1048576",)
+    ) as handle:
         yield handle
+

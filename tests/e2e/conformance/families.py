@@ -16,6 +16,11 @@ import pytest
 from tests.datatype_samples import ALL_DATATYPES
 
 
+def cached_model(model: str) -> str:
+    """The name of the copy of ``model`` with response_cache enabled in the conformance mesh."""
+    return f"{model}_cached"
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
