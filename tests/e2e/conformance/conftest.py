@@ -29,4 +29,3 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshHandle]:
         repo, root, "explicit", load_models=("*",), cache_config=("local,size=1048576",)
     ) as handle:
         yield handle
-
