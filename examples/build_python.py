@@ -22,6 +22,8 @@
 - ``bls_decoupled_python``: decoupled BLS: calls ``repeat_python`` with ``exec(decoupled=True)``
   (or ``async_exec``, by request parameter) and returns what it streamed, joined into one response
   (examples/python_decoupled.py).
+- ``text_stream_python``: an LLM-shaped decoupled model for the generate extension (``text_input``
+  → one ``text_output`` response per word; examples/python_text_stream.py).
 - ``sequence_python``: a stateful model (``sequence_batching``, two instances): the running sum
   of INPUT per sequence, kept in the model by ``correlation_id()`` (examples/python_sequence.py).
 
@@ -68,6 +70,7 @@ from examples.python_ensemble_steps import (
     slow_config,
 )
 from examples.python_sequence import SEQUENCE_PYTHON_CONFIG, SEQUENCE_PYTHON_MODEL
+from examples.python_text_stream import TEXT_STREAM_CONFIG, TEXT_STREAM_MODEL
 
 ADD_SUB_CONFIG = """name: "add_sub_python"
 backend: "python"
@@ -286,6 +289,7 @@ EXAMPLES: dict[str, tuple[str, str]] = {
     "repeat_python": (REPEAT_CONFIG, REPEAT_MODEL),
     "bls_decoupled_python": (BLS_DECOUPLED_CONFIG, BLS_DECOUPLED_MODEL),
     "repeat_count_python": (REPEAT_COUNT_CONFIG, REPEAT_COUNT_MODEL),
+    "text_stream_python": (TEXT_STREAM_CONFIG, TEXT_STREAM_MODEL),
     "sequence_python": (SEQUENCE_PYTHON_CONFIG, SEQUENCE_PYTHON_MODEL),
 }
 #: model name → other files of its model directory (name → text)

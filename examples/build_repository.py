@@ -340,6 +340,7 @@ def _other_families(root: Path) -> list[str]:
         "dtypes_python",
         "bls_python",
         "repeat_python",
+        "text_stream_python",
         "bls_decoupled_python",
         "sequence_python",
         *ensembles.python,

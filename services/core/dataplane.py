@@ -208,6 +208,8 @@ class DataPlane:
                     outputs = self._outputs(model, request.outputs, item.outputs)
                 elif item.final and want_empty_final:
                     outputs = []
+                elif item.final:  # the last response carried no outputs: nothing to send
+                    break
                 else:
                     continue
                 yield InferResponse(

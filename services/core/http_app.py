@@ -6,7 +6,8 @@ and aio) works unchanged. Errors are translated in one place, ``_errors`` (a mid
 ServingError becomes ``{"error": message}`` with its HTTP status; aiohttp's own HTTP errors (no
 such route, body too large) keep their status; anything else is logged with its traceback and
 answered 500 with a generic message. Every request but the health probes runs in an OpenTelemetry
-SERVER span (``_tracing``, inside ``_errors``), a child of the caller's ``traceparent``.
+SERVER span (``_tracing``, inside ``_errors``), a child of the caller's ``traceparent``. The
+generate extension's routes (``/generate``, ``/generate_stream``) live in http_generate.py.
 
 Request bodies sent with ``Content-Encoding: gzip`` or ``deflate`` are decompressed by aiohttp's
 parser before a handler reads them; infer responses are compressed when the client's
@@ -29,6 +30,7 @@ from services.core import http_json as js
 from services.core import trace_settings, tracing
 from services.core.dataplane import DataPlane
 from services.core.errors import InvalidArgument, ServingError, Unsupported
+from services.core.http_generate import generate_routes
 from services.core.log_settings import apply_log_settings, current_settings
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,9 @@ def build_http_app(plane: DataPlane) -> web.Application:
     r.add_get("/v2/health/ready", _server_ready)
     r.add_get("/v2", _server_metadata)
     r.add_get("/v2/models/stats", _model_statistics)
-    for model in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+    model_paths = ["/v2/models/{model}", "/v2/models/{model}/versions/{version}"]
+    generate_routes(r, model_paths, _plane, _model)
+    for model in model_paths:
         r.add_get(model, _model_metadata)
         r.add_get(f"{model}/ready", _model_ready)
         r.add_get(f"{model}/config", _model_config)

@@ -89,7 +89,7 @@ def decode_infer_request(
             f" the '{BINARY_SIZE}' parameters of the inputs must add up to the bytes after the JSON"
         )
     params = get_object(doc, "parameters", "the inference request")
-    priority, timeout_us, binary_default, rest = _request_parameters(params)
+    priority, timeout_us, binary_default, rest = request_parameters(params)
     request_id = doc.get("id", "")
     if not isinstance(request_id, str):
         raise InvalidArgument(f"'id' of the inference request must be a string, got {request_id!r}")
@@ -159,7 +159,7 @@ def _decode_input(
         raise InvalidArgument(
             f"{source} has no 'data', no '{BINARY_SIZE}' and no '{REGION}'; send its values one way"
         )
-    return _from_json(datatype, shape, item["data"], source), offset
+    return from_json(datatype, shape, item["data"], source), offset
 
 
 def _shape(value: object, source: str) -> tuple[int, ...]:
@@ -191,7 +191,7 @@ def _from_buffer(
 _JSON_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
 
 
-def _from_json(datatype: DataType, shape: tuple[int, ...], data: object, source: str) -> Array:
+def from_json(datatype: DataType, shape: tuple[int, ...], data: object, source: str) -> Array:
     count = math.prod(shape)
     if datatype.byte_size == 0:
         flat = _flatten_strings(data, source)
@@ -305,7 +305,7 @@ def _requested_outputs(value: object) -> list[RequestedOutput]:
     return result
 
 
-def _request_parameters(
+def request_parameters(
     params: Mapping[str, Any],
 ) -> tuple[int, int, bool, dict[str, ParamValue]]:
     source = "the request parameters"
@@ -348,7 +348,7 @@ def encode_infer_response(resp: InferResponse, binary_default: bool) -> tuple[by
             }
             tail.append(raw)
         else:
-            item["data"] = _json_values(out.name, out.datatype, out.data)
+            item["data"] = json_values(out.name, out.datatype, out.data)
         outputs.append(item)
     doc: JsonObject = {"model_name": resp.model_name, "model_version": resp.model_version}
     if resp.id:
@@ -368,7 +368,7 @@ def _wire_bytes(datatype: str, data: Array) -> bytes | memoryview:
     return dtypes.to_wire_array(datatype, data).reshape(-1).view(np.uint8).data
 
 
-def _json_values(name: str, datatype: str, data: Array) -> list[Any]:
+def json_values(name: str, datatype: str, data: Array) -> list[Any]:
     flat = data.reshape(-1)
     if datatype == "BYTES":
         try:

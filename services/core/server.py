@@ -239,7 +239,13 @@ async def start_server(
     http_runner: web.AppRunner | None = None
     http_port = -1
     if settings.http_port >= 0:
-        http_runner = web.AppRunner(build_http_app(plane), access_log=None, handle_signals=False)
+        http_runner = web.AppRunner(
+            build_http_app(plane),
+            access_log=None,
+            handle_signals=False,
+            # handlers still running after the grace period are cancelled
+            shutdown_timeout=settings.exit_timeout_secs,
+        )
         await http_runner.setup()
         site = web.TCPSite(http_runner, settings.host, settings.http_port, reuse_address=True)
         await site.start()

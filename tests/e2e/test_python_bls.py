@@ -9,13 +9,17 @@ routes (the supervisor sets ``MESHSERVE_XDS``) straight to the ONNX service, and
 the ONNX service computed. A BLS call to a model that does not exist fails only that request,
 with the BLS error's text reaching the client. ``bls_decoupled_python`` calls the decoupled ``repeat_python`` with
 ``exec(decoupled=True)`` / ``async_exec(decoupled=True)``: a ModelStreamInfer through the
-gateway, whose streamed responses it joins into its one answer.
+gateway, whose streamed responses it joins into its one answer. ``text_stream_python`` streams
+words over HTTP through the gateway with the generate extension (``/generate_stream``, SSE).
 """
 
 from __future__ import annotations
 
+import http.client
 import importlib.util
+import json
 import queue
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,7 +47,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshHandle]:
     repo = root / "models"
     repo.mkdir()
     build_repository(repo, ["simple"])
-    build_python_repository(repo, ["bls_python", "repeat_python", "bls_decoupled_python"])
+    build_python_repository(
+        repo, ["bls_python", "repeat_python", "bls_decoupled_python", "text_stream_python"]
+    )
     with running_mesh(repo, root) as handle:
         yield handle
 
@@ -137,3 +143,36 @@ def test_unary_bls_to_a_decoupled_model_is_refused_as_in_triton(mesh: MeshHandle
     refused = pytest.raises(InferenceServerException, match="uses the decoupled transaction")
     with grpcclient.InferenceServerClient(mesh.grpc_url) as client, refused:
         client.infer("bls_decoupled_python", _repeat_inputs([1]), parameters={"bls_mode": "unary"})
+
+
+def test_generate_stream_events_pass_the_gateway_as_they_are_sent(mesh: MeshHandle) -> None:
+    conn = http.client.HTTPConnection(mesh.settings.host, mesh.settings.http_port, timeout=30)
+    body = {"text_input": "through the gateway", "parameters": {"delay_ms": 500}}
+    try:
+        conn.request("POST", "/v2/models/text_stream_python/generate_stream", json.dumps(body))
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.getheader("Content-Type", "").startswith("text/event-stream")
+        first = json.loads(response.readline().removeprefix(b"data: "))
+        first_at = time.monotonic()
+        rest = [json.loads(b[len(b"data: ") :]) for b in response.read().split(b"\n\n") if b]
+        # the model sleeps 0.5 s after each word: a gateway that buffered the stream would
+        # hand over the first event together with the last, not ~1 s before it
+        assert time.monotonic() - first_at > 0.8
+    finally:
+        conn.close()
+    words = [first["text_output"], *(e["text_output"] for e in rest)]
+    assert words == ["through", " the", " gateway"]
+
+
+def test_generate_through_the_gateway(mesh: MeshHandle) -> None:
+    conn = http.client.HTTPConnection(mesh.settings.host, mesh.settings.http_port, timeout=30)
+    body = {"INPUT0": list(range(16)), "INPUT1": [1] * 16}
+    try:
+        conn.request("POST", "/v2/models/simple/versions/1/generate", json.dumps(body))
+        response = conn.getresponse()
+        doc = json.loads(response.read())
+    finally:
+        conn.close()
+    assert response.status == 200, doc
+    assert (doc["model_name"], doc["OUTPUT0"]) == ("simple", [x + 1 for x in range(16)])
