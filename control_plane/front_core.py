@@ -59,6 +59,7 @@ LOADING = "LOADING"
 #: what the front can route for the whole mesh (over both transports)
 FRONT_EXTENSIONS = (
     "classification",
+    "sequence",
     "model_repository",
     "model_repository(unload_dependents)",
     "schedule_policy",

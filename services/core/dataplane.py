@@ -64,6 +64,7 @@ SERVER_VERSION = "0.1.0"
 #: the protocol extensions this server really implements (perf_analyzer looks for "statistics")
 EXTENSIONS = (
     "classification",
+    "sequence",
     "model_repository",
     "model_repository(unload_dependents)",
     "schedule_policy",

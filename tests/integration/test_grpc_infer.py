@@ -59,6 +59,7 @@ def test_health_and_server_metadata(client: grpcclient.InferenceServerClient) ->
     assert meta["name"] == "meshserve"
     assert "statistics" in meta["extensions"]
     assert "system_shared_memory" in meta["extensions"]
+    assert "sequence" in meta["extensions"]  # the sequence batcher
     assert "cuda_shared_memory" not in meta["extensions"]
     assert "trace" not in meta["extensions"]  # no OTLP endpoint: TraceSetting cannot change it
 
