@@ -19,6 +19,7 @@ from typing import Any
 
 from deploy import infer
 from deploy.supervisor import MeshSettings, run_until_signal
+from services.core.latency_metrics import parse_metrics_config
 from services.core.response_cache import parse_cache_config
 
 
@@ -112,6 +113,7 @@ def up_settings(a: argparse.Namespace) -> MeshSettings:
         raise SystemExit(f"meshserve: model repository {a.model_repository} is not a folder")
     try:
         parse_cache_config(a.cache_config)
+        parse_metrics_config(a.metrics_config)
     except ValueError as exc:
         raise SystemExit(f"meshserve: {exc}") from None
     return MeshSettings(
@@ -126,6 +128,7 @@ def up_settings(a: argparse.Namespace) -> MeshSettings:
         gateway_workers=a.gateway_workers,
         load_models=tuple(a.load_model),
         cache_config=tuple(a.cache_config),
+        metrics_config=tuple(a.metrics_config),
     )
 
 
@@ -158,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="local,size=BYTES",
         help="a response cache in every service, for models with response_cache { enable: true }",
+    )
+    up.add_argument(
+        "--metrics-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="every service's latency metrics (summary_latencies=true, histogram_latencies=true,"
+        " ...)",
     )
     sub.add_parser("status", help="services, their models, splits, mirrors, gateway config state")
     sub.add_parser("models", help="every model of the repository with its state")

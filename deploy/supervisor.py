@@ -104,6 +104,8 @@ class MeshSettings:
     gateway_workers: int = 0
     #: every service's --cache-config values (Triton's form, e.g. "local,size=1048576")
     cache_config: tuple[str, ...] = ()
+    #: every service's --metrics-config values (e.g. "summary_latencies=true")
+    metrics_config: tuple[str, ...] = ()
     python: str = sys.executable
 
 
@@ -213,6 +215,7 @@ class Mesh:
                 f"{s.host}:{s.control_port}",
                 *(arg for name in s.load_models for arg in ("--load-model", name)),
                 *(arg for value in s.cache_config for arg in ("--cache-config", value)),
+                *(arg for value in s.metrics_config for arg in ("--metrics-config", value)),
                 # BLS calls from Python models go through the gateway (services/python/bls.py);
                 # ensemble steps follow the gateway's routes read from the control plane's ADS
                 # (services/core/mesh_caller.py)

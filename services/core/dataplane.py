@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -200,6 +201,7 @@ class DataPlane:
         stream = request.response_stream = ResponseStream()
         want_empty_final = bool(request.parameters.get(EMPTY_FINAL_PARAMETER, False))
         execution = asyncio.ensure_future(model.infer(request))
+        first = True
         try:
             while True:
                 item = await _next_response(stream, execution)
@@ -213,6 +215,9 @@ class DataPlane:
                     break
                 else:
                     continue
+                if first and request.arrival_ns and (latency := model.stats.latency):
+                    latency.on_first_response(time.monotonic_ns() - request.arrival_ns)
+                first = False
                 yield InferResponse(
                     model.name,
                     model.version_str,

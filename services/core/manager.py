@@ -24,6 +24,7 @@ from services.core.errors import (
     ServingError,
     Unavailable,
 )
+from services.core.latency_metrics import LatencyRecorder
 from services.core.model import ServedModel
 from services.core.model_prep import prepare_config, serves
 from services.core.model_state import IndexEntry, ModelEntry, ModelState, VersionEntry
@@ -292,6 +293,8 @@ class ModelManager:
                 config.name,
                 number,
             )
+        if self._settings.metrics_config.records:
+            served.stats.attach_latency(LatencyRecorder(self._settings.metrics_config, config))
         log.info("model %r version %d: READY", config.name, number)
         return VersionEntry(number, ModelState.READY, "", served, vfp)
 

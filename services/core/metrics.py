@@ -37,6 +37,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from services.core.latency_metrics import MetricsConfig, latency_families
 from services.core.statistics import FAILURE_REASONS, ModelStats
 
 #: what GET /metrics answers with (the Prometheus text format Triton serves)
@@ -138,6 +139,11 @@ _COUNTERS: tuple[tuple[str, str, Callable[[ModelStats], int]], ...] = (
         lambda s: s.cache_miss_ns // _NS_PER_US,
     ),
 )
+#: the counters ``counter_latencies=false`` turns off
+_LATENCY_COUNTERS = frozenset(
+    f"nv_inference_{kind}_duration_us"
+    for kind in ("request", "queue", "compute_input", "compute_infer", "compute_output")
+)
 _FAILURE = ("nv_inference_request_failure", "Number of failed inference requests, all batch sizes")
 _PENDING = (
     "nv_inference_pending_request_count",
@@ -156,8 +162,13 @@ class TritonMetricsCollector:
     loop for ``metrics_app``).
     """
 
-    def __init__(self, source: Callable[[], Iterable[ModelMetricsSource]]) -> None:
+    def __init__(
+        self,
+        source: Callable[[], Iterable[ModelMetricsSource]],
+        config: MetricsConfig | None = None,
+    ) -> None:
         self._source = source
+        self._config = config or MetricsConfig()
 
     def describe(self) -> Iterator[Metric]:
         """The families this collector yields (lets a registry refuse a clashing name)."""
@@ -179,7 +190,8 @@ class TritonMetricsCollector:
         yield failure
 
         for name, help_text, read in _COUNTERS[1:]:
-            yield _counter(name, help_text, models, read)
+            if self._config.counter_latencies or name not in _LATENCY_COUNTERS:
+                yield _counter(name, help_text, models, read)
 
         pending = GaugeMetricFamily(*_PENDING, labels=("model", "version"))
         for m in models:
@@ -191,6 +203,8 @@ class TritonMetricsCollector:
             buckets, total = batch_size_buckets(m.stats.batch_size_counts(), m.max_batch_size)
             batch_size.add_metric((m.model, m.version), buckets, float(total))
         yield batch_size
+        recorders = ((m.model, m.version, m.stats.latency) for m in models)
+        yield from latency_families(recorders, self._config)
 
 
 def _counter(

@@ -255,7 +255,9 @@ async def start_server(
     metrics_port = -1
     if settings.metrics_port >= 0:
         registry = CollectorRegistry()
-        registry.register(TritonMetricsCollector(lambda: _metrics_sources(manager)))
+        registry.register(
+            TritonMetricsCollector(lambda: _metrics_sources(manager), settings.metrics_config)
+        )
         registry.register(ProcessCollectors())  # families added by add_process_collector
         if manager.response_cache is not None:
             registry.register(CacheMetricsCollector(manager.response_cache))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from services.core.busy_poll import ENV as BUSY_POLL_ENV
+from services.core.latency_metrics import MetricsConfig, parse_metrics_config
 from services.core.response_cache import parse_cache_config
 
 ControlMode = Literal["none", "poll", "explicit"]
@@ -91,6 +92,8 @@ class ServerSettings:
     #: size of the response cache shared by the models that enable ``response_cache`` (bytes;
     #: 0 = no cache, as Triton without --cache-config)
     response_cache_bytes: int = 0
+    #: which latency metrics the metrics endpoint exports (counters, summaries, histograms)
+    metrics_config: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def settings_from_args(argv: Sequence[str] | None, prog: str, family: str = "") -> ServerSettings:
@@ -151,7 +154,20 @@ def settings_from_args(argv: Sequence[str] | None, prog: str, family: str = "") 
         default=None,
         help="the same as --cache-config local,size=BYTES (Triton's older flag)",
     )
+    p.add_argument(
+        "--metrics-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="latency metrics, as tritonserver's: counter_latencies=true|false,"
+        " summary_latencies=true|false, summary_quantiles=0.5:0.05,...,"
+        " histogram_latencies=true|false",
+    )
     a = p.parse_args(argv)
+    try:
+        metrics_config = parse_metrics_config(a.metrics_config)
+    except ValueError as exc:
+        p.error(str(exc))
     try:
         cache_bytes = parse_cache_config(a.cache_config)
     except ValueError as exc:
@@ -191,4 +207,5 @@ def settings_from_args(argv: Sequence[str] | None, prog: str, family: str = "") 
         grpc_frontend=a.grpc_frontend,
         busy_poll_us=a.busy_poll_us,
         response_cache_bytes=cache_bytes,
+        metrics_config=metrics_config,
     )

@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from protos.gen.inference import grpc_service_pb2 as pb
+from services.core.latency_metrics import LatencyRecorder
 
 #: Triton's nv_inference_request_failure reasons, always exported (zero until they happen).
 FAILURE_REASONS: tuple[str, ...] = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
@@ -73,6 +74,7 @@ class ModelStats:
         "_failure_ns",
         "_inference_count",
         "_last_inference_ms",
+        "_latency",
         "_queue_ns",
         "_success_count",
         "_success_ns",
@@ -98,6 +100,7 @@ class ModelStats:
         self._cache_hit_ns = 0
         self._cache_miss_count = 0
         self._cache_miss_ns = 0
+        self._latency: LatencyRecorder | None = None
 
     # ----------------------------------------------------------------- recording (hot path)
 
@@ -117,6 +120,10 @@ class ModelStats:
         self._compute_input_ns += compute_input_ns
         self._compute_infer_ns += compute_infer_ns
         self._compute_output_ns += compute_output_ns
+        if self._latency is not None:
+            self._latency.on_success(
+                request_ns, queue_ns, compute_input_ns, compute_infer_ns, compute_output_ns, False
+            )
 
     def record_cache_hit(self, *, request_ns: int, lookup_ns: int) -> None:
         """One request answered from the response cache: a success that waited in no queue and
@@ -125,6 +132,8 @@ class ModelStats:
         self._success_ns += request_ns
         self._cache_hit_count += 1
         self._cache_hit_ns += lookup_ns
+        if self._latency is not None:
+            self._latency.on_success(request_ns, 0, 0, 0, 0, True)
 
     def record_cache_miss(self, ns: int) -> None:
         """One request looked up in vain, run, and its outputs stored (``ns``: lookup and
@@ -175,6 +184,15 @@ class ModelStats:
         now_ms = self._wall_clock_ns() // _NS_PER_MS
         if now_ms > self._last_inference_ms:
             self._last_inference_ms = now_ms
+
+    def attach_latency(self, recorder: LatencyRecorder) -> None:
+        """Also feed every successful request to ``recorder`` (summaries, histogram)."""
+        self._latency = recorder
+
+    @property
+    def latency(self) -> LatencyRecorder | None:
+        """The latency recorder (--metrics-config summaries or histograms), if any."""
+        return self._latency
 
     # ----------------------------------------------------------------- read-only counters
 

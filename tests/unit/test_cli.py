@@ -36,11 +36,25 @@ def test_up_arguments_become_mesh_settings(tmp_path: Path) -> None:
     assert s.cache_config == ()
 
 
-def test_up_passes_the_cache_config_and_refuses_a_bad_one(tmp_path: Path) -> None:
+def test_up_passes_cache_and_metrics_configs_and_refuses_bad_ones(tmp_path: Path) -> None:
     args = build_parser().parse_args(
-        ["up", "--model-repository", str(tmp_path), "--cache-config", "local,size=4096"]
+        [
+            "up",
+            "--model-repository",
+            str(tmp_path),
+            "--cache-config",
+            "local,size=4096",
+            "--metrics-config",
+            "summary_latencies=true",
+        ]
     )
     assert up_settings(args).cache_config == ("local,size=4096",)
+    assert up_settings(args).metrics_config == ("summary_latencies=true",)
+    args = build_parser().parse_args(
+        ["up", "--model-repository", str(tmp_path), "--metrics-config", "nope=1"]
+    )
+    with pytest.raises(SystemExit, match="unknown setting 'nope'"):
+        up_settings(args)
     args = build_parser().parse_args(
         ["up", "--model-repository", str(tmp_path), "--cache-config", "redis,host=x"]
     )
