@@ -68,11 +68,8 @@ def server(repository: Path) -> Iterator[ServerThread]:
 
 @pytest.fixture
 def client(server: ServerThread) -> Iterator[grpcclient.InferenceServerClient]:
-    c = grpcclient.InferenceServerClient(server.grpc_url)
-    try:
+    with grpcclient.InferenceServerClient(server.grpc_url) as c:
         yield c
-    finally:
-        c.close()
 
 
 def _pair(seed: int) -> tuple[np.ndarray, np.ndarray]:
