@@ -172,7 +172,7 @@ class ServedModel:
         """The stored answer to the same inputs when the model caches responses, else run it."""
         if self._cache is None:
             return await self._infer(request)
-        lookup = self._cache.lookup(request)
+        lookup = await self._cache.lookup(request)
         if lookup.outputs is not None:
             hit = ItemResult(lookup.outputs, 0, 0, 0, 0)
             self._trace_execution(hit)

@@ -3,12 +3,15 @@ key, and what a hit and a miss add to a model's statistics."""
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
 from services.core.requests import InferRequest
 from services.core.response_cache import (
     ENTRY_OVERHEAD,
+    THREAD_HASH_BYTES,
     ModelCache,
     ResponseCache,
     parse_cache_config,
@@ -181,7 +184,7 @@ def test_a_hit_is_a_success_without_compute_and_a_miss_is_timed() -> None:
     stats = ModelStats()
     model = ModelCache(ResponseCache(10_000), stats)
     request = _request(A=np.ones(4, np.float32))
-    miss = model.lookup(request)
+    miss = asyncio.run(model.lookup(request))
     assert miss.outputs is None and stats.cache_hit_count == 0
     stats.record_execution(
         batch_size=1, inference_count=1, compute_input_ns=1, compute_infer_ns=5, compute_output_ns=1
@@ -190,7 +193,7 @@ def test_a_hit_is_a_success_without_compute_and_a_miss_is_timed() -> None:
         request_ns=10, queue_ns=2, compute_input_ns=1, compute_infer_ns=5, compute_output_ns=1
     )
     model.store(miss, {"OUT": np.zeros(2, np.float32)})
-    hit = model.lookup(_request(A=np.ones(4, np.float32)))
+    hit = asyncio.run(model.lookup(_request(A=np.ones(4, np.float32))))
     assert hit.outputs is not None and hit.outputs["OUT"].tolist() == [0.0, 0.0]
 
     proto = stats.to_proto("m", "1")
@@ -206,11 +209,25 @@ def test_a_closed_model_stores_nothing_more() -> None:
     cache = ResponseCache(10_000)
     stats = ModelStats()
     model = ModelCache(cache, stats)
-    lookup = model.lookup(_request(A=np.ones(1, np.int8)))
+    lookup = asyncio.run(model.lookup(_request(A=np.ones(1, np.int8))))
     model.store(lookup, {"OUT": np.ones(1, np.int8)})
     assert len(cache) == 1
-    late = model.lookup(_request(A=np.zeros(1, np.int8)))
+    late = asyncio.run(model.lookup(_request(A=np.zeros(1, np.int8))))
     model.close()
     assert len(cache) == 0
     model.store(late, {"OUT": np.ones(1, np.int8)})  # finished while the version unloaded
     assert len(cache) == 0
+
+
+def test_large_inputs_are_hashed_off_the_loop_to_the_same_key() -> None:
+    cache = ResponseCache(10_000)
+    model = ModelCache(cache, ModelStats())
+    big = np.arange(THREAD_HASH_BYTES // 4 + 1, dtype=np.float32)
+
+    async def run() -> tuple[bool, bool]:
+        first = await model.lookup(_request(A=big))
+        model.store(first, {"OUT": np.ones(1, np.int8)})
+        again = await model.lookup(_request(A=big.copy()))
+        return first.key == request_key(1, _request(A=big)), again.outputs is not None
+
+    assert asyncio.run(run()) == (True, True)
