@@ -20,6 +20,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 from examples.build_tensorflow import build_tensorflow_repository, mlp_reference  # noqa: E402
 from services.tensorflow.graphdef import TensorflowGraphdefRuntime  # noqa: E402
 from services.tensorflow.runtime import TensorflowRuntime  # noqa: E402
+from tests.sequence_checks import check_interleaved_sums, check_user_tensors_only  # noqa: E402
 from tests.support import ServerThread, batched_counts, settings_for  # noqa: E402
 
 
@@ -190,54 +191,13 @@ def test_frozen_graphdef_served_beside_savedmodels(
     np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
 
 
-def sequence_step(
-    client: grpcclient.InferenceServerClient, sid: int | str, value: int, start: bool, end: bool
-) -> int:
-    """One request of a sequence to simple_sequence_tf; its OUTPUT (the running sum)."""
-    inp = tensor(grpcclient, "INPUT", np.array([[value]], np.int32), "INT32")
-    result = client.infer(
-        "simple_sequence_tf",
-        [inp],
-        sequence_id=sid,
-        sequence_start=start,
-        sequence_end=end,
-    )
-    out = result.as_numpy("OUTPUT")
-    assert out is not None and out.shape == (1, 1)
-    return int(out[0, 0])
-
-
 def test_interleaved_sequences_keep_their_running_sums(
     client: grpcclient.InferenceServerClient,
 ) -> None:
-    # (sequence, INPUT, start, end, expected OUTPUT); 41 restarts midway: START resets
-    steps: list[tuple[int | str, int, bool, bool, int]] = [
-        (41, 3, True, False, 3),
-        ("seq-b", 10, True, False, 10),
-        (41, 4, False, False, 7),
-        ("seq-b", -2, False, False, 8),
-        (41, 5, True, False, 5),
-        ("seq-b", 1, False, True, 9),
-        (41, 6, False, True, 11),
-    ]
-    got = [sequence_step(client, sid, value, start, end) for sid, value, start, end, _ in steps]
-    assert got == [expected for *_, expected in steps]
+    check_interleaved_sums(client, "simple_sequence_tf", ("INPUT", "OUTPUT"))
 
 
 def test_sequence_metadata_lists_only_the_users_tensors(
     client: grpcclient.InferenceServerClient,
 ) -> None:
-    meta = client.get_model_metadata("simple_sequence_tf", as_json=True)
-    assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == [
-        ("INPUT", "INT32", ["-1", "1"])
-    ]
-    assert [(t["name"], t["datatype"], t["shape"]) for t in meta["outputs"]] == [
-        ("OUTPUT", "INT32", ["-1", "1"])
-    ]
-    config = client.get_model_config("simple_sequence_tf", as_json=True)["config"]
-    assert [t["name"] for t in config["input"]] == ["INPUT"]
-    assert [t["name"] for t in config["output"]] == ["OUTPUT"]
-    assert [c["name"] for c in config["sequence_batching"]["control_input"]] == [
-        "START",
-        "READY",
-    ]
+    check_user_tensors_only(client, "simple_sequence_tf", ("INPUT", "OUTPUT"), ["START", "READY"])
