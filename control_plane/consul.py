@@ -58,6 +58,7 @@ def _models_from_meta(meta: Mapping[str, str]) -> tuple[ModelVersion, ...]:
                 state=str(m["state"]),
                 reason=str(m.get("reason", "")),
                 platform=str(m.get("platform", "")),
+                stateful=m.get("stateful", False) is True,
             )
             for m in items
         )

@@ -7,9 +7,12 @@ The gRPC listener's filter chain is what routes a request by its body:
   ``grpc_field_extraction`` reads fields 1 and 2 (model name, version) of the first message of
   each model-scoped request into dynamic metadata (descriptors from ``gateway.descriptors``)
   → ``lua`` clears the route cache so routes matching that metadata are chosen
+  → ``meshserve.sequence`` (a script on stateful models' routes only) puts the request's
+    sequence in the header those routes hash on (sequence_affinity.py)
   → ``grpc_stats`` (after the clear, so it counts under the model's cluster) → ``router``.
 
-Header routes and compressed requests switch the first two off per route (see routes.py).
+Header routes and compressed requests switch the first two off per route (see routes.py). The
+REST listener runs ``meshserve.sequence`` (its JSON form) → ``router``.
 With ``GatewayTracing`` given, both connection managers trace with Envoy's OpenTelemetry tracer
 (``control_plane.tracing``).
 """
@@ -29,6 +32,12 @@ from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from control_plane.routes import EXTRACTION_FILTER, GRPC_ROUTES, HTTP_ROUTES, LUA_FILTER
+from control_plane.sequence_affinity import (
+    GRPC_SOURCE,
+    HTTP_SOURCE,
+    SEQUENCE_FILTER,
+    sequence_filter,
+)
 from control_plane.tracing import GatewayTracing, hcm_tracing
 from gateway.descriptors import descriptor_set_bytes
 
@@ -66,6 +75,7 @@ def grpc_listener(
             LUA_FILTER,
             lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=_LUA_CLEAR_ROUTE)),
         ),
+        _http_filter(SEQUENCE_FILTER, sequence_filter(GRPC_SOURCE)),
         _http_filter(
             "envoy.filters.http.grpc_stats",
             grpc_stats_pb2.FilterConfig(
@@ -83,7 +93,10 @@ def http_listener(
     host: str, port: int, tracing: GatewayTracing | None = None
 ) -> listener_pb2.Listener:
     """Listener ``http``: KServe v2 REST, routed by path."""
-    filters = [_http_filter("envoy.filters.http.router", router_pb2.Router())]
+    filters = [
+        _http_filter(SEQUENCE_FILTER, sequence_filter(HTTP_SOURCE)),
+        _http_filter("envoy.filters.http.router", router_pb2.Router()),
+    ]
     return _listener(
         HTTP_LISTENER,
         host,

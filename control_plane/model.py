@@ -20,6 +20,8 @@ class ModelVersion:
     state: str
     reason: str = ""
     platform: str = ""
+    #: sequence-batched: every request of one sequence must reach the same replica and version
+    stateful: bool = False
 
 
 @dataclass(frozen=True, slots=True)

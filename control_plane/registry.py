@@ -222,7 +222,7 @@ def instance_from_proto(msg: rpb.ServiceInstance) -> ServiceInstance:
             raise InvalidRegistration(
                 f"instance {msg.id!r}: READY model {m.name!r} must name its version"
             )
-        models.append(ModelVersion(m.name, m.version, m.state, m.reason, m.platform))
+        models.append(ModelVersion(m.name, m.version, m.state, m.reason, m.platform, m.stateful))
     return ServiceInstance(
         id=msg.id,
         family=msg.family,

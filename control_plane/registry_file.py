@@ -7,8 +7,9 @@ Envoy already runs. Without this, a restarted control plane knows no service unt
 re-registers, and would either hand Envoy an empty mesh or have to guess how long to wait.
 
 Format: ``{"instances": [{"id", "family", "host", "grpc_port", "http_port", "metrics_port",
-"models": [{"name", "version", "state", "reason", "platform"}]}]}``. A file that cannot be read is
-logged and ignored: it is a cache of what the services tell the registry anyway.
+"models": [{"name", "version", "state", "reason", "platform", "stateful"}]}]}`` (``stateful`` may
+be missing in older files). A file that cannot be read is logged and ignored: it is a cache of
+what the services tell the registry anyway.
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ this module turns them into the two RDS resources that Envoy's listeners name:
 A request that names no version and reaches a weighted default gets the chosen version as the
 ``meshserve-version`` request header, so the service serves exactly what the split picked.
 
+The routes of a stateful model hash on the request's sequence (control_plane/sequence_affinity.py).
+
 A model with an active mirror (control_plane/mirror.py) gets a request mirror policy on its
 version-less inference routes: ``body:model_name:<m>``, and two extra routes placed just before
 the version-less route they refine, ``hdr:<m>:infer`` (header-routed ModelInfer/ModelStreamInfer)
@@ -46,6 +48,7 @@ from google.protobuf import duration_pb2, wrappers_pb2
 
 from control_plane.mirror import INFER_GRPC_PATH, request_mirror_policy
 from control_plane.model import Mirror, cluster_name, http_cluster_name
+from control_plane.sequence_affinity import make_sticky
 
 GRPC_ROUTES = "grpc_routes"
 HTTP_ROUTES = "http_routes"
@@ -78,6 +81,9 @@ class ModelRoutes:
     default: tuple[tuple[str, int], ...]
     #: the traffic policy's mirror, only while its shadow version is READY (see mirror.py)
     mirror: Mirror | None = None
+    #: a version is sequence-batched: each sequence stays on one version and replica
+    #: (sequence_affinity.py)
+    stateful: bool = False
 
 
 def grpc_route_config(
@@ -287,6 +293,8 @@ def _grpc_route(
     _target(route, model, version, http=False)
     _grpc_action_defaults(route.route)
     route.route.retry_policy.CopyFrom(_retry_policy(_GRPC_RETRY_ON))
+    if model.stateful:
+        make_sticky(route)
     return route
 
 
@@ -305,6 +313,8 @@ def _http_route(
     policy = _retry_policy(_HTTP_RETRY_ON)
     policy.retriable_status_codes.append(503)
     route.route.retry_policy.CopyFrom(policy)
+    if model.stateful:
+        make_sticky(route)
     return route
 
 

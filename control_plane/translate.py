@@ -10,7 +10,8 @@ Placement: a model version gets a cluster ``model:<m>:<v>`` (gRPC, HTTP/2) and a
 are exactly those replicas. A request naming no version goes to the model's default: the traffic
 policy's weights over its READY versions, or, without a policy (or with none of its versions
 READY), the highest READY version; the policy's mirror applies while its shadow version is READY
-(control_plane/mirror.py). Everything else goes to the control plane's front
+(control_plane/mirror.py). A stateful model's clusters hash (control_plane/sequence_affinity.py).
+Everything else goes to the control plane's front
 (``front`` / ``front-http``, static clusters). Listener and route details: filters.py, routes.py.
 With ``tracing`` given, a static ``otel-collector`` cluster and Envoy's OpenTelemetry tracer on
 both listeners are added (control_plane/tracing.py).
@@ -73,13 +74,16 @@ def translate(
     clusters: list[cluster_pb2.Cluster] = []
     endpoints: list[endpoint_pb2.ClusterLoadAssignment] = []
     for (model, version), instances in replicas.items():
+        hashed = _stateful(instances, model, version)
         grpc_name = cluster_name(model, version)
-        clusters.append(_model_cluster(grpc_name, http2=True))
-        endpoints.append(_load_assignment(grpc_name, [(i.host, i.grpc_port) for i in instances]))
-        rest = [(i.host, i.http_port) for i in instances if i.http_port > 0]
+        clusters.append(_model_cluster(grpc_name, http2=True, hashed=hashed))
+        endpoints.append(
+            _load_assignment(grpc_name, [(i.host, i.grpc_port, i.id) for i in instances])
+        )
+        rest = [(i.host, i.http_port, i.id) for i in instances if i.http_port > 0]
         if rest:
             http_name = http_cluster_name(model, version)
-            clusters.append(_model_cluster(http_name, http2=False))
+            clusters.append(_model_cluster(http_name, http2=False, hashed=hashed))
             endpoints.append(_load_assignment(http_name, rest))
     if state.front_grpc is not None:
         clusters.append(_static_cluster(FRONT_CLUSTER, state.front_grpc, http2=True))
@@ -125,8 +129,11 @@ def model_routes(
 ) -> list[ModelRoutes]:
     """Per model with a READY version (sorted by name): its versions, default choice, mirror."""
     versions: dict[str, list[str]] = defaultdict(list)
-    for model, version in replicas:
+    stateful: set[str] = set()
+    for (model, version), instances in replicas.items():
         versions[model].append(version)
+        if _stateful(instances, model, version):
+            stateful.add(model)
     result = []
     for model in sorted(versions):
         ready = sorted(versions[model], key=version_key)
@@ -136,9 +143,16 @@ def model_routes(
                 versions=tuple(ready),
                 default=_default(state, model, ready),
                 mirror=active_mirror(state.policies.get(model), ready),
+                stateful=model in stateful,
             )
         )
     return result
+
+
+def _stateful(instances: list[ServiceInstance], model: str, version: str) -> bool:
+    """Whether a replica reports ``model`` ``version`` as stateful (sequence-batched)."""
+    key = (model, version)
+    return any(mv.stateful for i in instances for mv in i.models if (mv.name, mv.version) == key)
 
 
 def version_key(version: str) -> tuple[int, int, str]:
@@ -183,13 +197,15 @@ def _protocol_options(http2: bool) -> dict[str, any_pb2.Any]:
     return {_PROTOCOL_OPTIONS: packed}
 
 
-def _model_cluster(name: str, *, http2: bool) -> cluster_pb2.Cluster:
-    """An EDS cluster of replicas serving one model version, health-checked and ejecting."""
+def _model_cluster(name: str, *, http2: bool, hashed: bool = False) -> cluster_pb2.Cluster:
+    """An EDS cluster of replicas serving one model version, health-checked and ejecting;
+    ``hashed``: replicas picked by the route's hash (a stateful model's sequence), else by
+    least requests."""
     cluster = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.EDS,
         connect_timeout=_seconds(1),
-        lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,
+        lb_policy=cluster_pb2.Cluster.RING_HASH if hashed else cluster_pb2.Cluster.LEAST_REQUEST,
         typed_extension_protocol_options=_protocol_options(http2),
         # A replica that left the registry (it deregistered to stop) leaves the load balancer at
         # once; by default Envoy keeps a removed host until its health checks fail (~2 s)
@@ -249,24 +265,28 @@ def _static_cluster(name: str, address: Address, *, http2: bool) -> cluster_pb2.
         type=cluster_pb2.Cluster.STATIC,
         connect_timeout=_seconds(1),
         typed_extension_protocol_options=_protocol_options(http2),
-        load_assignment=_load_assignment(name, [(address.host, address.port)]),
+        load_assignment=_load_assignment(name, [(address.host, address.port, "")]),
     )
 
 
 def _load_assignment(
-    cluster: str, hosts: list[tuple[str, int]]
+    cluster: str, hosts: list[tuple[str, int, str]]
 ) -> endpoint_pb2.ClusterLoadAssignment:
-    """Endpoints (host, port), in the given order."""
-    lb_endpoints = [
-        endpoint_components_pb2.LbEndpoint(
+    """Endpoints (host, port, instance id), in the given order. A hashing cluster places each
+    endpoint on its ring by the instance id (``envoy.lb`` ``hash_key``), so a version's gRPC and
+    REST clusters send one sequence to the same service."""
+    lb_endpoints = []
+    for host, port, instance in hosts:
+        endpoint = endpoint_components_pb2.LbEndpoint(
             endpoint=endpoint_components_pb2.Endpoint(
                 address=address_pb2.Address(
                     socket_address=address_pb2.SocketAddress(address=host, port_value=port)
                 )
             )
         )
-        for host, port in hosts
-    ]
+        if instance:
+            endpoint.metadata.filter_metadata["envoy.lb"].update({"hash_key": instance})
+        lb_endpoints.append(endpoint)
     return endpoint_pb2.ClusterLoadAssignment(
         cluster_name=cluster,
         endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb_endpoints)],

@@ -16,7 +16,8 @@ part of it that header-routed calls reach:
 Whatever this module does not evaluate exactly as Envoy does makes ``route`` answer None, and the
 caller sends that call through the gateway instead: a route matching on dynamic metadata (body
 fields), a matcher or action kind not listed above, a route with request mirroring (the copy is
-the gateway's job), a direct response, a cluster without known endpoints (the control plane's
+the gateway's job), a route that hashes (a stateful model's: the gateway keeps each sequence on
+its replica), a direct response, a cluster without known endpoints (the control plane's
 front, answering NOT_FOUND for unknown models, is such a cluster).
 """
 
@@ -142,7 +143,7 @@ class RouteTable:
         if not route.HasField("route"):
             return None  # a direct response (or redirect): the gateway gives it
         action = route.route
-        if action.request_mirror_policies:
+        if action.request_mirror_policies or action.hash_policy:
             return None
         headers = _added(route.request_headers_to_add)
         kind = action.WhichOneof("cluster_specifier")

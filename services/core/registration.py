@@ -18,8 +18,9 @@ Consul limits Meta to 64 pairs, keys of ``[A-Za-z0-9_-]`` up to 128 characters a
   (0 = no such listener); the service's ``Port`` is its gRPC port and ``Address`` its host
 * ``meshserve-models-chunks``: N, the number of chunks
 * ``meshserve-models-0`` … ``meshserve-models-<N-1>``: consecutive pieces of one compact JSON array
-  of ``{"name", "version", "state", "reason", "platform"}`` objects (states as RepositoryIndex
-  reports them: READY, LOADING, UNLOADING, UNAVAILABLE); concatenate them in order and parse.
+  of ``{"name", "version", "state", "reason", "platform", "stateful"}`` objects (states as
+  RepositoryIndex reports them: READY, LOADING, UNLOADING, UNAVAILABLE; ``stateful``: the model
+  has ``sequence_batching``); concatenate them in order and parse.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ class ModelStatus:
     state: str
     reason: str = ""
     platform: str = ""
+    #: sequence-batched: the gateway keeps each sequence on one replica and version
+    stateful: bool = False
 
 
 ModelsFn = Callable[[], list[ModelStatus]]
@@ -79,11 +82,13 @@ def manager_models(manager: ModelManager) -> ModelsFn:
         for e in manager.index():
             if e.state not in reportable:
                 continue
-            platform = ""
+            platform, stateful = "", False
             if e.state == ModelState.READY.value and e.version:
                 with contextlib.suppress(Exception):
-                    platform = manager.config_of(e.name, e.version).platform
-            out.append(ModelStatus(e.name, e.version, e.state, e.reason, platform))
+                    config = manager.config_of(e.name, e.version)
+                    platform = config.platform
+                    stateful = config.HasField("sequence_batching")
+            out.append(ModelStatus(e.name, e.version, e.state, e.reason, platform, stateful))
         return out
 
     return models

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18meshserve/registry.proto\x12\x15meshserve.registry.v1\"^\n\x0cModelVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08platform\x18\x05 \x01(\t\"\xac\x01\n\x0fServiceInstance\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x11\n\tgrpc_port\x18\x04 \x01(\r\x12\x11\n\thttp_port\x18\x05 \x01(\r\x12\x14\n\x0cmetrics_port\x18\x06 \x01(\r\x12\x33\n\x06models\x18\x07 \x03(\x0b\x32#.meshserve.registry.v1.ModelVersion\"a\n\x0fRegisterRequest\x12\x38\n\x08instance\x18\x01 \x01(\x0b\x32&.meshserve.registry.v1.ServiceInstance\x12\x14\n\x0clease_ttl_ms\x18\x02 \x01(\r\"(\n\x10RegisterResponse\x12\x14\n\x0clease_ttl_ms\x18\x01 \x01(\r\"\x1f\n\x11\x44\x65registerRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse2\xca\x01\n\x08Registry\x12[\n\x08Register\x12&.meshserve.registry.v1.RegisterRequest\x1a\'.meshserve.registry.v1.RegisterResponse\x12\x61\n\nDeregister\x12(.meshserve.registry.v1.DeregisterRequest\x1a).meshserve.registry.v1.DeregisterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18meshserve/registry.proto\x12\x15meshserve.registry.v1\"p\n\x0cModelVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08platform\x18\x05 \x01(\t\x12\x10\n\x08stateful\x18\x06 \x01(\x08\"\xac\x01\n\x0fServiceInstance\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x11\n\tgrpc_port\x18\x04 \x01(\r\x12\x11\n\thttp_port\x18\x05 \x01(\r\x12\x14\n\x0cmetrics_port\x18\x06 \x01(\r\x12\x33\n\x06models\x18\x07 \x03(\x0b\x32#.meshserve.registry.v1.ModelVersion\"a\n\x0fRegisterRequest\x12\x38\n\x08instance\x18\x01 \x01(\x0b\x32&.meshserve.registry.v1.ServiceInstance\x12\x14\n\x0clease_ttl_ms\x18\x02 \x01(\r\"(\n\x10RegisterResponse\x12\x14\n\x0clease_ttl_ms\x18\x01 \x01(\r\"\x1f\n\x11\x44\x65registerRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse2\xca\x01\n\x08Registry\x12[\n\x08Register\x12&.meshserve.registry.v1.RegisterRequest\x1a\'.meshserve.registry.v1.RegisterResponse\x12\x61\n\nDeregister\x12(.meshserve.registry.v1.DeregisterRequest\x1a).meshserve.registry.v1.DeregisterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,17 +32,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshserve.registry_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELVERSION']._serialized_start=51
-  _globals['_MODELVERSION']._serialized_end=145
-  _globals['_SERVICEINSTANCE']._serialized_start=148
-  _globals['_SERVICEINSTANCE']._serialized_end=320
-  _globals['_REGISTERREQUEST']._serialized_start=322
-  _globals['_REGISTERREQUEST']._serialized_end=419
-  _globals['_REGISTERRESPONSE']._serialized_start=421
-  _globals['_REGISTERRESPONSE']._serialized_end=461
-  _globals['_DEREGISTERREQUEST']._serialized_start=463
-  _globals['_DEREGISTERREQUEST']._serialized_end=494
-  _globals['_DEREGISTERRESPONSE']._serialized_start=496
-  _globals['_DEREGISTERRESPONSE']._serialized_end=516
-  _globals['_REGISTRY']._serialized_start=519
-  _globals['_REGISTRY']._serialized_end=721
+  _globals['_MODELVERSION']._serialized_end=163
+  _globals['_SERVICEINSTANCE']._serialized_start=166
+  _globals['_SERVICEINSTANCE']._serialized_end=338
+  _globals['_REGISTERREQUEST']._serialized_start=340
+  _globals['_REGISTERREQUEST']._serialized_end=437
+  _globals['_REGISTERRESPONSE']._serialized_start=439
+  _globals['_REGISTERRESPONSE']._serialized_end=479
+  _globals['_DEREGISTERREQUEST']._serialized_start=481
+  _globals['_DEREGISTERREQUEST']._serialized_end=512
+  _globals['_DEREGISTERRESPONSE']._serialized_start=514
+  _globals['_DEREGISTERRESPONSE']._serialized_end=534
+  _globals['_REGISTRY']._serialized_start=537
+  _globals['_REGISTRY']._serialized_end=739
 # @@protoc_insertion_point(module_scope)

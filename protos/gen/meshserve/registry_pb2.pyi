@@ -7,18 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ModelVersion(_message.Message):
-    __slots__ = ("name", "version", "state", "reason", "platform")
+    __slots__ = ("name", "version", "state", "reason", "platform", "stateful")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
+    STATEFUL_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     state: str
     reason: str
     platform: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., platform: _Optional[str] = ...) -> None: ...
+    stateful: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., platform: _Optional[str] = ..., stateful: _Optional[bool] = ...) -> None: ...
 
 class ServiceInstance(_message.Message):
     __slots__ = ("id", "family", "host", "grpc_port", "http_port", "metrics_port", "models")
