@@ -57,86 +57,72 @@ end
 GRPC_SOURCE = (
     _LUA_COMMON
     + """
--- a varint at position i of s: its 7-bit groups, least significant first, and the next position
+-- The message is read in place (positions into one string, no substrings or tables on the
+-- way): this runs on every request to a stateful model.
+
+-- the varint at position i of s (exact up to 2^53: tags and lengths) and the next position;
+-- nil at the end of s or past 10 bytes
 local function varint(s, i)
-  local groups = {}
-  while true do
-    local b = s:byte(i)
-    if b == nil or #groups == 10 then return nil, i end
-    groups[#groups + 1] = b %% 128
-    i = i + 1
-    if b < 128 then return groups, i end
+  local value, scale = 0, 1
+  for j = i, i + 9 do
+    local b = s:byte(j)
+    if b == nil then return nil, j end
+    value = value + (b %% 128) * scale
+    if b < 128 then return value, j + 1 end
+    scale = scale * 128
   end
+  return nil, i + 10
 end
 
-local function small(groups)
-  local v, scale = 0, 1
-  for _, g in ipairs(groups) do v = v + g * scale; scale = scale * 128 end
-  return v
-end
-
--- an unsigned varint in decimal, exact to 64 bits (Lua numbers are doubles)
-local function decimal(groups)
+-- the varint at position i of s in decimal, exact to 64 bits (Lua numbers are doubles)
+local function decimal(s, i)
+  local last = i
+  while (s:byte(last) or 0) >= 128 and last < i + 9 do last = last + 1 end
   local digits = {0}  -- least significant first
-  for k = #groups, 1, -1 do
-    local carry = groups[k]
+  for j = last, i, -1 do  -- 7-bit groups, most significant first
+    local carry = s:byte(j) %% 128
     for d = 1, #digits do
       local x = digits[d] * 128 + carry
       digits[d] = x %% 10
-      carry = math.floor(x / 10)
+      carry = (x - digits[d]) / 10
     end
-    while carry > 0 do digits[#digits + 1] = carry %% 10; carry = math.floor(carry / 10) end
+    while carry > 0 do
+      digits[#digits + 1] = carry %% 10
+      carry = (carry - carry %% 10) / 10
+    end
   end
-  local out = {}
-  for d = #digits, 1, -1 do out[#out + 1] = tostring(digits[d]) end
-  return table.concat(out)
+  return string.reverse(table.concat(digits))
 end
 
--- the length-delimited fields of message s: calls visit(field, first, last) for each, stops
--- when visit returns true or at a field of another wire type
-local function each_bytes_field(s, visit)
-  local i, n = 1, #s
-  while i <= n do
-    local tag, len
-    tag, i = varint(s, i)
-    if tag == nil then return end
-    tag = small(tag)
-    if tag %% 8 ~= 2 then return end
-    len, i = varint(s, i)
-    if len == nil then return end
-    len = small(len)
-    if visit(math.floor(tag / 8), i, i + len - 1) then return end
-    i = i + len
-  end
-end
-
--- InferParameter: int64_param = 2, uint64_param = 5 (varints), string_param = 3
-local function parameter_text(p)
-  local i = 1
-  while i <= #p do
+-- InferParameter at [i, last] of s as text: int64_param (2) and uint64_param (5) in decimal,
+-- string_param (3) as it is; nil for another kind or 0
+local function parameter_text(s, i, last)
+  while i <= last do
     local tag
-    tag, i = varint(p, i)
+    tag, i = varint(s, i)
     if tag == nil then return nil end
-    tag = small(tag)
-    local field, wire = math.floor(tag / 8), tag %% 8
-    if wire == 0 then
-      local v
-      v, i = varint(p, i)
-      if v == nil then return nil end
-      if field == 2 or field == 5 then
-        local text = decimal(v)
-        if text == "0" then return nil end
-        return text
-      end
-    elseif wire == 2 then
+    if tag == 16 or tag == 40 then
+      local text = decimal(s, i)
+      if text == "0" then return nil end
+      return text
+    end
+    if tag == 26 then
       local len
-      len, i = varint(p, i)
+      len, i = varint(s, i)
       if len == nil then return nil end
-      len = small(len)
-      if field == 3 then return p:sub(i, i + len - 1) end
-      i = i + len
+      return s:sub(i, i + len - 1)
+    end
+    local wire = tag %% 8
+    if wire == 0 then
+      local skipped
+      skipped, i = varint(s, i)
     elseif wire == 1 then
       i = i + 8
+    elseif wire == 2 then
+      local len
+      len, i = varint(s, i)
+      if len == nil then return nil end
+      i = i + len
     else
       return nil
     end
@@ -144,25 +130,39 @@ local function parameter_text(p)
   return nil
 end
 
+-- one parameters map entry at [i, last] of s: the ID when its key is "sequence_id", else nil
+local function entry_id(s, i, last)
+  local is_id, value_at, value_last = false, nil, nil
+  while i <= last do
+    local tag, len
+    tag, i = varint(s, i)
+    if tag == nil or tag %% 8 ~= 2 then return nil end
+    len, i = varint(s, i)
+    if len == nil then return nil end
+    if tag == 10 then is_id = len == 11 and s:sub(i, i + 10) == "sequence_id" end
+    if tag == 18 then value_at, value_last = i, i + len - 1 end
+    i = i + len
+  end
+  if is_id and value_at ~= nil then return parameter_text(s, value_at, value_last) end
+  return nil
+end
+
+-- ModelInferRequest: fields 1-7 are all length-delimited; parameters are field 4
 local function sequence_id(msg)
-  local found
-  each_bytes_field(msg, function(field, first, last)
-    if last > #msg then return true end  -- cut off by the scan limit
-    if field > 4 then return true end    -- past the parameters
-    if field == 4 then
-      local key, value
-      each_bytes_field(msg:sub(first, last), function(f, a, b)
-        if f == 1 then key = msg:sub(first + a - 1, first + b - 1) end
-        if f == 2 then value = msg:sub(first + a - 1, first + b - 1) end
-      end)
-      if key == "sequence_id" and value ~= nil then
-        found = parameter_text(value)
-        return true
-      end
+  local i, n = 1, #msg
+  while i <= n do
+    local tag, len
+    tag, i = varint(msg, i)
+    if tag == nil or tag %% 8 ~= 2 or tag > 34 then return nil end  -- past the parameters
+    len, i = varint(msg, i)
+    if len == nil or i + len - 1 > n then return nil end  -- cut off by the scan limit
+    if tag == 34 then
+      local id = entry_id(msg, i, i + len - 1)
+      if id ~= nil then return id end
     end
-    return false
-  end)
-  return found
+    i = i + len
+  end
+  return nil
 end
 
 -- (an object the handle gave is invalid once body() has waited: headers are asked for again)
