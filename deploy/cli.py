@@ -21,6 +21,7 @@ from deploy import infer
 from deploy.supervisor import MeshSettings, run_until_signal
 from services.core.latency_metrics import parse_metrics_config
 from services.core.response_cache import parse_cache_config
+from services.core.settings import add_auto_complete_flags, auto_complete_from
 
 
 def _call(url: str, method: str = "GET", body: dict[str, Any] | None = None) -> Any:
@@ -114,6 +115,7 @@ def up_settings(a: argparse.Namespace) -> MeshSettings:
     try:
         parse_cache_config(a.cache_config)
         parse_metrics_config(a.metrics_config)
+        auto_complete = auto_complete_from(a)
     except ValueError as exc:
         raise SystemExit(f"meshserve: {exc}") from None
     return MeshSettings(
@@ -129,6 +131,7 @@ def up_settings(a: argparse.Namespace) -> MeshSettings:
         load_models=tuple(a.load_model),
         cache_config=tuple(a.cache_config),
         metrics_config=tuple(a.metrics_config),
+        auto_complete_config=auto_complete,
     )
 
 
@@ -170,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="every service's latency metrics (summary_latencies=true, histogram_latencies=true,"
         " ...)",
     )
+    add_auto_complete_flags(up)
     sub.add_parser("status", help="services, their models, splits, mirrors, gateway config state")
     sub.add_parser("models", help="every model of the repository with its state")
     for name in ("load", "unload"):

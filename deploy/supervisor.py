@@ -106,6 +106,8 @@ class MeshSettings:
     cache_config: tuple[str, ...] = ()
     #: every service's --metrics-config values (e.g. "summary_latencies=true")
     metrics_config: tuple[str, ...] = ()
+    #: False: every service runs with --disable-auto-complete-config
+    auto_complete_config: bool = True
     python: str = sys.executable
 
 
@@ -216,6 +218,7 @@ class Mesh:
                 *(arg for name in s.load_models for arg in ("--load-model", name)),
                 *(arg for value in s.cache_config for arg in ("--cache-config", value)),
                 *(arg for value in s.metrics_config for arg in ("--metrics-config", value)),
+                *([] if s.auto_complete_config else ["--disable-auto-complete-config"]),
                 # BLS calls from Python models go through the gateway (services/python/bls.py);
                 # ensemble steps follow the gateway's routes read from the control plane's ADS
                 # (services/core/mesh_caller.py)

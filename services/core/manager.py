@@ -215,7 +215,13 @@ class ModelManager:
         fingerprint = repo.fingerprint(path)
         try:
             model_dir = repo.scan_model(path)
-            prepared = prepare_config(self._runtimes, name, model_dir, override)
+            prepared = prepare_config(
+                self._runtimes,
+                name,
+                model_dir,
+                override,
+                auto_complete=self._settings.auto_complete_config,
+            )
         except ServingError as err:
             entry.state, entry.reason = ModelState.UNAVAILABLE, err.message
             entry.fingerprint = fingerprint

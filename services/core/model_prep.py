@@ -3,8 +3,9 @@ the instances its instance groups expand to.
 
 Data flow: repository (a model's folder and config.pbtxt, or a load request's override) ─▶
 ``prepare_config`` (runtime chosen by platform, backend or model file; config auto-completed by
-that runtime, defaulted, validated) ─▶ ModelManager (manager.py), which loads the versions with
-the runtime. ``serves`` tells which repository folders hold models of this service's family.
+that runtime unless the service runs with --disable-auto-complete-config, defaulted, validated)
+─▶ ModelManager (manager.py), which loads the versions with the runtime. ``serves`` tells which
+repository folders hold models of this service's family.
 """
 
 from __future__ import annotations
@@ -49,12 +50,17 @@ def prepare_config(
     name: str,
     model_dir: repo.ModelDir,
     override: mc.ModelConfig | None,
+    *,
+    auto_complete: bool = True,
 ) -> tuple[mc.ModelConfig, type[Runtime]] | None:
-    """Read, auto-complete, default and validate the config; None if another family's model."""
+    """Read, auto-complete (unless ``auto_complete`` is False: Triton's
+    --disable-auto-complete-config, where the config must be whole), default and validate the
+    config; None if another family's model."""
+    has_file = (model_dir.path / "config.pbtxt").exists()
     if override is not None:
         config = mc.ModelConfig()
         config.CopyFrom(override)
-    elif (model_dir.path / "config.pbtxt").exists():
+    elif has_file:
         config = cfg.load_config_file(model_dir.path / "config.pbtxt")
     else:
         config = mc.ModelConfig()
@@ -63,7 +69,9 @@ def prepare_config(
     runtime = runtime_for(runtimes, config, model_dir)
     if runtime is None:
         return None
-    if model_dir.versions:
+    if not auto_complete:
+        _check_complete(config, name, has_file or override is not None)
+    if model_dir.versions and (auto_complete or runtime.autocomplete_always):
         newest = model_dir.versions[max(model_dir.versions)]
         model_file = newest / (config.default_model_filename or runtime.default_model_filename)
         if model_file.exists():
@@ -82,6 +90,18 @@ def prepare_config(
     cfg.apply_defaults(config)
     cfg.validate_config(config, name)
     return config, runtime
+
+
+def _check_complete(config: mc.ModelConfig, name: str, has_config: bool) -> None:
+    """With auto-complete off, a config must say itself what auto-complete would fill."""
+    missing = [] if has_config else ["a config.pbtxt"]
+    missing += [f"its {kind}s" for kind in ("input", "output") if not getattr(config, kind)]
+    if missing:
+        raise ModelLoadError(
+            f"model '{name}': auto-complete is disabled (--disable-auto-complete-config), so the "
+            f"config must list everything the model needs; it lacks {' and '.join(missing)} "
+            "(with name, data_type and dims of each tensor, and max_batch_size if it batches)"
+        )
 
 
 def instance_specs(config: mc.ModelConfig) -> list[InstanceSpec]:

@@ -39,6 +39,9 @@ class Runtime(ABC):
     platforms: ClassVar[tuple[str, ...]] = ()
     #: file looked for in the version directory when config.default_model_filename is empty
     default_model_filename: ClassVar[str]
+    #: ``autocomplete`` only derives what Triton always derives (an ensemble's decoupled policy
+    #: from its steps), so it runs even with --disable-auto-complete-config
+    autocomplete_always: ClassVar[bool] = False
 
     @classmethod  # noqa: B027 - optional hook, empty by default
     def autocomplete(cls, config: mc.ModelConfig, model_path: Path) -> None:

@@ -94,6 +94,46 @@ class ServerSettings:
     response_cache_bytes: int = 0
     #: which latency metrics the metrics endpoint exports (counters, summaries, histograms)
     metrics_config: MetricsConfig = field(default_factory=MetricsConfig)
+    #: complete a model's config from its model file (False: Triton's
+    #: --disable-auto-complete-config; configs must be whole)
+    auto_complete_config: bool = True
+
+
+def add_auto_complete_flags(p: argparse.ArgumentParser) -> None:
+    """Triton's two spellings of "configs must be whole": --disable-auto-complete-config and the
+    older --strict-model-config[=true|false]."""
+    p.add_argument(
+        "--disable-auto-complete-config",
+        action="store_true",
+        help="do not complete model configs from model files: each config.pbtxt must list its "
+        "inputs, outputs and max_batch_size (as tritonserver's flag)",
+    )
+    p.add_argument(
+        "--strict-model-config",
+        nargs="?",
+        const="true",
+        default=None,
+        metavar="true|false",
+        help="tritonserver's older flag: true = --disable-auto-complete-config (default false)",
+    )
+
+
+def auto_complete_from(a: argparse.Namespace) -> bool:
+    """Whether configs are auto-completed, from add_auto_complete_flags' flags; ValueError on a
+    value that is not a boolean or flags that disagree."""
+    disabled: bool = a.disable_auto_complete_config
+    if a.strict_model_config is not None:
+        strict = {"true": True, "1": True, "false": False, "0": False}.get(
+            a.strict_model_config.lower()
+        )
+        if strict is None:
+            raise ValueError(f"--strict-model-config={a.strict_model_config}: give true or false")
+        if disabled and not strict:
+            raise ValueError(
+                "--disable-auto-complete-config and --strict-model-config=false disagree"
+            )
+        disabled = strict
+    return not disabled
 
 
 def settings_from_args(argv: Sequence[str] | None, prog: str, family: str = "") -> ServerSettings:
@@ -163,9 +203,11 @@ def settings_from_args(argv: Sequence[str] | None, prog: str, family: str = "") 
         " summary_latencies=true|false, summary_quantiles=0.5:0.05,...,"
         " histogram_latencies=true|false",
     )
+    add_auto_complete_flags(p)
     a = p.parse_args(argv)
     try:
         metrics_config = parse_metrics_config(a.metrics_config)
+        auto_complete = auto_complete_from(a)
     except ValueError as exc:
         p.error(str(exc))
     try:
@@ -208,4 +250,5 @@ def settings_from_args(argv: Sequence[str] | None, prog: str, family: str = "") 
         busy_poll_us=a.busy_poll_us,
         response_cache_bytes=cache_bytes,
         metrics_config=metrics_config,
+        auto_complete_config=auto_complete,
     )

@@ -82,6 +82,7 @@ class EnsembleRuntime(Runtime):
     #: an ensemble has no model file: its version folder is empty
     default_model_filename: ClassVar[str] = ""
     async_execution: ClassVar[bool] = True
+    autocomplete_always: ClassVar[bool] = True
 
     @classmethod
     def autocomplete(cls, config: mc.ModelConfig, model_path: Path) -> None:

@@ -163,3 +163,26 @@ def test_autocomplete_fills_decoupled_from_the_steps(tmp_path: Path) -> None:
     plain = decoupled(ensemble(step("add", {"X": "IN"}, {"Z": "OUT"})))
     EnsembleRuntime.autocomplete(plain, version)
     assert not plain.model_transaction_policy.decoupled
+
+
+def test_decoupled_is_derived_with_auto_complete_off_too(tmp_path: Path) -> None:
+    """--disable-auto-complete-config stops completing configs, not this derivation (Triton
+    sets an ensemble's decoupled policy from its steps either way)."""
+    from google.protobuf import text_format
+
+    from services.core import repository as repo
+    from services.core.model_prep import prepare_config
+
+    (tmp_path / "stream").mkdir()
+    (tmp_path / "stream" / "config.pbtxt").write_text(
+        'name: "stream" backend: "python" model_transaction_policy { decoupled: true }'
+    )
+    (tmp_path / "ens" / "1").mkdir(parents=True)
+    config = ensemble(step("stream", {"X": "IN"}, {"Z": "OUT"}))
+    config.name = "ens"
+    (tmp_path / "ens" / "config.pbtxt").write_text(text_format.MessageToString(config))
+    prepared = prepare_config(
+        [EnsembleRuntime], "ens", repo.scan_model(tmp_path / "ens"), None, auto_complete=False
+    )
+    assert prepared is not None
+    assert prepared[0].model_transaction_policy.decoupled
