@@ -111,6 +111,34 @@ class MeshSettings:
     python: str = sys.executable
 
 
+def service_argv(s: MeshSettings, family: str) -> list[str]:
+    """The command line of the mesh's service for ``family``: the mesh-wide service settings,
+    free ports, registration with the control plane."""
+    return [
+        s.python,
+        "-m",
+        f"services.{family}",
+        "--model-repository",
+        str(s.repository),
+        "--host",
+        s.host,
+        "--grpc-port",
+        "0",
+        "--http-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--model-control-mode",
+        s.model_control_mode,
+        "--control-plane",
+        f"{s.host}:{s.control_port}",
+        *(arg for name in s.load_models for arg in ("--load-model", name)),
+        *(arg for value in s.cache_config for arg in ("--cache-config", value)),
+        *(arg for value in s.metrics_config for arg in ("--metrics-config", value)),
+        *([] if s.auto_complete_config else ["--disable-auto-complete-config"]),
+    ]
+
+
 def registry_file(s: MeshSettings) -> Path | None:
     """Where the control plane saves its registry: beside the policy file (None without one)."""
     return s.policy_file.with_name("registry.json") if s.policy_file else None
@@ -198,27 +226,7 @@ class Mesh:
             progress(f"metrics of the whole mesh on http://{s.host}:{s.metrics_port}/metrics")
         for fam in sorted(runnable):
             self.services[fam] = await asyncio.create_subprocess_exec(
-                s.python,
-                "-m",
-                f"services.{fam}",
-                "--model-repository",
-                str(s.repository),
-                "--host",
-                s.host,
-                "--grpc-port",
-                "0",
-                "--http-port",
-                "0",
-                "--metrics-port",
-                "0",
-                "--model-control-mode",
-                s.model_control_mode,
-                "--control-plane",
-                f"{s.host}:{s.control_port}",
-                *(arg for name in s.load_models for arg in ("--load-model", name)),
-                *(arg for value in s.cache_config for arg in ("--cache-config", value)),
-                *(arg for value in s.metrics_config for arg in ("--metrics-config", value)),
-                *([] if s.auto_complete_config else ["--disable-auto-complete-config"]),
+                *service_argv(s, fam),
                 # BLS calls from Python models go through the gateway (services/python/bls.py);
                 # ensemble steps follow the gateway's routes read from the control plane's ADS
                 # (services/core/mesh_caller.py)

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from deploy.cli import _mirror, _mirror_line, _split, build_parser, up_settings
+from deploy.supervisor import service_argv
+from services.core.settings import settings_from_args
 
 
 def test_up_arguments_become_mesh_settings(tmp_path: Path) -> None:
@@ -60,6 +62,31 @@ def test_up_passes_cache_and_metrics_configs_and_refuses_bad_ones(tmp_path: Path
     )
     with pytest.raises(SystemExit, match="only the 'local' cache"):
         up_settings(args)
+
+
+def test_each_service_gets_the_mesh_wide_settings(tmp_path: Path) -> None:
+    args = build_parser().parse_args(
+        [
+            "up",
+            "--model-repository",
+            str(tmp_path),
+            "--cache-config",
+            "local,size=4096",
+            "--metrics-config",
+            "summary_latencies=true",
+            "--strict-model-config=true",
+            "--load-model",
+            "simple",
+        ]
+    )
+    argv = service_argv(up_settings(args), "onnx")
+    assert argv[1:3] == ["-m", "services.onnx"]
+    service = settings_from_args(argv[3:], "svc")  # the service itself accepts them all
+    assert service.auto_complete_config is False
+    assert service.response_cache_bytes == 4096
+    assert service.metrics_config.summary_latencies
+    assert service.startup_models == ("simple",)
+    assert service.control_plane == "127.0.0.1:8010"
 
 
 def test_up_refuses_a_missing_repository(tmp_path: Path) -> None:
