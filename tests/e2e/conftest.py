@@ -19,19 +19,18 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Coroutine, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
-from deploy.supervisor import Mesh, MeshSettings, control_plane_command
+from deploy.supervisor import Mesh, MeshSettings, control_plane_command, service_argv
 from gateway.launcher import GatewayError, find_envoy
 
 log = logging.getLogger(__name__)
@@ -270,10 +269,10 @@ def add_cached_copy(repo: Path, model: str, name: str) -> None:
 # ---- extra service processes -----------------------------------------------------------------
 @dataclass
 class ServiceProcess:
-    """``python -m services.onnx`` over ``repository``, registered with the mesh's control plane."""
+    """``python -m services.onnx`` as the mesh starts its own services (``service_argv``: the
+    mesh's settings, registered with its control plane), over ``settings.repository``."""
 
-    repository: Path
-    control: str
+    settings: MeshSettings
     log_path: Path
     extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
@@ -284,24 +283,7 @@ class ServiceProcess:
         return f"onnx-{socket.gethostname()}-{self.proc.pid}"
 
     def start(self) -> ServiceProcess:
-        cmd = [
-            sys.executable,
-            "-m",
-            "services.onnx",
-            "--model-repository",
-            str(self.repository),
-            "--grpc-port",
-            "0",
-            "--http-port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--exit-timeout-secs",
-            "5",
-            "--control-plane",
-            self.control,
-            *self.extra_args,
-        ]
+        cmd = [*service_argv(self.settings, "onnx"), "--exit-timeout-secs", "5", *self.extra_args]
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         return self
@@ -342,9 +324,8 @@ class ServiceProcess:
 def running_service(
     repository: Path, mesh: MeshHandle, tmp: Path, models: int, extra_args: Iterable[str] = ()
 ) -> Iterator[ServiceProcess]:
-    service = ServiceProcess(
-        repository, f"127.0.0.1:{mesh.settings.control_port}", tmp / "service.log", list(extra_args)
-    )
+    settings = replace(mesh.settings, repository=repository)
+    service = ServiceProcess(settings, tmp / "service.log", list(extra_args))
     try:
         service.start().wait_ready(mesh, models)
         yield service

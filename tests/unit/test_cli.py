@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -38,18 +39,15 @@ def test_up_arguments_become_mesh_settings(tmp_path: Path) -> None:
     assert s.cache_config == ()
 
 
+def _up(tmp_path: Path, *more: str) -> argparse.Namespace:
+    """`meshserve up` with a cache and a metrics setting, and ``more``."""
+    cache, metrics = "local,size=4096", "summary_latencies=true"
+    flags = ["--cache-config", cache, "--metrics-config", metrics, *more]
+    return build_parser().parse_args(["up", "--model-repository", str(tmp_path), *flags])
+
+
 def test_up_passes_cache_and_metrics_configs_and_refuses_bad_ones(tmp_path: Path) -> None:
-    args = build_parser().parse_args(
-        [
-            "up",
-            "--model-repository",
-            str(tmp_path),
-            "--cache-config",
-            "local,size=4096",
-            "--metrics-config",
-            "summary_latencies=true",
-        ]
-    )
+    args = _up(tmp_path)
     assert up_settings(args).cache_config == ("local,size=4096",)
     assert up_settings(args).metrics_config == ("summary_latencies=true",)
     args = build_parser().parse_args(
@@ -65,20 +63,7 @@ def test_up_passes_cache_and_metrics_configs_and_refuses_bad_ones(tmp_path: Path
 
 
 def test_each_service_gets_the_mesh_wide_settings(tmp_path: Path) -> None:
-    args = build_parser().parse_args(
-        [
-            "up",
-            "--model-repository",
-            str(tmp_path),
-            "--cache-config",
-            "local,size=4096",
-            "--metrics-config",
-            "summary_latencies=true",
-            "--strict-model-config=true",
-            "--load-model",
-            "simple",
-        ]
-    )
+    args = _up(tmp_path, "--strict-model-config=true", "--load-model", "simple")
     argv = service_argv(up_settings(args), "onnx")
     assert argv[1:3] == ["-m", "services.onnx"]
     service = settings_from_args(argv[3:], "svc")  # the service itself accepts them all
