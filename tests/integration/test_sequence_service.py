@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import queue
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +145,26 @@ async def run_sequence_aio(
         await infer(model, one_input(v, aioclient), **flags(sid, i == 0, i == last))
         for i, v in enumerate(values)
     ]
+
+
+def run_sequences_at_once(
+    server: ServerThread,
+    model: str,
+    sequences: Mapping[int, list[int]] | Mapping[SeqId, list[int]],
+    timeout: float = 60,
+) -> list[list[Any]]:
+    """Every sequence driven at once from one asyncio client; each one's results, in order."""
+
+    async def main() -> list[list[Any]]:
+        c = aioclient.InferenceServerClient(server.grpc_url)
+        try:
+            return await asyncio.gather(
+                *(run_sequence_aio(c.infer, model, s, v) for s, v in sequences.items())
+            )
+        finally:
+            await c.close()
+
+    return asyncio.run(asyncio.wait_for(main(), timeout))
 
 
 def stats_counts(client: grpcclient.InferenceServerClient, model: str) -> tuple[int, int]:
@@ -284,17 +304,7 @@ def test_concurrent_sequences_share_batches(
     loaded 2-core machine sees requests of different sequences queued together."""
     sequences = {5000 + n: [n + 1] * 20 for n in range(8)}
     before = stats_counts(client, MODEL)
-
-    async def main() -> list[list[Any]]:
-        c = aioclient.InferenceServerClient(server.grpc_url)
-        try:
-            return await asyncio.gather(
-                *(run_sequence_aio(c.infer, MODEL, s, v) for s, v in sequences.items())
-            )
-        finally:
-            await c.close()
-
-    results = asyncio.run(main())
+    results = run_sequences_at_once(server, MODEL, sequences)
     for (sid, values), got in zip(sequences.items(), results, strict=True):
         sums = [int(r.as_numpy("OUTPUT")[0, 0]) for r in got]
         assert sums == list(itertools.accumulate(values)), sid
@@ -307,17 +317,7 @@ def test_concurrent_sequences_share_batches(
 def test_oldest_strategy_with_waiting_sequences(server: ServerThread) -> None:
     """Two candidate slots, four sequences at once: two wait until a slot frees (an END)."""
     sequences: dict[SeqId, list[int]] = {6001: [1, 2, 3], 6002: [10, 20], "c": [5] * 4, 6004: [7]}
-
-    async def main() -> list[list[Any]]:
-        c = aioclient.InferenceServerClient(server.grpc_url)
-        try:
-            return await asyncio.gather(
-                *(run_sequence_aio(c.infer, OLDEST, s, v) for s, v in sequences.items())
-            )
-        finally:
-            await c.close()
-
-    results = asyncio.run(asyncio.wait_for(main(), 60))
+    results = run_sequences_at_once(server, OLDEST, sequences)
     for (sid, values), got in zip(sequences.items(), results, strict=True):
         sums = [int(r.as_numpy("OUTPUT")[0, 0]) for r in got]
         assert sums == list(itertools.accumulate(values)), sid
@@ -333,17 +333,8 @@ def test_corrid_control_echoes_each_sequence_id(
     """Six sequences at once on a model with two instances: each response carries its own
     sequence's UINT64 correlation ID and running sum."""
     ids = [11, 12, 13, 14, 2**40 + 1, 2**63 - 1]
-
-    async def main() -> list[list[Any]]:
-        c = aioclient.InferenceServerClient(server.grpc_url)
-        try:
-            return await asyncio.gather(
-                *(run_sequence_aio(c.infer, CORRID, s, [s % 7 + 1] * 10) for s in ids)
-            )
-        finally:
-            await c.close()
-
-    for sid, got in zip(ids, asyncio.run(main()), strict=True):
+    results = run_sequences_at_once(server, CORRID, {s: [s % 7 + 1] * 10 for s in ids})
+    for sid, got in zip(ids, results, strict=True):
         assert [int(r.as_numpy("CORRID_OUT")[0, 0]) for r in got] == [sid] * 10
         assert got[0].as_numpy("CORRID_OUT").dtype == np.uint64
         assert [int(r.as_numpy("OUTPUT")[0, 0]) for r in got] == [
