@@ -13,6 +13,7 @@ from pathlib import Path
 
 from control_plane.app import ControlPlane, ControlPlaneSettings
 from control_plane.tracing import gateway_tracing_from_env
+from services.core.server_flags import triton_bool
 
 log = logging.getLogger("control_plane")
 
@@ -46,7 +47,19 @@ def settings_from_args(argv: Sequence[str] | None) -> ControlPlaneSettings:
         help="after a restart with no saved registry, wait this long for services to re-register "
         "before configuring Envoy",
     )
+    p.add_argument(
+        "--strict-readiness",
+        nargs="?",
+        const="true",
+        default="false",
+        metavar="true|false",
+        help="ServerReady only when every registered model version is READY (tritonserver's flag)",
+    )
     a = p.parse_args(argv)
+    try:
+        strict = triton_bool("--strict-readiness", a.strict_readiness)
+    except ValueError as exc:
+        p.error(str(exc))
     return ControlPlaneSettings(
         host=a.host,
         control_port=a.control_port,
@@ -59,6 +72,7 @@ def settings_from_args(argv: Sequence[str] | None) -> ControlPlaneSettings:
         registry_file=a.registry_file,
         restored_lease_secs=a.restored_lease_secs,
         warmup_secs=a.warmup_secs,
+        strict_readiness=strict,
         # the standard OTEL_* variables turn the gateway's tracing on (see control_plane/tracing)
         gateway_tracing=gateway_tracing_from_env(os.environ),
     )

@@ -81,6 +81,9 @@ class ControlPlaneSettings:
     warmup_secs: float = 3.0
     #: the gateway's OpenTelemetry tracing (from OTEL_EXPORTER_OTLP_ENDPOINT); None = off
     gateway_tracing: GatewayTracing | None = None
+    #: tritonserver's --strict-readiness: the gateway's ServerReady also needs every model
+    #: version the services registered READY (one unloaded on request does not count)
+    strict_readiness: bool = False
 
 
 class ControlPlane:
@@ -93,7 +96,7 @@ class ControlPlane:
         self.policies = PolicyStore(settings.policy_file)
         self.cache = SnapshotCache()
         self.ads = AdsServicer(self.cache)
-        self.front = Front(self.mesh_state)
+        self.front = Front(self.mesh_state, strict_readiness=settings.strict_readiness)
         self.front.on_global_trace_settings = self.follow_trace_settings
         self.control_port = 0
         self.front_grpc_port = 0

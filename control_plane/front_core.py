@@ -10,7 +10,8 @@ instance address.
 Decisions (documented here, to be folded into DESIGN):
 
 * ServerReady: true when the registry has at least one instance and no instance reports a model
-  version LOADING (a mesh still loading is not ready, as Triton is not while it loads).
+  version LOADING (a mesh still loading is not ready, as Triton is not while it loads); with
+  ``--strict-readiness``, every registered model version READY or unloaded on request.
 * ServerMetadata extensions: the intersection of what every answering service advertises and
   what the front itself can route (``FRONT_EXTENSIONS``); the front's own set when none answers.
 * RepositoryIndex: every instance asked concurrently (``fanout_timeout``); one that fails is
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 
 SERVER_NAME = "meshserve"
 LOADING = "LOADING"
+READY = "READY"
 #: what the front can route for the whole mesh (over both transports)
 FRONT_EXTENSIONS = (
     "classification",
@@ -98,9 +100,16 @@ class Front:
     one event loop; ``close`` closes every channel it made.
     """
 
-    def __init__(self, state: Callable[[], MeshState], *, fanout_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        state: Callable[[], MeshState],
+        *,
+        fanout_timeout: float = 5.0,
+        strict_readiness: bool = False,
+    ) -> None:
         self.state = state
         self.fanout_timeout = fanout_timeout
+        self.strict_readiness = strict_readiness
         self._channels: dict[Address, grpc.aio.Channel] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._turn = itertools.count()
@@ -126,11 +135,13 @@ class Front:
 
     def ready(self) -> bool:
         instances = self.state().instances
-        return (
-            not self._closed
-            and bool(instances)
-            and all(m.state != LOADING for i in instances for m in i.models)
-        )
+        if self.strict_readiness:
+            settled = all(
+                m.state == READY or m.reason == "unloaded" for i in instances for m in i.models
+            )
+        else:
+            settled = all(m.state != LOADING for i in instances for m in i.models)
+        return not self._closed and bool(instances) and settled
 
     def instances_of(self, model: str, version: str = "") -> list[ServiceInstance]:
         """Instances with the version READY (any version when ``version`` is empty); failing

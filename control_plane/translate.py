@@ -252,8 +252,10 @@ def _model_cluster(name: str, *, http2: bool, hashed: bool = False) -> cluster_p
         # gRPC health of the whole service (service name ""), the mesh's readiness signal
         check.grpc_health_check.service_name = ""
     else:
-        # Envoy checks gRPC health only over HTTP/2: REST replicas answer the same readiness here
-        check.http_health_check.path = "/v2/health/ready"
+        # Envoy checks gRPC health only over HTTP/2: REST replicas answer the same readiness
+        # here (services/core/http_app.py SERVING_PATH; not /v2/health/ready, which
+        # --strict-readiness ties to every model's state)
+        check.http_health_check.path = "/meshserve/v1/serving"
     cluster.health_checks.append(check)
     return cluster
 

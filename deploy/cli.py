@@ -21,6 +21,7 @@ from deploy import infer
 from deploy.supervisor import MeshSettings, run_until_signal
 from services.core.latency_metrics import parse_metrics_config
 from services.core.response_cache import parse_cache_config
+from services.core.server_flags import add_server_flags, given_argv, server_flags_from
 from services.core.settings import add_auto_complete_flags, auto_complete_from
 
 
@@ -116,6 +117,7 @@ def up_settings(a: argparse.Namespace) -> MeshSettings:
         parse_cache_config(a.cache_config)
         parse_metrics_config(a.metrics_config)
         auto_complete = auto_complete_from(a)
+        flags = server_flags_from(a)
     except ValueError as exc:
         raise SystemExit(f"meshserve: {exc}") from None
     return MeshSettings(
@@ -132,6 +134,8 @@ def up_settings(a: argparse.Namespace) -> MeshSettings:
         cache_config=tuple(a.cache_config),
         metrics_config=tuple(a.metrics_config),
         auto_complete_config=auto_complete,
+        service_flags=tuple(given_argv(a)),
+        strict_readiness=flags.strict_readiness,
     )
 
 
@@ -174,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         " ...)",
     )
     add_auto_complete_flags(up)
+    add_server_flags(up, mesh=True)
     sub.add_parser("status", help="services, their models, splits, mirrors, gateway config state")
     sub.add_parser("models", help="every model of the repository with its state")
     for name in ("load", "unload"):

@@ -108,6 +108,11 @@ class MeshSettings:
     metrics_config: tuple[str, ...] = ()
     #: False: every service runs with --disable-auto-complete-config
     auto_complete_config: bool = True
+    #: tritonserver's flags each service gets as given (server_flags.MESH_FLAGS: logging,
+    #: readiness, loading, backend config, rate limiting), e.g. "--log-verbose=1"
+    service_flags: tuple[str, ...] = ()
+    #: --strict-readiness: the gateway's ServerReady also needs every model READY
+    strict_readiness: bool = False
     python: str = sys.executable
 
 
@@ -136,6 +141,7 @@ def service_argv(s: MeshSettings, family: str) -> list[str]:
         *(arg for value in s.cache_config for arg in ("--cache-config", value)),
         *(arg for value in s.metrics_config for arg in ("--metrics-config", value)),
         *([] if s.auto_complete_config else ["--disable-auto-complete-config"]),
+        *s.service_flags,
     ]
 
 
@@ -166,6 +172,7 @@ def control_plane_command(s: MeshSettings, *, fresh: bool) -> list[str]:
         *policy,
         *registry,
         *warmup,
+        *(["--strict-readiness"] if s.strict_readiness else []),
     ]
 
 

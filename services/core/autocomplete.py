@@ -18,7 +18,9 @@ Nothing the user wrote is overwritten.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextvars
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from protos.gen.inference import model_config_pb2 as mc
@@ -26,6 +28,25 @@ from services.core.errors import ModelLoadError
 
 #: Triton's --backend-config=<backend>,default-max-batch-size default
 DEFAULT_MAX_BATCH_SIZE = 4
+_default_batch: contextvars.ContextVar[int] = contextvars.ContextVar(
+    "default_max_batch_size", default=DEFAULT_MAX_BATCH_SIZE
+)
+
+
+def default_max_batch_size() -> int:
+    """The max_batch_size auto-complete gives a model that can batch, in this context."""
+    return _default_batch.get()
+
+
+@contextmanager
+def batch_default(size: int) -> Iterator[None]:
+    """Auto-complete with ``size`` as the default max_batch_size (--backend-config
+    default-max-batch-size) inside the block; 0 leaves such models unbatched."""
+    token = _default_batch.set(size)
+    try:
+        yield
+    finally:
+        _default_batch.reset(token)
 
 
 class ModelTensor(Protocol):
@@ -97,7 +118,7 @@ def complete_io(
     if config.max_batch_size == 0:
         can_batch = all(t.batchable for t in everything)
         if can_batch and _user_batching_hint(config, everything) is not False:
-            config.max_batch_size = DEFAULT_MAX_BATCH_SIZE
+            config.max_batch_size = default_max_batch_size()
     batching = config.max_batch_size > 0
     if config.max_batch_size > 1 and config.WhichOneof("scheduling_choice") is None:
         config.dynamic_batching.SetInParent()

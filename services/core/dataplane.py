@@ -90,9 +90,17 @@ class ServerState:
 
 
 class DataPlane:
-    def __init__(self, manager: ModelManager, server_name: str = "meshserve") -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        server_name: str = "meshserve",
+        *,
+        strict_readiness: bool = False,
+    ) -> None:
         self.manager = manager
         self.server_name = server_name
+        #: --strict-readiness: ServerReady also needs every model ready (Triton's rule)
+        self.strict_readiness = strict_readiness
         self.state = ServerState()
         self.shm = SystemSharedMemory()
         self.cuda_shm = CudaSharedMemory()
@@ -103,6 +111,13 @@ class DataPlane:
         return self.state.live
 
     def server_ready(self) -> bool:
+        """Started and not stopping; with --strict-readiness also every model the service
+        tracks ready (one unloaded on request does not count against it)."""
+        return self.state.ready and (not self.strict_readiness or self.manager.all_ready())
+
+    def serving(self) -> bool:
+        """The mesh's readiness signal (gRPC health, and ``/meshserve/v1/serving`` for the
+        gateway's REST health checks): started and not stopping, whatever the models' states."""
         return self.state.ready
 
     def server_metadata(self) -> pb.ServerMetadataResponse:

@@ -44,6 +44,9 @@ MAX_BODY_BYTES = 2**31 - 1
 _PLANE: web.AppKey[DataPlane] = web.AppKey("plane", DataPlane)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: the mesh's REST health check (the gateway's clusters): the service is up and not leaving,
+#: whatever its models' states (/v2/health/ready follows --strict-readiness)
+SERVING_PATH = "/meshserve/v1/serving"
 
 
 def build_http_app(plane: DataPlane) -> web.Application:
@@ -53,6 +56,7 @@ def build_http_app(plane: DataPlane) -> web.Application:
     r = app.router
     r.add_get("/v2/health/live", _server_live)
     r.add_get("/v2/health/ready", _server_ready)
+    r.add_get(SERVING_PATH, _serving)
     r.add_get("/v2", _server_metadata)
     r.add_get("/v2/models/stats", _model_statistics)
     model_paths = ["/v2/models/{model}", "/v2/models/{model}/versions/{version}"]
@@ -168,6 +172,10 @@ async def _server_live(request: web.Request) -> web.Response:
 
 async def _server_ready(request: web.Request) -> web.Response:
     return _status_only(_plane(request).server_ready())
+
+
+async def _serving(request: web.Request) -> web.Response:
+    return _status_only(_plane(request).serving())
 
 
 async def _server_metadata(request: web.Request) -> web.Response:

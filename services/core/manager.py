@@ -59,6 +59,8 @@ class ModelManager:
         self.response_cache = (
             ResponseCache(settings.response_cache_bytes) if settings.response_cache_bytes else None
         )
+        #: --model-load-thread-count: versions loading at once
+        self._load_slots = asyncio.Semaphore(settings.flags.model_load_thread_count)
         #: called (on the loop thread) after every change of what is served, e.g. to re-register
         self.on_change: Callable[[], None] | None = None
 
@@ -88,6 +90,21 @@ class ModelManager:
 
     def ready_models(self) -> list[ServedModel]:
         return list(self._ready.values())
+
+    def all_ready(self) -> bool:
+        """Triton's strict readiness: every model tracked has versions, each READY or unloaded
+        on request."""
+        return all(
+            entry.reason == "unloaded"
+            or (
+                bool(entry.versions)
+                and all(
+                    v.state is ModelState.READY or v.reason == "unloaded"
+                    for v in entry.versions.values()
+                )
+            )
+            for entry in self._models.values()
+        )
 
     def config_of(self, name: str, version: str) -> mc.ModelConfig:
         return self.get(name, version).config
@@ -221,6 +238,7 @@ class ModelManager:
                 model_dir,
                 override,
                 auto_complete=self._settings.auto_complete_config,
+                default_max_batch_size=self._settings.flags.default_max_batch_size,
             )
         except ServingError as err:
             entry.state, entry.reason = ModelState.UNAVAILABLE, err.message
@@ -254,7 +272,7 @@ class ModelManager:
             ):
                 new_versions[number] = old
                 continue
-            new_versions[number] = await self._load_version(
+            new_versions[number] = await self._load_version_limited(
                 config, number, vpath, runtime, vfp, old
             )
         retired = [
@@ -270,6 +288,33 @@ class ModelManager:
             assert v.served is not None
             await v.served.close()
             log.info("model %r version %d retired", name, v.version)
+
+    async def _load_version_limited(
+        self,
+        config: mc.ModelConfig,
+        number: int,
+        vpath: Path,
+        runtime: type[Runtime],
+        vfp: object,
+        old: VersionEntry | None,
+    ) -> VersionEntry:
+        """``_load_version`` with at most --model-load-thread-count loads at once, tried again
+        up to --model-load-retry-count times when it fails."""
+        retries = self._settings.flags.model_load_retry_count
+        async with self._load_slots:
+            for attempt in range(retries + 1):
+                if attempt:
+                    log.info(
+                        "model %r version %d: load retry %d of %d",
+                        config.name,
+                        number,
+                        attempt,
+                        retries,
+                    )
+                loaded = await self._load_version(config, number, vpath, runtime, vfp, old)
+                if loaded is not old and loaded.state is ModelState.READY:
+                    break
+        return loaded
 
     async def _load_version(
         self,

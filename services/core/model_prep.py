@@ -10,11 +10,12 @@ repository folders hold models of this service's family.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from protos.gen.inference import model_config_pb2 as mc
 from services.core import config as cfg
 from services.core import repository as repo
+from services.core.autocomplete import DEFAULT_MAX_BATCH_SIZE, batch_default
 from services.core.errors import ModelLoadError, ServingError
 from services.core.runtime import InstanceSpec, Runtime
 
@@ -52,10 +53,12 @@ def prepare_config(
     override: mc.ModelConfig | None,
     *,
     auto_complete: bool = True,
+    default_max_batch_size: Callable[[str], int] | None = None,
 ) -> tuple[mc.ModelConfig, type[Runtime]] | None:
     """Read, auto-complete (unless ``auto_complete`` is False: Triton's
     --disable-auto-complete-config, where the config must be whole), default and validate the
-    config; None if another family's model."""
+    config; None if another family's model. ``default_max_batch_size(backend)``: the
+    max_batch_size auto-complete gives a model that can batch (--backend-config; default 4)."""
     has_file = (model_dir.path / "config.pbtxt").exists()
     if override is not None:
         config = mc.ModelConfig()
@@ -75,8 +78,10 @@ def prepare_config(
         newest = model_dir.versions[max(model_dir.versions)]
         model_file = newest / (config.default_model_filename or runtime.default_model_filename)
         if model_file.exists():
+            batch = default_max_batch_size(runtime.backend) if default_max_batch_size else None
             try:
-                runtime.autocomplete(config, model_file)
+                with batch_default(DEFAULT_MAX_BATCH_SIZE if batch is None else batch):
+                    runtime.autocomplete(config, model_file)
             except ServingError:
                 raise
             except Exception as exc:

@@ -32,6 +32,7 @@ from services.core.grpc_translate import SERVICE
 from services.core.health import HealthServicer
 from services.core.http_app import build_http_app
 from services.core.identity import service_identity
+from services.core.log_settings import configure_logging
 from services.core.manager import ModelManager
 from services.core.metrics import (
     MetricsServer,
@@ -54,6 +55,10 @@ from services.core.tracing import configure_tracing
 from services.core.wire import deserialize_infer
 
 log = logging.getLogger(__name__)
+
+
+class ExitOnError(RuntimeError):
+    """A model failed to load at start and --exit-on-error asks the service to stop."""
 
 
 @dataclass(slots=True)
@@ -223,17 +228,20 @@ async def start_server(
     settings: ServerSettings, runtimes: Sequence[type[Runtime]]
 ) -> RunningServer:
     manager = ModelManager(settings, runtimes)
-    plane = DataPlane(manager, settings.server_name)
+    flags = settings.flags
+    plane = DataPlane(manager, settings.server_name, strict_readiness=flags.strict_readiness)
+    plane.state.log_settings.update(flags.log_settings)
     health = HealthServicer()
     server = grpc_transport(settings)
     add_inference_service(InferenceServicer(plane), server)
     hgrpc.add_HealthServicer_to_server(health, server)  # type: ignore[no-untyped-call]
+    grpc_host = flags.grpc_address or settings.host
     if isinstance(server, NativeFront):
-        grpc_port = await server.start(settings.host, settings.grpc_port)
+        grpc_port = await server.start(grpc_host, settings.grpc_port)
     else:
-        grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        grpc_port = server.add_insecure_port(f"{grpc_host}:{settings.grpc_port}")
         if grpc_port == 0:
-            raise OSError(f"cannot bind gRPC port {settings.host}:{settings.grpc_port}")
+            raise OSError(f"cannot bind gRPC port {grpc_host}:{settings.grpc_port}")
         await server.start()
 
     http_runner: web.AppRunner | None = None
@@ -247,7 +255,9 @@ async def start_server(
             shutdown_timeout=settings.exit_timeout_secs,
         )
         await http_runner.setup()
-        site = web.TCPSite(http_runner, settings.host, settings.http_port, reuse_address=True)
+        site = web.TCPSite(
+            http_runner, flags.http_address or settings.host, settings.http_port, reuse_address=True
+        )
         await site.start()
         http_port = http_runner.addresses[0][1]
 
@@ -261,7 +271,9 @@ async def start_server(
         registry.register(ProcessCollectors())  # families added by add_process_collector
         if manager.response_cache is not None:
             registry.register(CacheMetricsCollector(manager.response_cache))
-        metrics_server = await start_metrics_server(registry, settings.host, settings.metrics_port)
+        metrics_server = await start_metrics_server(
+            registry, flags.metrics_address or settings.host, settings.metrics_port
+        )
         metrics_port = metrics_server.port
 
     running = RunningServer(
@@ -287,6 +299,15 @@ async def start_server(
     mesh_caller.set_home_loop(asyncio.get_running_loop())
     try:
         await manager.start()
+        failed = [e for e in manager.index() if e.state == "UNAVAILABLE"]
+        if failed and flags.exit_on_error:
+            raise ExitOnError(
+                "--exit-on-error: stopping, "
+                + "; ".join(
+                    f"model '{e.name}'{' version ' + e.version if e.version else ''}: {e.reason}"
+                    for e in failed
+                )
+            )
     except BaseException:
         await running.stop(grace=0)
         raise
@@ -330,14 +351,18 @@ def run_service(
 ) -> int:
     """Entry point shared by every framework service's ``__main__`` (``family``: e.g. "onnx")."""
     settings = settings_from_args(argv, prog, family)
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        configure_logging(settings.log_level, dict(settings.flags.log_settings))
+    except OSError as exc:
+        print(f"{prog}: --log-file: {exc}", file=sys.stderr)
+        return 2
     if not settings.model_repository.is_dir():
         log.error("model repository %s is not a folder", settings.model_repository)
         return 2
+    for flag, why in settings.flags.no_effect:
+        log.warning("%s has no effect in meshserve: %s", flag, why)
+    for value in settings.flags.unused_backend_config([rt.backend for rt in runtimes]):
+        log.warning("--backend-config %s: no meshserve %s service reads it", value, family)
     # OpenTelemetry SDK, only when OTEL_EXPORTER_OTLP_ENDPOINT is set; flushed once serve returns
     trace_control = configure_tracing(f"meshserve-{family or 'service'}")
     if settings.busy_poll_us:
@@ -350,6 +375,9 @@ def run_service(
             return r.run(serve(settings, runtimes))
     except OSError as exc:
         log.error("cannot start: %s", exc)
+        return 1
+    except ExitOnError as exc:
+        log.error("%s", exc)
         return 1
     finally:
         if trace_control is not None:

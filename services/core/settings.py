@@ -12,6 +12,7 @@ from typing import Literal
 from services.core.busy_poll import ENV as BUSY_POLL_ENV
 from services.core.latency_metrics import MetricsConfig, parse_metrics_config
 from services.core.response_cache import parse_cache_config
+from services.core.server_flags import ServerFlags, add_server_flags, server_flags_from, triton_bool
 
 ControlMode = Literal["none", "poll", "explicit"]
 #: who owns the gRPC port: grpc_front (C++, native_front.py), grpc.aio, or the front where built
@@ -20,6 +21,9 @@ GrpcFrontend = Literal["auto", "native", "aio"]
 #: tritonclient allows messages up to INT32_MAX; grpcio's server default is 4 MiB.
 MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
 
+
+#: ServerMetadata's name unless --id gives another
+DEFAULT_SERVER_NAME = "meshserve"
 
 #: busy-poll window when neither --busy-poll-us nor MESHSERVE_BUSY_POLL_US says (busy_poll.py)
 DEFAULT_BUSY_POLL_US = 500
@@ -69,7 +73,7 @@ class ServerSettings:
     #: this long (the gateway stopped routing here), at most ``exit_timeout_secs``
     leave_quiet_secs: float = 0.3
     #: ServerMetadata name
-    server_name: str = "meshserve"
+    server_name: str = DEFAULT_SERVER_NAME
     #: log level name for the service's loggers
     log_level: str = "INFO"
     #: IP address the mesh reaches this service at ("" = the bound host; a wildcard bind: this
@@ -97,6 +101,16 @@ class ServerSettings:
     #: complete a model's config from its model file (False: Triton's
     #: --disable-auto-complete-config; configs must be whole)
     auto_complete_config: bool = True
+    #: Triton's --rate-limit: "off" (instances run as soon as they are free) or
+    #: "execution_count" (an instance runs only once its instance_group's rate_limiter
+    #: resources are free; rate_limiter.py)
+    rate_limit: Literal["off", "execution_count"] = "off"
+    #: --rate-limit-resource values as (name, count, device); device -1 = every device. A
+    #: resource not listed is available as the most any one instance asks for
+    rate_limit_resources: tuple[tuple[str, int, int], ...] = ()
+    #: tritonserver's other flags (server_flags.py: logging, readiness, loading, backend config,
+    #: listener addresses); the rate limit fields above are copied from there
+    flags: ServerFlags = field(default_factory=ServerFlags)
 
 
 def add_auto_complete_flags(p: argparse.ArgumentParser) -> None:
@@ -123,11 +137,7 @@ def auto_complete_from(a: argparse.Namespace) -> bool:
     value that is not a boolean or flags that disagree."""
     disabled: bool = a.disable_auto_complete_config
     if a.strict_model_config is not None:
-        strict = {"true": True, "1": True, "false": False, "0": False}.get(
-            a.strict_model_config.lower()
-        )
-        if strict is None:
-            raise ValueError(f"--strict-model-config={a.strict_model_config}: give true or false")
+        strict = triton_bool("--strict-model-config", a.strict_model_config)
         if disabled and not strict:
             raise ValueError(
                 "--disable-auto-complete-config and --strict-model-config=false disagree"
@@ -139,7 +149,14 @@ def auto_complete_from(a: argparse.Namespace) -> bool:
 def settings_from_args(argv: Sequence[str] | None, prog: str, family: str = "") -> ServerSettings:
     """Parse a service's command line into settings (flag names follow tritonserver's)."""
     p = argparse.ArgumentParser(prog=prog, description="Serve a Triton-layout model repository.")
-    p.add_argument("--model-repository", required=True, type=Path)
+    p.add_argument(
+        "--model-repository",
+        "--model-store",
+        required=True,
+        type=Path,
+        action="append",
+        help="the Triton-layout model repository (one per service)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--http-port", type=int, default=8000)
@@ -204,10 +221,14 @@ def settings_from_args(argv: Sequence[str] | None, prog: str, family: str = "") 
         " histogram_latencies=true|false",
     )
     add_auto_complete_flags(p)
+    add_server_flags(p)
     a = p.parse_args(argv)
+    if len(a.model_repository) > 1:
+        p.error("give one --model-repository: a service serves one repository")
     try:
         metrics_config = parse_metrics_config(a.metrics_config)
         auto_complete = auto_complete_from(a)
+        flags = server_flags_from(a)
     except ValueError as exc:
         p.error(str(exc))
     try:
@@ -230,11 +251,11 @@ def settings_from_args(argv: Sequence[str] | None, prog: str, family: str = "") 
     if a.control_plane and a.consul:
         p.error("register with one registry: give --control-plane or --consul, not both")
     return ServerSettings(
-        model_repository=a.model_repository,
+        model_repository=a.model_repository[0],
         host=a.host,
         grpc_port=a.grpc_port,
-        http_port=a.http_port,
-        metrics_port=a.metrics_port,
+        http_port=a.http_port if flags.allow_http else -1,
+        metrics_port=a.metrics_port if flags.allow_metrics else -1,
         model_control_mode=a.model_control_mode,
         startup_models=tuple(a.startup_models),
         repository_poll_secs=a.repository_poll_secs,
@@ -251,4 +272,8 @@ def settings_from_args(argv: Sequence[str] | None, prog: str, family: str = "") 
         response_cache_bytes=cache_bytes,
         metrics_config=metrics_config,
         auto_complete_config=auto_complete,
+        rate_limit=flags.rate_limit,
+        rate_limit_resources=flags.rate_limit_resources,
+        flags=flags,
+        server_name=flags.server_id or DEFAULT_SERVER_NAME,
     )

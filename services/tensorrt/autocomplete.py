@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from protos.gen.inference import model_config_pb2 as mc
-from services.core.autocomplete import DEFAULT_MAX_BATCH_SIZE, check_shape, complete_io
+from services.core.autocomplete import check_shape, complete_io, default_max_batch_size
 from services.core.errors import ModelLoadError
 from services.tensorrt.engine import EngineIO, EngineTensor
 from services.tensorrt.profiles import profile_max_batch
@@ -28,7 +28,7 @@ def complete_config(config: mc.ModelConfig, io: EngineIO) -> None:
     user_batch = config.max_batch_size
     had_scheduler = config.WhichOneof("scheduling_choice") is not None
     complete_io(config, io.inputs, io.outputs, platform=PLATFORM, backend=BACKEND)
-    if user_batch != 0 or config.max_batch_size != DEFAULT_MAX_BATCH_SIZE:
+    if user_batch != 0 or config.max_batch_size != default_max_batch_size():
         return
     largest = profile_max_batch(io, 0)
     if largest is None or largest < 1:
