@@ -15,8 +15,10 @@ rest of tritonserver's command line, in three kinds:
   with the reason;
 - **refused** (``REFUSED``): flags whose absence would change what a client sees or weaken
   security (TLS, restricted APIs, header forwarding, SageMaker / Vertex AI endpoints, model
-  namespacing, port sharing): the service stops at start with the reason, rather than serve
-  something the script did not ask for. Their "off" values (``--grpc-use-ssl=false``) are fine.
+  namespacing, port sharing), and Triton's ``--trace-*`` flags (tracing is set up with the
+  standard ``OTEL_*`` variables here): the service stops at start with the reason, rather than
+  serve something the script did not ask for. Their "off" values (``--grpc-use-ssl=false``)
+  are fine.
 
 Booleans take Triton's spellings (true/on/1, false/off/0, any case); a bare flag means true.
 ``meshserve up`` registers the mesh-wide ones (``add_server_flags(p, mesh=True)``), checks them
@@ -88,6 +90,11 @@ _RESTRICT = (
 )
 _FORWARD = "meshserve does not forward headers as request parameters"
 _REUSE = "services do not share ports; run replicas behind the gateway"
+_TRACE = (
+    "tracing is set up with the standard OTEL_* variables (OTEL_EXPORTER_OTLP_ENDPOINT, "
+    "OTEL_TRACES_SAMPLER, ...) and changed at run time with TraceSetting; see the README's "
+    "Tracing section"
+)
 REFUSED: dict[str, tuple[frozenset[str] | None, str]] = {
     "--grpc-use-ssl": (_FALSE, _TLS),
     "--grpc-use-ssl-mutual": (_FALSE, _TLS),
@@ -104,6 +111,17 @@ REFUSED: dict[str, tuple[frozenset[str] | None, str]] = {
     "--reuse-grpc-port": (_FALSE, _REUSE),
     "--reuse-http-port": (_FALSE, _REUSE),
     "--allow-grpc": (_TRUE, "the mesh reaches every service over gRPC, and health checks too"),
+    **dict.fromkeys(
+        (
+            "--trace-config",
+            "--trace-file",
+            "--trace-level",
+            "--trace-rate",
+            "--trace-count",
+            "--trace-log-frequency",
+        ),
+        (None, _TRACE),
+    ),
 }
 
 #: flags ``meshserve up`` takes and passes to every service (the others are per service)

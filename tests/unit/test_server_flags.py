@@ -122,6 +122,8 @@ def test_backend_config_default_max_batch_size_global_and_per_backend() -> None:
         (["--allow-grpc=false"], "reaches every service over gRPC"),
         (["--allow-sagemaker=true"], "no SageMaker endpoint"),
         (["--model-namespacing=true"], "one folder"),
+        (["--trace-config", "rate=100"], "standard OTEL_* variables"),
+        (["--trace-level=TIMESTAMPS"], "standard OTEL_* variables"),
         (["--log-format=json"], "give default or ISO8601"),
         (["--log-verbose=-1"], "whole number >= 0"),
         (["--model-load-thread-count=0"], "whole number >= 1"),
