@@ -96,6 +96,7 @@ def _bootstrap_with(ports: dict[int, int], path: Path) -> Path:
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     from examples.build_repository import build_repository
     from gateway.launcher import GatewayError, find_envoy
+    from services.core.latency_metrics import MetricsConfig
     from services.onnx.runtime import OnnxRuntime
 
     try:
@@ -123,7 +124,13 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     service = None
     try:
         service = ServerThread(
-            settings_for(tmp / "models", control_plane=f"127.0.0.1:{ports[8010]}", family="onnx"),
+            settings_for(
+                tmp / "models",
+                control_plane=f"127.0.0.1:{ports[8010]}",
+                family="onnx",
+                # the dashboard's percentile panels read the summaries and the histogram
+                metrics_config=MetricsConfig(summary_latencies=True, histogram_latencies=True),
+            ),
             [OnnxRuntime],
         ).start()
         yield Gateway(ports[8000], ports[8001], ports[8002], ports[8012], service)

@@ -91,15 +91,24 @@ def test_prometheus_scrapes_every_metrics_port_of_compose(monkeypatch: pytest.Mo
 
 # ---- metric names -----------------------------------------------------------------------------
 def _exported_names() -> set[str]:
-    """Every sample name a service's /metrics page has (from the real collector and renderer)."""
+    """Every sample name a service's /metrics page has (from the real collector and renderer),
+    with the summaries and histograms of --metrics-config on and one request recorded."""
     from prometheus_client.registry import CollectorRegistry
 
+    from protos.gen.inference import model_config_pb2 as mc
+    from services.core.latency_metrics import LatencyRecorder, MetricsConfig
     from services.core.metrics import ModelMetricsSource, TritonMetricsCollector, render_text
     from services.core.statistics import ModelStats
 
+    config = MetricsConfig(summary_latencies=True, histogram_latencies=True)
+    stats = ModelStats()
+    stats.attach_latency(LatencyRecorder(config, mc.ModelConfig(name="m")))
+    stats.record_request_success(
+        request_ns=1000, queue_ns=10, compute_input_ns=1, compute_infer_ns=900, compute_output_ns=1
+    )
     registry = CollectorRegistry()
     registry.register(
-        TritonMetricsCollector(lambda: [ModelMetricsSource("m", "1", ModelStats(), 0, 4)])
+        TritonMetricsCollector(lambda: [ModelMetricsSource("m", "1", stats, 0, 4)], config)
     )
     text = render_text(registry).decode()
     return {
@@ -135,6 +144,8 @@ def test_dashboard_shows_what_a_triton_user_looks_for() -> None:
         "nv_inference_pending_request_count",
         "nv_inference_batch_size_bucket",
         "envoy_cluster_upstream_rq_time_bucket",
+        "nv_inference_first_response_histogram_ms_bucket",
+        "nv_inference_request_summary_us",
     ):
         assert family in used, family
     for expr in dashboard_exprs():  # a Triton duration counter only means something per request
