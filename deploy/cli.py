@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy import infer
-from deploy.supervisor import MeshSettings, run_until_signal
+from deploy.supervisor import MeshSettings, MeshStartError, run_until_signal
 from services.core.latency_metrics import parse_metrics_config
 from services.core.response_cache import parse_cache_config
 from services.core.server_flags import add_server_flags, given_argv, server_flags_from
@@ -223,7 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     base = a.url.rstrip("/")
     if a.command == "up":
-        asyncio.run(run_until_signal(up_settings(a)))
+        try:
+            asyncio.run(run_until_signal(up_settings(a)))
+        except MeshStartError as exc:
+            print(f"meshserve: {exc}", file=sys.stderr)
+            return 1
         return 0
     if a.command == "status":
         return _status(base)

@@ -87,6 +87,11 @@ def families_in(repository: Path) -> dict[str, list[str]]:
     return found
 
 
+class MeshStartError(RuntimeError):
+    """The mesh could not start: a service exited (e.g. --exit-on-error) or it was not ready in
+    time. The message says which; the services' own logs say why."""
+
+
 @dataclass(frozen=True, slots=True)
 class MeshSettings:
     repository: Path
@@ -256,7 +261,7 @@ class Mesh:
         while loop.time() < deadline:
             for fam, proc in self.services.items():
                 if proc.returncode is not None:
-                    raise RuntimeError(
+                    raise MeshStartError(
                         f"service '{fam}' exited with {proc.returncode}; see its log above"
                     )
             doc = await self.status()
@@ -281,7 +286,7 @@ class Mesh:
                         progress(f"waiting for {waiting_for}")
                         last = waiting_for
             await asyncio.sleep(0.3)
-        raise TimeoutError(f"the mesh did not become ready within {within_s:.0f} s")
+        raise MeshStartError(f"the mesh did not become ready within {within_s:.0f} s")
 
     async def _reap(self, fam: str, within_s: float = 40) -> None:
         proc = self.services[fam]
