@@ -271,20 +271,23 @@ class BatchQueue(Generic[P]):
                     if item.state == state:
                         yield item
 
-    def next_batch(self, now_ns: int, *, flush: bool = False) -> tuple[list[P] | None, int | None]:
+    def next_batch(
+        self, now_ns: int, *, flush: bool = False, take: bool = True
+    ) -> tuple[list[P] | None, int | None]:
         """The batch to run now, or (None, when to look again).
 
-        Call ``expire(now_ns)`` first. The returned items leave the queue (state TAKEN). With
-        ``flush`` (draining), no batch waits for max_queue_delay. The wake time returned with
-        None is the earlier of the batch's delay and the next queue deadline (None: nothing to
-        wait for). The wake time returned with a batch is None: call again.
+        Call ``expire(now_ns)`` first. The returned items leave the queue (state TAKEN) unless
+        ``take`` is False (``due``). With ``flush`` (draining), no batch waits for
+        max_queue_delay. The wake time returned with None is the earlier of the batch's delay
+        and the next queue deadline (None: nothing to wait for). The wake time returned with a
+        batch is None: call again.
         """
         if not self._live:
             return None, None
         items: list[P] = []
         if not self._batching:
             items.append(next(self._live_items()))
-            return self._take(items), None
+            return self._take(items) if take else items, None
         total = 0
         best = 0  # number of leading items that make the best preferred size
         can_grow = True
@@ -312,12 +315,18 @@ class BatchQueue(Generic[P]):
                 break
         delay_exceeded = flush or now_ns - oldest >= self._delay_ns
         if best and not delay_exceeded:
-            return self._take(items[:best]), None
+            return self._take(items[:best]) if take else items[:best], None
         if not can_grow or delay_exceeded or (self._max_preferred and total >= self._max_preferred):
-            return self._take(items), None
+            return self._take(items) if take else items, None
         wake = oldest + self._delay_ns
         deadline = self.next_deadline()
         return None, wake if deadline is None else min(wake, deadline)
+
+    def due(self, now_ns: int, *, flush: bool = False) -> tuple[bool, int | None]:
+        """Whether ``next_batch`` would return a batch now (nothing leaves the queue), else
+        when to look again (the rate limiter asks for a grant first, then forms the batch)."""
+        items, wake = self.next_batch(now_ns, flush=flush, take=False)
+        return items is not None, wake
 
     def _take(self, items: list[P]) -> list[P]:
         for item in items:

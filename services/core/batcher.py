@@ -13,6 +13,11 @@ A request that would be dispatched alone at once (no batching delay, the queue e
 free, no other callback ready in the loop, so none can join it) skips the driver: ``run_now``
 runs it on the caller's thread when the model takes short batches inline, else it goes straight
 to a batch task. At concurrency 1 that saves the driver's and the batch task's loop passes.
+
+Under the service's rate limiter (``start(limits)``, rate_limiter.py) a due batch first gets a
+free instance a grant (one instance of the model asks at a time) and is formed when the grant
+arrives, so requests that came meanwhile join it; the fast path above runs only on a grant
+given at once. Without one, none of this costs more than a None check.
 """
 
 from __future__ import annotations
@@ -28,7 +33,14 @@ from protos.gen.inference import model_config_pb2 as mc
 from services.core.batch_queue import BatchPolicy, BatchQueue, Pending, QueuePolicy
 from services.core.busy_poll import nothing_else_ready
 from services.core.clock import MONOTONIC, Clock, MonotonicClock, TimerHandle
-from services.core.errors import InternalError, ModelLoadError, QueueTimeout, Unavailable
+from services.core.errors import (
+    InternalError,
+    InvalidArgument,
+    ModelLoadError,
+    QueueTimeout,
+    Unavailable,
+)
+from services.core.rate_limiter import ModelLimits
 from services.core.scheduler_driver import SchedulerDriver
 
 __all__ = [
@@ -106,9 +118,9 @@ def batch_policy_from_config(config: mc.ModelConfig) -> BatchPolicy:
 class DynamicBatcher(SchedulerDriver, Generic[T, R]):
     """Triton's dynamic batcher (or direct scheduler) for one model version.
 
-    ``start()`` inside the running loop, ``submit`` from any coroutine on that loop, ``close()``
-    to drain. ``instances`` batches run at once, each given a free instance index in
-    ``range(instances)``.
+    ``start()`` inside the running loop (``start(limits)`` under the rate limiter), ``submit``
+    from any coroutine on that loop, ``close()`` to drain. ``instances`` batches run at once,
+    each given a free instance index in ``range(instances)``.
     """
 
     def __init__(
@@ -119,9 +131,7 @@ class DynamicBatcher(SchedulerDriver, Generic[T, R]):
         clock: Clock = MONOTONIC,
         run_now: RunNow[T, R] | None = None,
     ) -> None:
-        if instances < 1:
-            raise ValueError(f"instances must be >= 1, got {instances}")
-        super().__init__(policy.model, "batcher", clock)
+        super().__init__(policy.model, "batcher", clock, instances)
         self.policy = policy
         self._run_batch = run_batch
         self._run_now = run_now
@@ -132,6 +142,8 @@ class DynamicBatcher(SchedulerDriver, Generic[T, R]):
         self._instances = instances
         self._free: list[int] = list(range(instances - 1, -1, -1))
         self._ordered: deque[_Ticket[T, R]] | None = deque() if policy.preserve_ordering else None
+        #: the instance waiting for a rate limiter grant (None: none is)
+        self._asking: int | None = None
 
     @property
     def pending(self) -> int:
@@ -167,6 +179,7 @@ class DynamicBatcher(SchedulerDriver, Generic[T, R]):
             and not queue
             and not self._ordered
             and nothing_else_ready(loop)
+            and (self._limits is None or self._limits.try_acquire(self._free[-1]))
         ):
             return await self._run_alone(
                 _Ticket(payload, batch_size, signature, level, now, None, future=future)
@@ -190,8 +203,12 @@ class DynamicBatcher(SchedulerDriver, Generic[T, R]):
     async def _run_alone(self, ticket: _Ticket[T, R]) -> R:
         """Run a request that would be dispatched alone at once, without the driver's hop: on
         the caller's thread when ``run_now`` takes it, else in a batch task as usual."""
-        self._queue.check(ticket)
         instance = self._free.pop()
+        try:
+            self._queue.check(ticket)
+        except InvalidArgument:
+            self._release(instance, executed=False)
+            raise
         ticket.start_ns = ticket.enqueue_ns
         results = None
         if self._run_now is not None:
@@ -218,10 +235,12 @@ class DynamicBatcher(SchedulerDriver, Generic[T, R]):
             raise outcome
         return outcome
 
-    def _release(self, instance: int) -> None:
-        """An instance ran its batch outside the driver: free it, and wake the driver only when
-        it has work (a closing batcher waits for its instances)."""
+    def _release(self, instance: int, *, executed: bool = True) -> None:
+        """An instance ran its batch outside the driver: free it (and its grant), and wake the
+        driver only when it has work (a closing batcher waits for its instances)."""
         self._free.append(instance)
+        if self._limits is not None:
+            self._limits.release(instance, executed=executed)
         if (self._queue or self._closing) and self._wake is not None:
             self._wake.set()
 
@@ -241,6 +260,9 @@ class DynamicBatcher(SchedulerDriver, Generic[T, R]):
             )
             for ticket in expired:
                 self._finish(ticket, error)
+        if self._limits is not None:
+            self._arm(self._schedule_limited(self._limits, now))
+            return
         wake_at: int | None = None
         while self._free:
             items, wake_at = queue.next_batch(now, flush=self._closing)
@@ -250,6 +272,50 @@ class DynamicBatcher(SchedulerDriver, Generic[T, R]):
         else:
             wake_at = queue.next_deadline()
         self._arm(wake_at)
+
+    def _schedule_limited(self, limits: ModelLimits, now: int) -> int | None:
+        """``_schedule`` under the rate limiter: form the batch of each granted instance, then
+        ask a grant for a free instance when a batch is due; when to look again."""
+        queue = self._queue
+        while True:
+            while self._granted:
+                instance = self._granted.pop()
+                if instance == self._asking:
+                    self._asking = None
+                items, _ = queue.next_batch(now, flush=True)  # it was due when asked
+                live = [t for t in items or () if not t.future.done()]
+                for ticket in live:
+                    ticket.start_ns = now
+                if live:
+                    self._spawn_batch(instance, live)
+                else:  # its requests expired or gave up meanwhile
+                    self._free.append(instance)
+                    limits.release(instance, executed=False)
+            if self._asking is not None and not queue:  # nothing left to ask for
+                limits.withdraw(self._asking)
+                self._free.append(self._asking)
+                self._asking = None
+            if self._asking is not None or not self._free:
+                return queue.next_deadline()
+            due, wake_at = queue.due(now, flush=self._closing)
+            if not due:
+                return wake_at
+            self._asking = limits.first(self._free)
+            self._free.remove(self._asking)
+            limits.request(self._asking)  # a grant at once lands in self._granted
+            if not self._granted:
+                return queue.next_deadline()
+
+    def _return_grants(self, limits: ModelLimits) -> None:
+        """The driver stopped: withdraw the instance asking, give back unused grants."""
+        if self._asking is not None:
+            limits.withdraw(self._asking)
+            self._free.append(self._asking)
+            self._asking = None
+        while self._granted:
+            instance = self._granted.pop()
+            self._free.append(instance)
+            limits.release(instance, executed=False)
 
     def _dispatch(self, items: list[_Ticket[T, R]], now: int) -> None:
         items = [t for t in items if not t.future.done()]  # drop callers that gave up
@@ -287,8 +353,22 @@ class DynamicBatcher(SchedulerDriver, Generic[T, R]):
                 for ticket, result in zip(items, results, strict=True):
                     self._finish(ticket, result)
         finally:
-            self._free.append(instance)
+            if self._limits is None:
+                self._free.append(instance)
+            else:
+                self._after_batch(self._limits, instance)
             self._poke()
+
+    def _after_batch(self, limits: ModelLimits, instance: int) -> None:
+        """Give a batch's grant back; with another batch due and no instance asking, ask again
+        at once with this one, so it takes its turn among the instances already waiting."""
+        now = self._clock.monotonic_ns()
+        again = self._asking is None and self._queue.due(now, flush=self._closing)[0]
+        if again:
+            self._asking = instance
+        else:
+            self._free.append(instance)
+        limits.release(instance, again=again)
 
     def _finish(self, ticket: _Ticket[T, R], outcome: R | BaseException) -> None:
         """Resolve the ticket's future, or hold the outcome until earlier requests resolved."""
@@ -307,6 +387,8 @@ class DynamicBatcher(SchedulerDriver, Generic[T, R]):
     def _fail_queued(self, error: Unavailable) -> None:
         for ticket in self._queue.drain():
             self._finish(ticket, error)
+        if self._limits is not None:
+            self._return_grants(self._limits)
 
 
 def resolve(future: asyncio.Future[R], outcome: R | BaseException) -> None:

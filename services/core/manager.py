@@ -28,6 +28,7 @@ from services.core.latency_metrics import LatencyRecorder
 from services.core.model import ServedModel
 from services.core.model_prep import prepare_config, serves
 from services.core.model_state import IndexEntry, ModelEntry, ModelState, VersionEntry
+from services.core.rate_limiter import RateLimiter
 from services.core.response_cache import ResponseCache
 from services.core.runtime import Runtime
 from services.core.settings import ServerSettings
@@ -61,6 +62,8 @@ class ModelManager:
         )
         #: --model-load-thread-count: versions loading at once
         self._load_slots = asyncio.Semaphore(settings.flags.model_load_thread_count)
+        #: --rate-limit=execution_count: shared by every model of the service (None: off)
+        self.rate_limiter = RateLimiter.from_settings(settings)
         #: called (on the loop thread) after every change of what is served, e.g. to re-register
         self.on_change: Callable[[], None] | None = None
 
@@ -327,7 +330,9 @@ class ModelManager:
     ) -> VersionEntry:
         log.info("model %r version %d: loading with %s", config.name, number, runtime.__name__)
         try:
-            served = await ServedModel.load(config, number, vpath, runtime, self.response_cache)
+            served = await ServedModel.load(
+                config, number, vpath, runtime, self.response_cache, self.rate_limiter
+            )
         except Exception as exc:
             reason = (
                 exc.message if isinstance(exc, ServingError) else f"{type(exc).__name__}: {exc}"

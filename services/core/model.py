@@ -21,6 +21,7 @@ from services.core import dtypes, model_prep, tracing
 from services.core.batch_io import gather_inputs, split_outputs
 from services.core.batcher import DynamicBatcher, Pending, batch_policy_from_config
 from services.core.errors import InternalError, ServingError
+from services.core.rate_limiter import RateLimiter
 from services.core.requests import Array, InferRequest
 from services.core.response_cache import ModelCache, ResponseCache
 from services.core.runtime import Runtime
@@ -129,9 +130,11 @@ class ServedModel:
         version_path: Path,
         runtime_cls: type[Runtime],
         cache: ResponseCache | None = None,
+        limiter: RateLimiter | None = None,
     ) -> ServedModel:
         """Create every instance (in worker threads), run warmup, start the scheduler; a model
-        with ``response_cache`` enabled uses ``cache`` (none given: it runs every request)."""
+        with ``response_cache`` enabled uses ``cache`` (none given: it runs every request); with
+        ``limiter`` its instances run only while they hold their rate_limiter resources."""
         model_file = version_path / (
             config.default_model_filename or runtime_cls.default_model_filename
         )
@@ -155,10 +158,11 @@ class ServedModel:
                 await loop.run_in_executor(
                     executor, run_warmup, config, version_path, model._instances
                 )
+            limits = limiter.register(config) if limiter is not None else None
         except BaseException:
             await model.close()
             raise
-        model.batcher.start()
+        model.batcher.start(limits)
         return model
 
     @property

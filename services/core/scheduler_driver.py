@@ -1,7 +1,9 @@
 """What both per-model schedulers share (batcher.py's DynamicBatcher, sequence_batcher.py's
 SequenceBatcher): one driver task on the event loop, woken by an asyncio.Event (a submit, a
-finished batch, or the WakeTimer), that runs ``_schedule`` until the scheduler is closing and
-idle; batch tasks tracked so an aborted driver cancels them; ``close`` draining everything."""
+finished batch, a rate-limiter grant, or the WakeTimer), that runs ``_schedule`` until the
+scheduler is closing and idle; batch tasks tracked so an aborted driver cancels them; ``close``
+draining everything; with the service's rate limiter (rate_limiter.py, given to ``start``) the
+grants that arrived, for ``_schedule`` to form their batches."""
 
 from __future__ import annotations
 
@@ -12,23 +14,39 @@ from typing import Any
 
 from services.core.clock import Clock, WakeTimer
 from services.core.errors import Unavailable
+from services.core.rate_limiter import ModelLimits
 
 
 class SchedulerDriver(ABC):
-    def __init__(self, model: str, kind: str, clock: Clock) -> None:
+    def __init__(self, model: str, kind: str, clock: Clock, instances: int) -> None:
+        if instances < 1:
+            raise ValueError(f"instances must be >= 1, got {instances}")
         self._model_name = model
         self._kind = kind
         self._clock = clock
+        self._instance_count = instances
+        #: the rate limiter's view of the instances (None: not limited, the default)
+        self._limits: ModelLimits | None = None
+        #: instances granted by the rate limiter whose batch is not formed yet
+        self._granted: list[int] = []
         self._running: set[asyncio.Task[None]] = set()
         self._wake: asyncio.Event | None = None
         self._driver: asyncio.Task[None] | None = None
         self._timer = WakeTimer(clock)
         self._closing = False
 
-    def start(self) -> None:
-        """Start the driver task; call inside the running loop, once."""
+    def start(self, limits: ModelLimits | None = None) -> None:
+        """Start the driver task; call inside the running loop, once. With ``limits`` an
+        instance runs a batch only once the rate limiter grants it; ``close`` unregisters."""
         if self._driver is not None:
             raise RuntimeError(f"{self._kind} of model '{self._model_name}' already started")
+        if limits is not None:
+            if len(limits) != self._instance_count:
+                raise ValueError(
+                    f"{len(limits)} rate limiter instances for {self._instance_count} instances"
+                )
+            limits.bind(self._on_grant)
+            self._limits = limits
         self._wake = asyncio.Event()
         self._driver = asyncio.get_running_loop().create_task(
             self._drive(), name=f"{self._kind}:{self._model_name}"
@@ -46,6 +64,11 @@ class SchedulerDriver(ABC):
         if self._wake is not None:
             self._wake.set()
 
+    def _on_grant(self, instance: int) -> None:
+        """The rate limiter granted ``instance``: the driver forms its batch on its next pass."""
+        self._granted.append(instance)
+        self._poke()
+
     async def close(self) -> None:
         """Stop accepting requests, finish everything queued or running, stop the driver.
 
@@ -57,6 +80,8 @@ class SchedulerDriver(ABC):
             return
         self._poke()
         await asyncio.wait([driver])  # neither the driver's end nor its cancel reaches us
+        if self._limits is not None:
+            self._limits.close()  # nothing runs any more: unregister
         if not driver.cancelled() and (crash := driver.exception()) is not None:
             raise crash
 

@@ -20,6 +20,10 @@ Rules, as in Triton:
 * A request whose caller gave up still runs (its sequence's state moves on); nothing queued is
   dropped on close.
 
+Under the service's rate limiter (``start(limits)``, rate_limiter.py) an instance with a batch
+due asks for a grant and forms its batch when the grant arrives (requests that came meanwhile
+join it); until then it counts as busy.
+
 Unlike Triton's direct strategy, a batch holds only the ready requests: no filler items with
 READY false for idle slots (no runtime here keeps state by batch slot; implicit state and the
 correlation ID are passed with each request).
@@ -41,6 +45,7 @@ from services.core.batch_queue import Pending
 from services.core.batcher import RunBatch, resolve
 from services.core.clock import MONOTONIC, Clock
 from services.core.errors import InternalError, InvalidArgument, Unavailable
+from services.core.rate_limiter import ModelLimits
 from services.core.requests import Array, InferRequest
 from services.core.scheduler_driver import SchedulerDriver
 from services.core.sequences import SequenceFlags, SequenceSettings, sequence_flags
@@ -88,14 +93,13 @@ class SequenceBatcher(SchedulerDriver, Generic[R]):
         instances: int = 1,
         clock: Clock = MONOTONIC,
     ) -> None:
-        if instances < 1:
-            raise ValueError(f"instances must be >= 1, got {instances}")
-        super().__init__(settings.model, "sequence-batcher", clock)
+        super().__init__(settings.model, "sequence-batcher", clock, instances)
         self.settings = settings
         self._run_batch = run_batch
         self._sequences: dict[object, _Sequence] = {}
         #: per instance: the sequences holding its slots
         self._bound: list[list[_Sequence]] = [[] for _ in range(instances)]
+        #: per instance: executing a batch, or asking the rate limiter for a grant
         self._busy = [False] * instances
         #: sequences waiting for a slot, in START order
         self._backlog: deque[_Sequence] = deque()
@@ -204,26 +208,50 @@ class SequenceBatcher(SchedulerDriver, Generic[R]):
         for instance, bound in enumerate(self._bound):
             if self._busy[instance]:
                 continue
-            ready = sorted((s for s in bound if s.queue), key=lambda s: s.queue[0].enqueue_ns)
+            ready = _ready(bound)
             if not ready:
                 continue
-            signature = ready[0].queue[0].signature
-            batch = [s for s in ready if s.queue[0].signature == signature]
-            batch = batch[: self.settings.max_batch_size]
-            # every slot of this instance taken by a ready sequence: waiting cannot add any
-            full = len(ready) == len(bound) == self.settings.slots_per_instance
-            due_at = (
-                0 if full else self._due_at(len(ready), len(batch), ready[0].queue[0].enqueue_ns)
-            )
+            batch = self._batch_of(ready)
+            due_at = self._due_at(bound, ready, len(batch))
             if self._closing or due_at <= now:
-                self._dispatch(instance, batch, now)
+                if self._limits is None:
+                    self._dispatch(instance, batch, now)
+                else:  # the batch is formed when the grant arrives
+                    self._busy[instance] = True
+                    self._limits.request(instance)
             else:
                 wake_at = _earliest(wake_at, due_at)
+        if self._granted:
+            self._run_granted(now)
         self._arm(wake_at)
 
-    def _due_at(self, ready: int, size: int, oldest_ns: int) -> int:
-        """When a batch of ``size`` (of ``ready`` sequences) must run: 0 for at once."""
+    def _batch_of(self, ready: list[_Sequence]) -> list[_Sequence]:
+        """The next batch of ready sequences: the oldest one's signature, max_batch_size."""
+        signature = ready[0].queue[0].signature
+        batch = [s for s in ready if s.queue[0].signature == signature]
+        return batch[: self.settings.max_batch_size]
+
+    def _run_granted(self, now: int) -> None:
+        """Form and run the batch of each instance the rate limiter granted."""
+        assert self._limits is not None
+        while self._granted:
+            instance = self._granted.pop()
+            ready = _ready(self._bound[instance])
+            if ready:
+                self._dispatch(instance, self._batch_of(ready), now)
+            else:
+                self._busy[instance] = False
+                self._limits.release(instance, executed=False)
+
+    def _due_at(self, bound: list[_Sequence], ready_seqs: list[_Sequence], size: int) -> int:
+        """When a batch of ``size`` (of the ``ready_seqs`` of an instance's ``bound``
+        sequences) must run: 0 for at once."""
         s = self.settings
+        ready = len(ready_seqs)
+        # every slot of this instance taken by a ready sequence: waiting cannot add any
+        if ready == len(bound) == s.slots_per_instance:
+            return 0
+        oldest_ns = ready_seqs[0].queue[0].enqueue_ns
         delay = s.max_queue_delay_ns
         if delay == 0 or size >= s.max_batch_size:
             return 0
@@ -284,7 +312,20 @@ class SequenceBatcher(SchedulerDriver, Generic[R]):
                 seq.running = False
                 seq.idle_since_ns = now
             self._busy[instance] = False
+            if self._limits is not None:
+                self._after_batch(self._limits, instance, now)
             self._poke()
+
+    def _after_batch(self, limits: ModelLimits, instance: int, now: int) -> None:
+        """Give a batch's grant back; with another batch due on the instance, ask again at
+        once, so it takes its turn among the instances already waiting."""
+        bound = self._bound[instance]
+        ready = _ready(bound)
+        again = bool(ready) and (
+            self._closing or self._due_at(bound, ready, len(self._batch_of(ready))) <= now
+        )
+        self._busy[instance] = again
+        limits.release(instance, again=again)
 
     def _keep_state(self, seq: _Sequence, result: R) -> R | BaseException:
         """Take the state outputs out of a request's result and keep them for its sequence."""
@@ -307,6 +348,20 @@ class SequenceBatcher(SchedulerDriver, Generic[R]):
             while seq.queue:
                 resolve(seq.queue.popleft().future, error)
         self._queued = 0
+        limits = self._limits
+        if limits is not None:  # withdraw the instances asking, give back unused grants
+            for instance in range(len(self._busy)):
+                if limits.withdraw(instance):
+                    self._busy[instance] = False
+            while self._granted:
+                instance = self._granted.pop()
+                self._busy[instance] = False
+                limits.release(instance, executed=False)
+
+
+def _ready(bound: list[_Sequence]) -> list[_Sequence]:
+    """An instance's sequences with a request queued, the oldest request first."""
+    return sorted((s for s in bound if s.queue), key=lambda s: s.queue[0].enqueue_ns)
 
 
 def _earliest(current: int | None, candidate: int) -> int:
