@@ -181,7 +181,11 @@ class ServedModel:
             hit = ItemResult(lookup.outputs, 0, 0, 0, 0)
             self._trace_execution(hit)
             return hit
-        result = await self._infer(request)
+        try:
+            result = await self._infer(request)
+        except BaseException:
+            self._cache.abandon(lookup)  # identical requests waiting for it run themselves
+            raise
         self._cache.store(lookup, result.outputs)
         return result
 

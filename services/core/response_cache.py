@@ -14,8 +14,10 @@ is applied to it afterwards as for any answer. A model's entries go when it is u
 
 Statistics follow Triton's: a hit counts as a success and in ``queue`` (0 ns), not in
 ``compute_*``, ``inference_count`` or ``execution_count``; ``cache_hit`` times the lookup,
-``cache_miss`` the lookup and the insertion of a request that ran and succeeded. Everything runs
-on the event loop thread.
+``cache_miss`` the lookup and the insertion of a request that ran and succeeded. Identical
+requests that arrive while a miss runs wait for its answer and count as hits (their lookup time
+includes the wait), so a burst of the same request runs the model once. Everything runs on the
+event loop thread.
 """
 
 from __future__ import annotations
@@ -172,6 +174,8 @@ class Lookup:
     key: bytes
     outputs: dict[str, Array] | None
     ns: int
+    #: a miss that identical requests arriving while it runs wait for (store / abandon end it)
+    first: bool = False
 
 
 class ModelCache:
@@ -182,30 +186,60 @@ class ModelCache:
         self._stats = stats
         self._owner = cache.new_owner()
         self._closed = False
+        #: misses running now, by key: the outputs once the request succeeds (None: it failed)
+        self._running: dict[bytes, asyncio.Future[dict[str, Array] | None]] = {}
 
     async def lookup(self, request: InferRequest) -> Lookup:
         """Hash the request and look it up; a hit is recorded as a successful request. Large
-        inputs are hashed on a worker thread (hashlib lets go of the GIL), not on the loop."""
+        inputs are hashed on a worker thread (hashlib lets go of the GIL), not on the loop.
+
+        A request identical to one that missed and is still running waits for that one's answer
+        and is a hit (its lookup time includes the wait) instead of running the model again; if
+        that one fails, it runs itself. The first miss must end with ``store`` or ``abandon``."""
         start = time.monotonic_ns()
         if sum(a.nbytes for a in request.inputs.values()) < THREAD_HASH_BYTES:
             key = request_key(self._owner, request)
         else:
             key = await asyncio.to_thread(request_key, self._owner, request)
         outputs = self._cache.get(key)
+        first = False
+        if outputs is None:
+            running = self._running.get(key)
+            if running is not None:
+                answer = await asyncio.shield(running)  # its caller giving up does not end it
+                outputs = None if answer is None else dict(answer)
+            else:
+                self._running[key] = asyncio.get_running_loop().create_future()
+                first = True
         end = time.monotonic_ns()
         if outputs is not None:
             since = request.arrival_ns or start
             self._stats.record_cache_hit(request_ns=end - since, lookup_ns=end - start)
             if tracing.recording():
                 tracing.annotate({tracing.CACHE_HIT: True})
-        return Lookup(key, outputs, end - start)
+        return Lookup(key, outputs, end - start, first)
 
     def store(self, lookup: Lookup, outputs: Mapping[str, Array]) -> None:
-        """Keep a successful request's outputs; the miss is recorded with lookup + insertion."""
+        """Keep a successful request's outputs; the miss is recorded with lookup + insertion.
+        Identical requests waiting for it get the same (read-only) outputs."""
         start = time.monotonic_ns()
-        if not self._closed:  # a request that finished while the version was being unloaded
-            self._cache.put(lookup.key, self._owner, outputs)
+        # a request that finished while the version was being unloaded is not kept
+        kept = not self._closed and self._cache.put(lookup.key, self._owner, outputs)
         self._stats.record_cache_miss(lookup.ns + time.monotonic_ns() - start)
+        if lookup.first:
+            stored = self._cache.get(lookup.key) if kept else None
+            self._end(lookup, stored or {n: _frozen(a) for n, a in outputs.items()})
+
+    def abandon(self, lookup: Lookup) -> None:
+        """A miss that failed or was cancelled: identical requests waiting for it run
+        themselves."""
+        if lookup.first:
+            self._end(lookup, None)
+
+    def _end(self, lookup: Lookup, outputs: dict[str, Array] | None) -> None:
+        running = self._running.pop(lookup.key, None)
+        if running is not None and not running.done():
+            running.set_result(outputs)
 
     def close(self) -> None:
         """Forget this load's entries (the model version is unloaded)."""

@@ -285,3 +285,73 @@ def test_without_a_service_cache_the_model_runs_and_the_log_says_why(
         and "--cache-config local,size=BYTES" in r.getMessage()
         for r in caplog.records
     )
+
+
+_SLOW_MODEL = """
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        time.sleep(0.3)
+        out = []
+        for r in requests:
+            x = pb_utils.get_input_tensor_by_name(r, "IN").as_numpy()
+            if x[0] < 0:
+                out.append(pb_utils.InferenceResponse(error=pb_utils.TritonError("negative")))
+            else:
+                out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", x * 2)]))
+        return out
+"""
+
+
+def test_a_burst_of_one_request_runs_the_model_once(tmp_path: Path) -> None:
+    """Identical requests that arrive while the first runs wait for its answer (hits); when the
+    first fails, each runs and fails on its own. A Python model that takes 0.3 s an execution,
+    no batching: without this every request of the burst would execute."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.python.runtime import PythonRuntime
+
+    (tmp_path / "slow" / "1").mkdir(parents=True)
+    (tmp_path / "slow" / "1" / "model.py").write_text(_SLOW_MODEL)
+    (tmp_path / "slow" / "config.pbtxt").write_text(
+        'name: "slow"\nbackend: "python"\n'
+        'input [{ name: "IN", data_type: TYPE_FP32, dims: [1] }]\n'
+        'output [{ name: "OUT", data_type: TYPE_FP32, dims: [1] }]\n'
+        "instance_group [{ count: 4, kind: KIND_CPU }]\n"
+        "response_cache { enable: true }\n"
+    )
+    server = ServerThread(
+        settings_for(tmp_path, response_cache_bytes=1 << 20), [PythonRuntime]
+    ).start()
+
+    def once(value: float) -> float | str:
+        with grpcclient.InferenceServerClient(server.grpc_url) as c:
+            x = grpcclient.InferInput("IN", [1], "FP32")
+            x.set_data_from_numpy(np.array([value], np.float32))
+            try:
+                return float(c.infer("slow", [x]).as_numpy("OUT")[0])
+            except InferenceServerException as exc:
+                return str(exc.message())
+
+    try:
+        with grpcclient.InferenceServerClient(server.grpc_url) as c:
+            before = _stats(c, "slow")
+            with ThreadPoolExecutor(6) as pool:
+                answers = list(pool.map(once, [1.5] * 6))
+            assert answers == [3.0] * 6
+            changes = _delta(_stats(c, "slow"), before)
+            assert (changes["executions"], changes["miss"], changes["hit"]) == (1, 1, 5), changes
+
+            before = _stats(c, "slow")
+            with ThreadPoolExecutor(3) as pool:
+                failures = list(pool.map(once, [-1.0] * 3))
+            assert all(isinstance(f, str) and "negative" in f for f in failures), failures
+            changes = _delta(_stats(c, "slow"), before)
+            assert (changes["fail"], changes["hit"], changes["miss"]) == (3, 0, 0), changes
+    finally:
+        server.stop()

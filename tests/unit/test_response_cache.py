@@ -231,3 +231,64 @@ def test_large_inputs_are_hashed_off_the_loop_to_the_same_key() -> None:
         return first.key == request_key(1, _request(A=big)), again.outputs is not None
 
     assert asyncio.run(run()) == (True, True)
+
+
+def test_identical_requests_during_a_miss_wait_for_its_answer() -> None:
+    stats = ModelStats()
+    model = ModelCache(ResponseCache(10_000), stats)
+
+    async def run() -> None:
+        first = await model.lookup(_request(A=np.ones(3, np.int32)))
+        assert first.outputs is None and first.first
+        waiting = [
+            asyncio.create_task(model.lookup(_request(A=np.ones(3, np.int32)))) for _ in range(3)
+        ]
+        other = await model.lookup(_request(A=np.zeros(3, np.int32)))  # different inputs
+        assert other.first and other.outputs is None
+        await asyncio.sleep(0)
+        assert not any(t.done() for t in waiting)
+        waiting[0].cancel()  # one caller gives up: the others still get the answer
+        model.store(first, {"OUT": np.full(2, 7, np.int32)})
+        answers = await asyncio.gather(*waiting[1:])
+        for answer in answers:
+            assert answer.outputs is not None and not answer.first
+            assert answer.outputs["OUT"].tolist() == [7, 7]
+            assert not answer.outputs["OUT"].flags.writeable
+        model.abandon(other)
+
+    asyncio.run(run())
+    proto = stats.to_proto("m", "1").inference_stats
+    assert (proto.cache_hit.count, proto.cache_miss.count) == (2, 1)
+
+
+def test_when_the_first_miss_fails_the_waiting_requests_run_themselves() -> None:
+    model = ModelCache(ResponseCache(10_000), ModelStats())
+
+    async def run() -> None:
+        first = await model.lookup(_request(A=np.ones(2, np.int8)))
+        waiting = asyncio.create_task(model.lookup(_request(A=np.ones(2, np.int8))))
+        await asyncio.sleep(0)
+        model.abandon(first)
+        retry = await waiting
+        assert retry.outputs is None and not retry.first  # a miss: it runs the model itself
+        model.store(retry, {"OUT": np.ones(1, np.int8)})  # and its answer is kept
+        again = await model.lookup(_request(A=np.ones(2, np.int8)))
+        assert again.outputs is not None
+
+    asyncio.run(run())
+
+
+def test_an_answer_too_large_to_keep_still_reaches_the_waiting_requests() -> None:
+    cache = ResponseCache(ENTRY_OVERHEAD + 8)
+    model = ModelCache(cache, ModelStats())
+
+    async def run() -> None:
+        first = await model.lookup(_request(A=np.ones(2, np.int8)))
+        waiting = asyncio.create_task(model.lookup(_request(A=np.ones(2, np.int8))))
+        await asyncio.sleep(0)
+        model.store(first, {"OUT": np.ones(64, np.int8)})
+        answer = await waiting
+        assert answer.outputs is not None and answer.outputs["OUT"].size == 64
+        assert len(cache) == 0
+
+    asyncio.run(run())
