@@ -119,7 +119,11 @@ def instance_specs(config: mc.ModelConfig) -> list[InstanceSpec]:
             for i in range(max(group.count, 1)):
                 specs.append(
                     InstanceSpec(
-                        name=f"{name}_{i}", kind=group.kind, device_id=device, index=len(specs)
+                        name=f"{name}_{i}",
+                        kind=group.kind,
+                        device_id=device,
+                        index=len(specs),
+                        group=g_index,
                     )
                 )
     return specs or [InstanceSpec(name=f"{config.name}_0", kind=mc.ModelInstanceGroup.KIND_CPU)]

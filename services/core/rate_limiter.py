@@ -222,7 +222,8 @@ class RateLimiter:
         resource as global where a registered model lists it per device (or the reverse)."""
         limits = ModelLimits(self, config.name)
         specs = instance_specs(config)
-        for index, (spec, group) in enumerate(zip(specs, _groups(config, len(specs)), strict=True)):
+        for index, spec in enumerate(specs):
+            group = config.instance_group[spec.group] if spec.group >= 0 else None
             device = spec.device_id if spec.kind == mc.ModelInstanceGroup.KIND_GPU else 0
             needs: dict[Key, Need] = {}
             for r in group.rate_limiter.resources if group is not None else ():
@@ -378,16 +379,6 @@ class RateLimiter:
                     first.state = _IDLE
         finally:
             self._granting = False
-
-
-def _groups(config: mc.ModelConfig, count: int) -> list[mc.ModelInstanceGroup | None]:
-    """The instance group of each instance, in model_prep.instance_specs order (None: the
-    default instance of a config without groups)."""
-    groups: list[mc.ModelInstanceGroup | None] = []
-    for group in config.instance_group:
-        devices = list(group.gpus) if group.kind == mc.ModelInstanceGroup.KIND_GPU else [-1]
-        groups += [group] * (len(devices or [0]) * max(group.count, 1))
-    return groups if groups else [None] * count
 
 
 def _where(key: Key) -> str:

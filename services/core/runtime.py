@@ -22,12 +22,14 @@ from services.core.requests import Array, InferRequest
 
 @dataclass(frozen=True, slots=True)
 class InstanceSpec:
-    """Where one instance runs: its group's kind (CPU/GPU) and device, and its ordinal."""
+    """Where one instance runs: its group's kind (CPU/GPU) and device, its ordinal, its group."""
 
     name: str
     kind: int  # mc.ModelInstanceGroup.Kind value
     device_id: int = -1
     index: int = 0
+    #: the config's instance_group it was expanded from (-1: a config without groups)
+    group: int = -1
 
 
 class Runtime(ABC):

@@ -21,14 +21,7 @@ from services.tensorrt.engine import EngineIO, ProfileRange, Shape
 
 def group_of(config: mc.ModelConfig, instance: InstanceSpec) -> mc.ModelInstanceGroup | None:
     """The instance group ``instance`` was expanded from (model_prep.instance_specs)."""
-    first = 0
-    for group in config.instance_group:
-        devices = list(group.gpus) if group.kind == mc.ModelInstanceGroup.KIND_GPU else [-1]
-        size = len(devices or [0]) * max(group.count, 1)
-        if instance.index < first + size:
-            return group
-        first += size
-    return None
+    return config.instance_group[instance.group] if instance.group >= 0 else None
 
 
 def instance_profiles(

@@ -26,6 +26,7 @@ from google.protobuf import text_format
 
 from protos.gen.inference import model_config_pb2 as mc
 from services.core.errors import InvalidArgument, ModelLoadError
+from services.core.model_prep import instance_specs
 from services.core.runtime import InstanceSpec
 from services.tensorrt.autocomplete import check_config, complete_config
 from services.tensorrt.device import NEEDS_MESSAGE, service_problem
@@ -181,7 +182,11 @@ def config_text(text: str) -> mc.ModelConfig:
     return text_format.Parse(text, mc.ModelConfig())
 
 
-def instance(index: int = 0) -> InstanceSpec:
+def instance(index: int = 0, config: mc.ModelConfig | None = None) -> InstanceSpec:
+    """Instance ``index`` of ``config`` as the service expands it (a lone GPU instance when no
+    config is given)."""
+    if config is not None:
+        return instance_specs(config)[index]
     return InstanceSpec(name=f"trt_{index}", kind=GPU, device_id=0, index=index)
 
 
@@ -213,13 +218,13 @@ def test_read_io_describes_tensors_and_profiles() -> None:
 
 def test_instance_profiles_follow_each_group_default_zero() -> None:
     plain = config_text('name: "m" instance_group { kind: KIND_GPU count: 2 }')
-    assert instance_profiles(plain, instance(1), 2) == (0,)
+    assert instance_profiles(plain, instance(1, plain), 2) == (0,)
     config = config_text(
         'name: "m" instance_group { name: "a" kind: KIND_GPU count: 2 profile: "0" }'
         ' instance_group { name: "b" kind: KIND_GPU profile: ["1", "0"] }'
     )
-    assert instance_profiles(config, instance(1), 2) == (0,)
-    assert instance_profiles(config, instance(2), 2) == (1, 0)
+    assert instance_profiles(config, instance(1, config), 2) == (0,)
+    assert instance_profiles(config, instance(2, config), 2) == (1, 0)
 
 
 @pytest.mark.parametrize("bad", ["2", "-1", "one"])
@@ -228,7 +233,7 @@ def test_instance_profile_out_of_range_is_a_load_error(bad: str) -> None:
         f'name: "m" instance_group {{ name: "g" kind: KIND_GPU profile: "{bad}" }}'
     )
     with pytest.raises(ModelLoadError) as err:
-        instance_profiles(config, instance(0), 2)
+        instance_profiles(config, instance(0, config), 2)
     assert f"instance group 'g' lists profile '{bad}'" in err.value.message
     assert "between 0 and 1" in err.value.message
 
@@ -310,7 +315,7 @@ def served(profiles: str = "") -> tuple[TensorrtRuntime, FakeContext, HostMemory
     engine = dynamic_engine(memory)
     config = config_text(f'name: "m" instance_group {{ kind: KIND_GPU {profiles} }}')
     complete_config(config, read_io("m", engine))
-    runtime = TensorrtRuntime.from_engine(config, engine, instance(0), memory)
+    runtime = TensorrtRuntime.from_engine(config, engine, instance(0, config), memory)
     assert len(engine.contexts) == 1  # one execution context per instance
     return runtime, engine.contexts[0], memory
 
