@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -275,7 +276,7 @@ class ModelManager:
             ):
                 new_versions[number] = old
                 continue
-            new_versions[number] = await self._load_version_limited(
+            new_versions[number] = await self._load_version(
                 config, number, vpath, runtime, vfp, old
             )
         retired = [
@@ -292,33 +293,6 @@ class ModelManager:
             await v.served.close()
             log.info("model %r version %d retired", name, v.version)
 
-    async def _load_version_limited(
-        self,
-        config: mc.ModelConfig,
-        number: int,
-        vpath: Path,
-        runtime: type[Runtime],
-        vfp: object,
-        old: VersionEntry | None,
-    ) -> VersionEntry:
-        """``_load_version`` with at most --model-load-thread-count loads at once, tried again
-        up to --model-load-retry-count times when it fails."""
-        retries = self._settings.flags.model_load_retry_count
-        async with self._load_slots:
-            for attempt in range(retries + 1):
-                if attempt:
-                    log.info(
-                        "model %r version %d: load retry %d of %d",
-                        config.name,
-                        number,
-                        attempt,
-                        retries,
-                    )
-                loaded = await self._load_version(config, number, vpath, runtime, vfp, old)
-                if loaded is not old and loaded.state is ModelState.READY:
-                    break
-        return loaded
-
     async def _load_version(
         self,
         config: mc.ModelConfig,
@@ -330,9 +304,7 @@ class ModelManager:
     ) -> VersionEntry:
         log.info("model %r version %d: loading with %s", config.name, number, runtime.__name__)
         try:
-            served = await ServedModel.load(
-                config, number, vpath, runtime, self.response_cache, self.rate_limiter
-            )
+            served = await self._load_served(config, number, vpath, runtime)
         except Exception as exc:
             reason = (
                 exc.message if isinstance(exc, ServingError) else f"{type(exc).__name__}: {exc}"
@@ -353,6 +325,31 @@ class ModelManager:
             served.stats.attach_latency(LatencyRecorder(self._settings.metrics_config, config))
         log.info("model %r version %d: READY", config.name, number)
         return VersionEntry(number, ModelState.READY, "", served, vfp)
+
+    async def _load_served(
+        self, config: mc.ModelConfig, number: int, vpath: Path, runtime: type[Runtime]
+    ) -> ServedModel:
+        """``ServedModel.load`` with at most --model-load-thread-count loads at once, tried again
+        up to --model-load-retry-count times when it fails (the last failure is raised)."""
+        retries = self._settings.flags.model_load_retry_count
+        async with self._load_slots:
+            for attempt in itertools.count(1):
+                try:
+                    return await ServedModel.load(
+                        config, number, vpath, runtime, self.response_cache, self.rate_limiter
+                    )
+                except Exception as exc:
+                    if attempt > retries:
+                        raise
+                    log.warning(
+                        "model %r version %d failed to load (%s); retry %d of %d",
+                        config.name,
+                        number,
+                        exc,
+                        attempt,
+                        retries,
+                    )
+        raise AssertionError("unreachable")
 
     async def _unload(self, entry: ModelEntry, reason: str) -> None:
         async with entry.lock:
