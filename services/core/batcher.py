@@ -14,10 +14,9 @@ free, no other callback ready in the loop, so none can join it) skips the driver
 runs it on the caller's thread when the model takes short batches inline, else it goes straight
 to a batch task. At concurrency 1 that saves the driver's and the batch task's loop passes.
 
-Under the service's rate limiter (``start(limits)``, rate_limiter.py) a due batch first gets a
-free instance a grant (one instance of the model asks at a time) and is formed when the grant
-arrives, so requests that came meanwhile join it; the fast path above runs only on a grant
-given at once. Without one, none of this costs more than a None check.
+Under the rate limiter (``start(limits)``, rate_limiter.py) a due batch's free instance asks
+for a grant (one instance at a time) and the batch is formed when it arrives, so requests that
+came meanwhile join it; the fast path runs only on a grant given at once. Off: one None check.
 """
 
 from __future__ import annotations

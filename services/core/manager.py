@@ -28,21 +28,19 @@ from services.core.errors import (
 from services.core.latency_metrics import LatencyRecorder
 from services.core.model import ServedModel
 from services.core.model_prep import prepare_config, serves
-from services.core.model_state import IndexEntry, ModelEntry, ModelState, VersionEntry
+from services.core.model_state import (
+    UNLOADED,
+    IndexEntry,
+    ModelEntry,
+    ModelState,
+    VersionEntry,
+)
 from services.core.rate_limiter import RateLimiter
 from services.core.response_cache import ResponseCache
 from services.core.runtime import Runtime
 from services.core.settings import ServerSettings
 
 log = logging.getLogger(__name__)
-
-
-def _check_model_name(name: str) -> None:
-    """A model name is one folder of the repository: not empty, no path separators."""
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        raise InvalidArgument(
-            f"'{name}' is not a model name; give the name of a folder of the repository"
-        )
 
 
 class ModelManager:
@@ -96,19 +94,8 @@ class ModelManager:
         return list(self._ready.values())
 
     def all_ready(self) -> bool:
-        """Triton's strict readiness: every model tracked has versions, each READY or unloaded
-        on request."""
-        return all(
-            entry.reason == "unloaded"
-            or (
-                bool(entry.versions)
-                and all(
-                    v.state is ModelState.READY or v.reason == "unloaded"
-                    for v in entry.versions.values()
-                )
-            )
-            for entry in self._models.values()
-        )
+        """Triton's strict readiness: every model tracked is (ModelEntry.strictly_ready)."""
+        return all(entry.strictly_ready() for entry in self._models.values())
 
     def config_of(self, name: str, version: str) -> mc.ModelConfig:
         return self.get(name, version).config
@@ -173,7 +160,7 @@ class ModelManager:
             raise Unavailable(
                 "explicit model load/unload is not allowed when model control mode is 'none'"
             )
-        _check_model_name(name)
+        repo.check_model_name(name)
         await self._load(name, override, files)
         entry = self._models.get(name)
         if entry is None:
@@ -194,13 +181,13 @@ class ModelManager:
             raise Unavailable(
                 "explicit model load/unload is not allowed when model control mode is 'none'"
             )
-        _check_model_name(name)
+        repo.check_model_name(name)
         entry = self._models.get(name)
         if entry is None:
             if name not in repo.scan_repository(self._root):
                 raise NotFound(f"unknown model '{name}'")
             return
-        await self._unload(entry, "unloaded")
+        await self._unload(entry, UNLOADED)
 
     # ---- internals ------------------------------------------------------------------------------
     async def _load_quietly(self, name: str) -> None:

@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -22,7 +21,7 @@ from services.core.batch_io import gather_inputs, split_outputs
 from services.core.batcher import DynamicBatcher, Pending, batch_policy_from_config
 from services.core.errors import InternalError, ServingError
 from services.core.rate_limiter import RateLimiter
-from services.core.requests import Array, InferRequest
+from services.core.requests import Array, InferRequest, ItemResult
 from services.core.response_cache import ModelCache, ResponseCache
 from services.core.runtime import Runtime
 from services.core.sequence_batcher import SequenceBatcher
@@ -45,22 +44,6 @@ INLINE_WHEN_ALONE_NS = 1_000_000
 
 #: what one execution gives: compute input, infer and output ns, and each request's outputs
 Executed = tuple[int, int, int, list[dict[str, Array] | ServingError]]
-
-
-@dataclass(slots=True)
-class ItemResult:
-    """What one request gets back from a batch: its slice of every output, and its timings."""
-
-    outputs: dict[str, Array]
-    queue_ns: int
-    compute_input_ns: int
-    compute_infer_ns: int
-    compute_output_ns: int
-    #: time.monotonic_ns() when its batch was handed to an instance, and when it came back
-    #: (0: not run by the batcher); batch_size: the whole batch's size (for trace spans)
-    batch_start_ns: int = 0
-    batch_end_ns: int = 0
-    batch_size: int = 0
 
 
 class ServedModel:

@@ -17,6 +17,11 @@ if TYPE_CHECKING:
     from services.core.model import ServedModel
 
 
+#: the reason of a model unloaded on request (RepositoryModelUnload), which strict readiness
+#: does not count against the server
+UNLOADED = "unloaded"
+
+
 class ModelState(enum.StrEnum):
     LOADING = "LOADING"
     READY = "READY"
@@ -42,6 +47,15 @@ class ModelEntry:
     versions: dict[int, VersionEntry] = field(default_factory=dict)
     fingerprint: object = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def strictly_ready(self) -> bool:
+        """Triton's strict readiness of one model: it has versions, each READY or unloaded on
+        request (or the model itself was unloaded on request)."""
+        if self.reason == UNLOADED:
+            return True
+        return bool(self.versions) and all(
+            v.state is ModelState.READY or v.reason == UNLOADED for v in self.versions.values()
+        )
 
 
 @dataclass(frozen=True, slots=True)

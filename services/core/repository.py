@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from google.protobuf import text_format
 
 from protos.gen.inference import model_config_pb2 as mc
-from services.core.errors import ModelLoadError, NotFound
+from services.core.errors import InvalidArgument, ModelLoadError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -194,3 +194,11 @@ def write_override_files(
         shutil.rmtree(temp, ignore_errors=True)
         raise ModelLoadError(f"cannot write the override files of '{model_dir}': {err}") from err
     return temp
+
+
+def check_model_name(name: str) -> None:
+    """A model name is one folder of the repository: not empty, no path separators."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise InvalidArgument(
+            f"'{name}' is not a model name; give the name of a folder of the repository"
+        )

@@ -94,3 +94,19 @@ class InferResponse:
     id: str
     outputs: list[OutputTensor]
     parameters: dict[str, ParamValue] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ItemResult:
+    """What one request gets back from a batch: its slice of every output, and its timings."""
+
+    outputs: dict[str, Array]
+    queue_ns: int
+    compute_input_ns: int
+    compute_infer_ns: int
+    compute_output_ns: int
+    #: time.monotonic_ns() when its batch was handed to an instance, and when it came back
+    #: (0: not run by the batcher); batch_size: the whole batch's size (for trace spans)
+    batch_start_ns: int = 0
+    batch_end_ns: int = 0
+    batch_size: int = 0
