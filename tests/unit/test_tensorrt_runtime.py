@@ -183,8 +183,7 @@ def config_text(text: str) -> mc.ModelConfig:
 
 
 def instance(index: int = 0, config: mc.ModelConfig | None = None) -> InstanceSpec:
-    """Instance ``index`` of ``config`` as the service expands it (a lone GPU instance when no
-    config is given)."""
+    """Instance ``index`` of ``config`` as the service expands it (no config: a GPU instance)."""
     if config is not None:
         return instance_specs(config)[index]
     return InstanceSpec(name=f"trt_{index}", kind=GPU, device_id=0, index=index)
