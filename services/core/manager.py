@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -320,23 +319,24 @@ class ModelManager:
         up to --model-load-retry-count times when it fails (the last failure is raised)."""
         retries = self._settings.flags.model_load_retry_count
         async with self._load_slots:
-            for attempt in itertools.count(1):
+            failures = 0
+            while True:
                 try:
                     return await ServedModel.load(
                         config, number, vpath, runtime, self.response_cache, self.rate_limiter
                     )
                 except Exception as exc:
-                    if attempt > retries:
+                    failures += 1
+                    if failures > retries:
                         raise
                     log.warning(
                         "model %r version %d failed to load (%s); retry %d of %d",
                         config.name,
                         number,
                         exc,
-                        attempt,
+                        failures,
                         retries,
                     )
-        raise AssertionError("unreachable")
 
     async def _unload(self, entry: ModelEntry, reason: str) -> None:
         async with entry.lock:

@@ -78,9 +78,13 @@ def prepare_config(
         newest = model_dir.versions[max(model_dir.versions)]
         model_file = newest / (config.default_model_filename or runtime.default_model_filename)
         if model_file.exists():
-            batch = default_max_batch_size(runtime.backend) if default_max_batch_size else None
+            batch = (
+                default_max_batch_size(runtime.backend)
+                if default_max_batch_size
+                else DEFAULT_MAX_BATCH_SIZE
+            )
             try:
-                with batch_default(DEFAULT_MAX_BATCH_SIZE if batch is None else batch):
+                with batch_default(batch):
                     runtime.autocomplete(config, model_file)
             except ServingError:
                 raise

@@ -222,9 +222,7 @@ def add_server_flags(p: argparse.ArgumentParser, *, mesh: bool = False) -> None:
                 help=f"bind the {listener} listener here (default: --host)",
             )
     quiet = argparse.SUPPRESS
-    for flag in NO_EFFECT:
-        _flag(group, flag, help=quiet, nargs="?")
-    for flag in REFUSED:
+    for flag in (*NO_EFFECT, *REFUSED):
         _flag(group, flag, help=quiet, nargs="?")
 
 
