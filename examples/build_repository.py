@@ -3,7 +3,7 @@
 ``python -m examples.build_repository <dir>`` writes a Triton-layout repository
 (``<dir>/<model>/config.pbtxt`` + ``<dir>/<model>/1/model.onnx``) holding the models a Triton
 user knows from its quick-start (``simple``, ``simple_string``, ``simple_identity``, the stateful
-``simple_sequence``), two
+``simple_sequence``), ``simple_ragged`` (ragged batching), two
 compute-bound ones for benchmarks (``mlp``, ``cnn``) and ``dtypes_onnx``, an identity per
 datatype for the conformance suite (``IN_<DTYPE>`` → ``OUT_<DTYPE>``, every Triton datatype
 but BF16, see DTYPES_DATATYPES). Nothing is downloaded: graphs are built
@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from examples.build_ragged import build_simple_ragged
 from examples.build_sequence import build_simple_sequence
 from examples.cli import builder_parser, config_type, write_if_changed
 from examples.onnx_convnet import ConvNet, he_weights, initializer
@@ -282,6 +283,7 @@ BUILDERS: dict[str, Callable[[], ExampleModel]] = {
     "cnn": build_cnn,
     "dtypes_onnx": build_dtypes,
     "simple_sequence": build_simple_sequence,
+    "simple_ragged": build_simple_ragged,
 }
 
 

@@ -11,8 +11,9 @@ A family's runtime reads its model file into tensors (name, config data type, sh
   default of 4, with ``dynamic_batching`` when no scheduler is configured; otherwise 0;
 - dims leave out the batch dimension when batching; unknown dimensions become -1;
 - ``platform`` / ``backend`` are filled only where empty;
-- a stateful model's control inputs and implicit state (``sequence_batching``) are left out:
-  the server supplies them (services/core/sequences.py).
+- a stateful model's control inputs and implicit state (``sequence_batching``) and the
+  ``batch_input`` targets are left out: the server supplies them (services/core/sequences.py,
+  services/core/ragged.py).
 Nothing the user wrote is overwritten.
 """
 
@@ -140,9 +141,11 @@ def complete_io(
 
 
 def _sequence_tensors(config: mc.ModelConfig) -> tuple[set[str], set[str]]:
-    """The model inputs and outputs sequence_batching reserves (control inputs, state)."""
+    """The model inputs and outputs the server supplies: sequence_batching's control inputs
+    and state, batch_input targets (services/core/ragged.py)."""
     sb = config.sequence_batching
     inputs = {c.name for c in sb.control_input} | {s.input_name for s in sb.state}
+    inputs |= {name for b in config.batch_input for name in b.target_name}
     return inputs, {s.output_name for s in sb.state}
 
 

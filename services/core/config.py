@@ -20,6 +20,7 @@ from pathlib import Path
 from google.protobuf import json_format, text_format
 
 from protos.gen.inference import model_config_pb2 as mc
+from services.core import ragged
 from services.core.errors import ModelLoadError
 
 #: Triton's default for sequence_batching.max_sequence_idle_microseconds (1 s).
@@ -133,7 +134,7 @@ def _first_problem(config: mc.ModelConfig, gpu_count: int) -> str | None:
     checks = (
         _version_policy_problem(config.version_policy),
         _io_problem(config),
-        _batch_io_problem(config),
+        ragged.config_problem(config),
         _dynamic_batching_problem(config),
         _sequence_batching_problem(config),
         _ensemble_problem(config),
@@ -225,30 +226,6 @@ def _io_problem(config: mc.ModelConfig) -> str | None:
             if io.name in seen:
                 return f"{kind} '{io.name}' is declared twice; tensor names must be unique"
             seen.add(io.name)
-    return None
-
-
-def _batch_io_problem(config: mc.ModelConfig) -> str | None:
-    inputs = {i.name for i in config.input}
-    outputs = {o.name for o in config.output}
-    for b_in in config.batch_input:
-        if len(b_in.source_input) != 1:
-            return f"batch_input {list(b_in.target_name)} needs exactly 1 source_input"
-        if b_in.data_type not in (mc.TYPE_INT32, mc.TYPE_FP32):
-            return f"batch_input {list(b_in.target_name)} data_type must be TYPE_INT32 or TYPE_FP32"
-    for b_out in config.batch_output:
-        if len(b_out.source_input) != 1:
-            return f"batch_output {list(b_out.target_name)} needs exactly 1 source_input"
-        missing = [t for t in b_out.target_name if t not in outputs]
-        if missing:
-            return f"batch_output target_name {missing} is not a declared output"
-        if len(set(b_out.target_name)) != len(b_out.target_name):
-            return f"batch_output target_name {list(b_out.target_name)} repeats a name"
-    sources = [*(s for b in config.batch_input for s in b.source_input)]
-    sources += [s for b in config.batch_output for s in b.source_input]
-    unknown = [s for s in sources if s not in inputs]
-    if unknown:
-        return f"batch input/output source_input {unknown} is not a declared input"
     return None
 
 

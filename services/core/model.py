@@ -20,12 +20,13 @@ from services.core import dtypes, model_prep, tracing
 from services.core.batch_io import gather_inputs, split_outputs
 from services.core.batcher import DynamicBatcher, Pending, batch_policy_from_config
 from services.core.errors import InternalError, ServingError
+from services.core.ragged import BatchLayout, uses_ragged_batching
 from services.core.rate_limiter import RateLimiter
 from services.core.requests import Array, InferRequest, ItemResult
 from services.core.response_cache import ModelCache, ResponseCache
 from services.core.runtime import Runtime
 from services.core.sequence_batcher import SequenceBatcher
-from services.core.sequences import SequenceSettings, runtime_config
+from services.core.sequences import SequenceSettings
 from services.core.statistics import ModelStats
 from services.core.validation import RequestValidator
 from services.core.warmup import run_warmup
@@ -74,6 +75,8 @@ class ServedModel:
             else None
         )
         self._batched = config.max_batch_size > 0
+        #: how a batch with ragged inputs, batch inputs or outputs is joined and split
+        self._layout = BatchLayout(config) if uses_ragged_batching(config) else None
         #: the model sends its responses itself (any number; ModelStreamInfer only)
         self.decoupled = config.model_transaction_policy.decoupled
         self._output_names = [o.name for o in config.output]
@@ -123,7 +126,7 @@ class ServedModel:
         )
         specs = model_prep.instance_specs(config)
         SequenceSettings.from_config(config, version_path)  # a bad section fails before loading
-        loaded = runtime_config(config) if runtime_cls.declares_sequence_io else config
+        loaded = model_prep.loaded_config(config, runtime_cls)
         executor = ThreadPoolExecutor(
             max_workers=len(specs), thread_name_prefix=f"{config.name}-v{version}"
         )
@@ -348,12 +351,15 @@ class ServedModel:
                     f"{len(payloads)} requests"
                 )
             return 0, time.monotonic_ns() - t0, 0, per_request
-        inputs = gather_inputs(payloads)
+        layout = self._layout
+        inputs = gather_inputs(payloads) if layout is None else layout.gather(payloads)
         t1 = time.monotonic_ns()
         results = self._guarded(runtime.infer, inputs, sizes)
         t2 = time.monotonic_ns()
         split: list[dict[str, Array] | ServingError] = list(
             split_outputs(self.name, results, self._run_outputs, sizes)
+            if layout is None
+            else layout.split(results, self._run_outputs, payloads, sizes)
         )
         t3 = time.monotonic_ns()
         return t1 - t0, t2 - t1, t3 - t2, split

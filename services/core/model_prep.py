@@ -14,10 +14,12 @@ from collections.abc import Callable, Sequence
 
 from protos.gen.inference import model_config_pb2 as mc
 from services.core import config as cfg
+from services.core import ragged
 from services.core import repository as repo
 from services.core.autocomplete import DEFAULT_MAX_BATCH_SIZE, batch_default
 from services.core.errors import ModelLoadError, ServingError
 from services.core.runtime import InstanceSpec, Runtime
+from services.core.sequences import runtime_config
 
 
 def serves(runtimes: Sequence[type[Runtime]], model_dir: repo.ModelDir) -> bool:
@@ -131,3 +133,19 @@ def instance_specs(config: mc.ModelConfig) -> list[InstanceSpec]:
                     )
                 )
     return specs or [InstanceSpec(name=f"{config.name}_0", kind=mc.ModelInstanceGroup.KIND_CPU)]
+
+
+def loaded_config(config: mc.ModelConfig, runtime_cls: type[Runtime]) -> mc.ModelConfig:
+    """The config ``runtime_cls`` loads a model version with: a stateful model's control inputs
+    and state declared as inputs and outputs (for runtimes that take them so), ragged inputs and
+    batch inputs as the runtime sees them (services/core/ragged.py)."""
+    loaded = runtime_config(config) if runtime_cls.declares_sequence_io else config
+    if runtime_cls.takes_request_list or runtime_cls.async_execution:
+        if config.batch_input or config.batch_output:
+            raise ModelLoadError(
+                f"model '{config.name}': the {runtime_cls.backend} backend gets each request "
+                "on its own, so batch_input and batch_output do not apply to it; remove them "
+                "(allow_ragged_batch alone is fine)"
+            )
+        return loaded
+    return ragged.runtime_view(loaded)

@@ -7,9 +7,10 @@ dims (first dimension = batch size when max_batch_size > 0, one batch size for a
 and only known outputs (classification only on numeric outputs).
 
 The validator returns the request's batch size and its signature: the non-batch shapes of its
-inputs in config order (None for an absent optional input). Only requests with equal signatures
-may share a batch. Inputs whose config has ``reshape`` are replaced by views of the reshaped
-shape (batch dimension kept), which is what the runtime expects, as in Triton.
+inputs in config order (None for an absent optional input, RAGGED for an input with
+``allow_ragged_batch``, whose shape may differ within a batch). Only requests with equal
+signatures may share a batch. Inputs whose config has ``reshape`` are replaced by views of the
+reshaped shape (batch dimension kept), which is what the runtime expects, as in Triton.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ CLASSIFIABLE = frozenset(
 )
 
 Signature = tuple[tuple[int, ...] | None, ...]
+#: a ragged input's place in a signature: any shape may join the batch
+RAGGED: tuple[int, ...] = (-1,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,8 @@ class RequestValidator:
                 optional=spec.optional,
             )
         self._required = tuple(s.name for s in self._inputs.values() if not s.optional)
+        #: ragged inputs (allow_ragged_batch) do not count in the signature
+        self._ragged = frozenset(io.name for io in config.input if io.allow_ragged_batch)
         self._outputs = {o.name: dtypes.triton_from_config(o.data_type) for o in config.output}
         self._input_list = ", ".join(f"'{n}'" for n in self._inputs) or "(none)"
         self._output_list = ", ".join(f"'{n}'" for n in self._outputs) or "(none)"
@@ -164,6 +169,11 @@ class RequestValidator:
 
     def _signature(self, inputs: dict[str, Array]) -> Signature:
         skip = 1 if self.batched else 0
+        if self._ragged:
+            return tuple(
+                None if n not in inputs else RAGGED if n in self._ragged else inputs[n].shape[skip:]
+                for n in self._inputs
+            )
         return tuple(tuple(inputs[n].shape[skip:]) if n in inputs else None for n in self._inputs)
 
     def _apply_reshapes(self, req: InferRequest) -> None:
