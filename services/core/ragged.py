@@ -134,11 +134,11 @@ def runtime_view(config: mc.ModelConfig) -> mc.ModelConfig:
     # a scattered output leaves the model flat: its config dims are the requests' view, so the
     # runtime does not hold the model to them (a reshape skips that check, as Triton skips it)
     scattered = {name for b in config.batch_output for name in b.target_name}
-    for io in view.output:
-        if io.name in scattered:
-            io.reshape.SetInParent()
-            del io.reshape.shape[:]
-            io.reshape.shape.extend(one_d)
+    for out in view.output:
+        if out.name in scattered:
+            out.reshape.SetInParent()
+            del out.reshape.shape[:]
+            out.reshape.shape.extend(one_d)
     sources = {io.name: io for io in config.input}
     for b_in in config.batch_input:
         dims = list(one_d)
