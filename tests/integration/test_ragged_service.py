@@ -194,3 +194,62 @@ def test_torch_family_gets_the_same_ragged_batches(tmp_path: Path) -> None:
         assert executions <= 48, f"{executions} executions for 64 requests"
     finally:
         srv.stop()
+
+
+TF_CONFIG = """
+name: "ragged_tf"
+platform: "tensorflow_savedmodel"
+max_batch_size: 8
+input [ { name: "INPUT" data_type: TYPE_FP32 dims: [ -1 ] allow_ragged_batch: true } ]
+batch_input [
+  { kind: BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO target_name: "OFFSETS" data_type: TYPE_INT32
+    source_input: "INPUT" }
+]
+output [
+  { name: "SUM" data_type: TYPE_FP32 dims: [ 1 ] },
+  { name: "SCALED" data_type: TYPE_FP32 dims: [ -1 ] }
+]
+batch_output [
+  { target_name: "SCALED" kind: BATCH_SCATTER_WITH_INPUT_SHAPE source_input: "INPUT" }
+]
+dynamic_batching { max_queue_delay_microseconds: 2000 }
+"""
+
+
+def test_tensorflow_family_gets_the_same_ragged_batches(tmp_path: Path) -> None:
+    """A SavedModel whose signature takes the flat INPUT and OFFSETS (where each request starts
+    and ends); auto-complete leaves OFFSETS to the server. Requests of batch 1 only: one offset
+    pair per request is what this kind describes."""
+    tf = pytest.importorskip("tensorflow")
+    from services.tensorflow.runtime import TensorflowRuntime
+
+    class RaggedSum(tf.Module):  # type: ignore[misc]
+        @tf.function(  # type: ignore[misc]
+            input_signature=[tf.TensorSpec([None], tf.float32), tf.TensorSpec([None], tf.int32)]
+        )
+        def serve(self, INPUT, OFFSETS):  # type: ignore[no-untyped-def]  # noqa: N803
+            prefix = tf.concat([[0.0], tf.cumsum(INPUT)], axis=0)
+            sums = tf.gather(prefix, OFFSETS[1:]) - tf.gather(prefix, OFFSETS[:-1])
+            return {"SUM": tf.expand_dims(sums, 1), "SCALED": INPUT * 2}
+
+    module = RaggedSum()
+    path = tmp_path / "ragged_tf" / "1" / "model.savedmodel"
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    write_if_changed(tmp_path / "ragged_tf" / "config.pbtxt", TF_CONFIG.encode())
+    srv = ServerThread(settings_for(tmp_path), [TensorflowRuntime]).start()
+    try:
+        rng = random.Random(11)
+
+        def one_call(client: grpcclient.InferenceServerClient) -> None:
+            length = rng.randint(1, 30)
+            x = np.random.default_rng(length).random((1, length), dtype=np.float32)
+            tensor = grpcclient.InferInput("INPUT", [1, length], "FP32")
+            tensor.set_data_from_numpy(x)
+            result = client.infer("ragged_tf", [tensor])
+            np.testing.assert_allclose(result.as_numpy("SUM"), x.sum(1, keepdims=True), rtol=1e-5)
+            np.testing.assert_allclose(result.as_numpy("SCALED"), 2 * x)
+
+        _, executions = batched_counts(srv.grpc_url, "ragged_tf", one_call, threads=8)
+        assert executions <= 48, f"{executions} executions for 64 requests"
+    finally:
+        srv.stop()
