@@ -30,6 +30,7 @@ from services.core.dataplane import DataPlane
 from services.core.grpc_servicer import InferenceServicer
 from services.core.grpc_translate import SERVICE
 from services.core.health import HealthServicer
+from services.core.host_metrics import HostMetricsCollector
 from services.core.http_app import build_http_app
 from services.core.identity import service_identity
 from services.core.log_settings import configure_logging
@@ -269,6 +270,8 @@ async def start_server(
             TritonMetricsCollector(lambda: _metrics_sources(manager), settings.metrics_config)
         )
         registry.register(ProcessCollectors())  # families added by add_process_collector
+        if flags.allow_cpu_metrics:
+            registry.register(HostMetricsCollector())
         if manager.response_cache is not None:
             registry.register(CacheMetricsCollector(manager.response_cache))
         metrics_server = await start_metrics_server(

@@ -66,7 +66,6 @@ NO_EFFECT: dict[str, str] = {
     "--grpc-infer-allocation-pool-size": "gRPC messages are not pooled here",
     "--metrics-interval-ms": "metrics are read when they are scraped",
     "--allow-gpu-metrics": "no GPU metrics are exported",
-    "--allow-cpu-metrics": "process CPU and memory metrics are always exported",
     "--cache-directory": "the local response cache is built in",
     "--host-policy": "no NUMA host policies",
     "--model-load-gpu-limit": "loading is not limited by GPU memory",
@@ -126,6 +125,7 @@ REFUSED: dict[str, tuple[frozenset[str] | None, str]] = {
 
 #: flags ``meshserve up`` takes and passes to every service (the others are per service)
 MESH_FLAGS = (
+    "--allow-cpu-metrics",
     "--log-verbose",
     "--log-info",
     "--log-warning",
@@ -193,6 +193,7 @@ def add_server_flags(p: argparse.ArgumentParser, *, mesh: bool = False) -> None:
         boolean=True,
         help="stop at start if a model fails to load (default false here)",
     )
+    _flag(group, "--allow-cpu-metrics", boolean=True, help="export nv_cpu_* metrics (default true)")
     _flag(group, "--model-load-thread-count", metavar="N", help="models loaded at once (4)")
     _flag(group, "--model-load-retry-count", metavar="N", help="retries of a failed load (0)")
     _flag(
@@ -237,6 +238,14 @@ def given_argv(a: argparse.Namespace) -> list[str]:
 
 
 LogValue = str | int | bool
+#: the honoured true/false flags (their ServerFlags field is the name without dashes)
+_BOOLEANS = (
+    "--strict-readiness",
+    "--exit-on-error",
+    "--allow-http",
+    "--allow-metrics",
+    "--allow-cpu-metrics",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +263,8 @@ class ServerFlags:
     backend_config: tuple[tuple[str, str, str], ...] = ()
     allow_http: bool = True
     allow_metrics: bool = True
+    #: Triton's nv_cpu_* host metrics (services/core/host_metrics.py)
+    allow_cpu_metrics: bool = True
     grpc_address: str = ""
     http_address: str = ""
     metrics_address: str = ""
@@ -341,7 +352,7 @@ def server_flags_from(a: argparse.Namespace) -> ServerFlags:
             log["log_format"] = value
         elif flag == "--log-file":
             log["log_file"] = value
-        elif flag in ("--strict-readiness", "--exit-on-error", "--allow-http", "--allow-metrics"):
+        elif flag in _BOOLEANS:
             fields[name] = triton_bool(flag, value)
         elif flag in ("--model-load-thread-count", "--model-load-retry-count"):
             fields[name] = _int(flag, value, 1 if "thread" in flag else 0)

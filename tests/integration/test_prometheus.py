@@ -1,4 +1,5 @@
-"""A real Prometheus scrapes one service's metrics endpoint and sees our counts."""
+"""A real Prometheus scrapes one service's metrics endpoint and sees our counts and Triton's
+host CPU metrics."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from services.core.host_metrics import read_memory
 from tests.prometheus_support import needs_prometheus, prometheus_scraping
 from tests.support import ServerThread
 
@@ -35,3 +37,7 @@ def test_prometheus_scrapes_service_metrics(onnx_server: ServerThread, tmp_path:
         prom.wait_value(f"nv_inference_request_success{{{labels}}}", done + 4)
         prom.wait_value(f'nv_inference_request_failure{{{labels},reason="REJECTED"}}', 0)
         prom.wait_value(f'nv_inference_batch_size_bucket{{{labels},le="+Inf"}}', executions + 4)
+        # Triton's host CPU metrics: the memory total is this machine's
+        total = read_memory(Path("/proc/meminfo").read_text())[0]
+        prom.wait_value("nv_cpu_memory_total_bytes", total)
+        prom.wait_value("nv_cpu_utilization <= bool 1", 1)

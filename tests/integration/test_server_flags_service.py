@@ -207,3 +207,18 @@ def test_model_load_retry_count_tries_a_failed_load_again(tmp_path: Path) -> Non
         finally:
             server.stop()
         assert (root / "flaky" / "attempts").read_text() == ("3" if retries else "1")
+
+
+def test_allow_cpu_metrics_false_leaves_the_host_metrics_out(tmp_path: Path) -> None:
+    build_repository(tmp_path, ["simple"])
+    for allowed in (True, False):
+        settings = settings_for(tmp_path, flags=ServerFlags(allow_cpu_metrics=allowed))
+        server = ServerThread(settings, [OnnxRuntime]).start()
+        try:
+            with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+                page = response.read().decode()
+        finally:
+            server.stop()
+        names = ("nv_cpu_utilization ", "nv_cpu_memory_total_bytes ", "nv_cpu_memory_used_bytes ")
+        assert all((name in page) == allowed for name in names), page[-600:]
+        assert "nv_inference_count" in page
