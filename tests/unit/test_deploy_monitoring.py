@@ -96,6 +96,7 @@ def _exported_names() -> set[str]:
     from prometheus_client.registry import CollectorRegistry
 
     from protos.gen.inference import model_config_pb2 as mc
+    from services.core.host_metrics import HostMetricsCollector
     from services.core.latency_metrics import LatencyRecorder, MetricsConfig
     from services.core.metrics import ModelMetricsSource, TritonMetricsCollector, render_text
     from services.core.statistics import ModelStats
@@ -110,6 +111,7 @@ def _exported_names() -> set[str]:
     registry.register(
         TritonMetricsCollector(lambda: [ModelMetricsSource("m", "1", stats, 0, 4)], config)
     )
+    registry.register(HostMetricsCollector())  # as server.py adds it (--allow-cpu-metrics)
     text = render_text(registry).decode()
     return {
         re.split(r"[{ ]", line)[0]
