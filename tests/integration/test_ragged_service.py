@@ -18,6 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from examples.build_repository import build_repository
 from examples.cli import write_if_changed
+from services.core.runtime import Runtime
 from services.onnx.runtime import OnnxRuntime
 from tests.support import ServerThread, batched_counts, settings_for
 
@@ -140,24 +141,54 @@ def test_bad_ragged_configs_are_refused_and_misfits_fail_their_batch(server: Ser
         check(np.ones((1, 4), np.float32), grpc_call(client, np.ones((1, 4), np.float32)))
 
 
-TORCH_CONFIG = """
-name: "ragged_torch"
-platform: "pytorch_libtorch"
+def family_config(name: str, platform: str, kind: str, names: tuple[str, str, str, str]) -> str:
+    """A ragged config like simple_ragged's: input, batch input (of ``kind``), SUM, SCALED."""
+    values, extra, sums, scaled = names
+    return f"""
+name: "{name}"
+platform: "{platform}"
 max_batch_size: 8
-input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ -1 ] allow_ragged_batch: true } ]
+input [ {{ name: "{values}" data_type: TYPE_FP32 dims: [ -1 ] allow_ragged_batch: true }} ]
 batch_input [
-  { kind: BATCH_ITEM_SHAPE_FLATTEN target_name: "LENGTHS__1" data_type: TYPE_INT32
-    source_input: "INPUT__0" }
+  {{ kind: {kind} target_name: "{extra}" data_type: TYPE_INT32 source_input: "{values}" }}
 ]
 output [
-  { name: "SUM__0" data_type: TYPE_FP32 dims: [ 1 ] },
-  { name: "SCALED__1" data_type: TYPE_FP32 dims: [ -1 ] }
+  {{ name: "{sums}" data_type: TYPE_FP32 dims: [ 1 ] }},
+  {{ name: "{scaled}" data_type: TYPE_FP32 dims: [ -1 ] }}
 ]
 batch_output [
-  { target_name: "SCALED__1" kind: BATCH_SCATTER_WITH_INPUT_SHAPE source_input: "INPUT__0" }
+  {{ target_name: "{scaled}" kind: BATCH_SCATTER_WITH_INPUT_SHAPE source_input: "{values}" }}
 ]
-dynamic_batching { max_queue_delay_microseconds: 2000 }
+dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
 """
+
+
+def drive_family(
+    root: Path, runtime: type[Runtime], model: str, names: tuple[str, str, str, str], batch: int
+) -> None:
+    """Serve ``root`` with ``runtime``; 64 requests of random lengths (batch 1..``batch``) from
+    8 threads get their sums and scaled values, in fewer executions than requests."""
+    values, _, sums, scaled = names
+    srv = ServerThread(settings_for(root), [runtime]).start()
+    try:
+        rng = random.Random(9)
+
+        def one_call(client: grpcclient.InferenceServerClient) -> None:
+            size, length = rng.randint(1, batch), rng.randint(1, 30)
+            x = np.random.default_rng(length).random((size, length), dtype=np.float32)
+            tensor = grpcclient.InferInput(values, [size, length], "FP32")
+            tensor.set_data_from_numpy(x)
+            result = client.infer(model, [tensor])
+            np.testing.assert_allclose(result.as_numpy(sums), x.sum(1, keepdims=True), rtol=1e-5)
+            np.testing.assert_allclose(result.as_numpy(scaled), 2 * x)
+
+        _, executions = batched_counts(srv.grpc_url, model, one_call, threads=8)
+        assert executions <= 48, f"{executions} executions for 64 requests"
+    finally:
+        srv.stop()
+
+
+TORCH_NAMES = ("INPUT__0", "LENGTHS__1", "SUM__0", "SCALED__1")
 
 
 def test_torch_family_gets_the_same_ragged_batches(tmp_path: Path) -> None:
@@ -172,48 +203,16 @@ def test_torch_family_gets_the_same_ragged_batches(tmp_path: Path) -> None:
             sums = torch.zeros(lengths.shape[0]).index_add_(0, items, values)
             return sums.unsqueeze(1), values * 2
 
-    write_if_changed(tmp_path / "ragged_torch" / "config.pbtxt", TORCH_CONFIG.encode())
+    config = family_config(
+        "ragged_torch", "pytorch_libtorch", "BATCH_ITEM_SHAPE_FLATTEN", TORCH_NAMES
+    )
+    write_if_changed(tmp_path / "ragged_torch" / "config.pbtxt", config.encode())
     (tmp_path / "ragged_torch" / "1").mkdir()
     torch.jit.script(RaggedSum()).save(str(tmp_path / "ragged_torch" / "1" / "model.pt"))
-    srv = ServerThread(settings_for(tmp_path), [TorchRuntime]).start()
-    try:
-        rng = random.Random(9)
-
-        def one_call(client: grpcclient.InferenceServerClient) -> None:
-            batch, length = rng.randint(1, 3), rng.randint(1, 30)
-            x = np.random.default_rng(length).random((batch, length), dtype=np.float32)
-            tensor = grpcclient.InferInput("INPUT__0", [batch, length], "FP32")
-            tensor.set_data_from_numpy(x)
-            result = client.infer("ragged_torch", [tensor])
-            np.testing.assert_allclose(
-                result.as_numpy("SUM__0"), x.sum(1, keepdims=True), rtol=1e-5
-            )
-            np.testing.assert_allclose(result.as_numpy("SCALED__1"), 2 * x)
-
-        _, executions = batched_counts(srv.grpc_url, "ragged_torch", one_call, threads=8)
-        assert executions <= 48, f"{executions} executions for 64 requests"
-    finally:
-        srv.stop()
+    drive_family(tmp_path, TorchRuntime, "ragged_torch", TORCH_NAMES, batch=3)
 
 
-TF_CONFIG = """
-name: "ragged_tf"
-platform: "tensorflow_savedmodel"
-max_batch_size: 8
-input [ { name: "INPUT" data_type: TYPE_FP32 dims: [ -1 ] allow_ragged_batch: true } ]
-batch_input [
-  { kind: BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO target_name: "OFFSETS" data_type: TYPE_INT32
-    source_input: "INPUT" }
-]
-output [
-  { name: "SUM" data_type: TYPE_FP32 dims: [ 1 ] },
-  { name: "SCALED" data_type: TYPE_FP32 dims: [ -1 ] }
-]
-batch_output [
-  { target_name: "SCALED" kind: BATCH_SCATTER_WITH_INPUT_SHAPE source_input: "INPUT" }
-]
-dynamic_batching { max_queue_delay_microseconds: 2000 }
-"""
+TF_NAMES = ("INPUT", "OFFSETS", "SUM", "SCALED")
 
 
 def test_tensorflow_family_gets_the_same_ragged_batches(tmp_path: Path) -> None:
@@ -235,21 +234,8 @@ def test_tensorflow_family_gets_the_same_ragged_batches(tmp_path: Path) -> None:
     module = RaggedSum()
     path = tmp_path / "ragged_tf" / "1" / "model.savedmodel"
     tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
-    write_if_changed(tmp_path / "ragged_tf" / "config.pbtxt", TF_CONFIG.encode())
-    srv = ServerThread(settings_for(tmp_path), [TensorflowRuntime]).start()
-    try:
-        rng = random.Random(11)
-
-        def one_call(client: grpcclient.InferenceServerClient) -> None:
-            length = rng.randint(1, 30)
-            x = np.random.default_rng(length).random((1, length), dtype=np.float32)
-            tensor = grpcclient.InferInput("INPUT", [1, length], "FP32")
-            tensor.set_data_from_numpy(x)
-            result = client.infer("ragged_tf", [tensor])
-            np.testing.assert_allclose(result.as_numpy("SUM"), x.sum(1, keepdims=True), rtol=1e-5)
-            np.testing.assert_allclose(result.as_numpy("SCALED"), 2 * x)
-
-        _, executions = batched_counts(srv.grpc_url, "ragged_tf", one_call, threads=8)
-        assert executions <= 48, f"{executions} executions for 64 requests"
-    finally:
-        srv.stop()
+    config = family_config(
+        "ragged_tf", "tensorflow_savedmodel", "BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO", TF_NAMES
+    )
+    write_if_changed(tmp_path / "ragged_tf" / "config.pbtxt", config.encode())
+    drive_family(tmp_path, TensorflowRuntime, "ragged_tf", TF_NAMES, batch=1)
