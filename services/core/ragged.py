@@ -226,9 +226,7 @@ class BatchLayout:
         with INTERNAL."""
         plain = {n: a for n, a in results.items() if n not in self._scatter}
         wanted = [n for n in expected if n not in self._scatter]
-        parts = split_outputs(self.model, plain, wanted, sizes)
-        if len(parts) == 1:
-            parts = [dict(parts[0])]
+        parts = split_outputs(self.model, plain, wanted, sizes)  # ``plain`` is ours to fill
         for name, scatter in self._scatter.items():
             if name not in results:
                 if name in expected:
