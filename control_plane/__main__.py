@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from control_plane.app import ControlPlane, ControlPlaneSettings
-from control_plane.tracing import gateway_tracing_from_env
+from control_plane.tracing import gateway_tracing
+from services.core import trace_config
 from services.core.server_flags import triton_bool
 
 log = logging.getLogger("control_plane")
@@ -55,9 +56,18 @@ def settings_from_args(argv: Sequence[str] | None) -> ControlPlaneSettings:
         metavar="true|false",
         help="ServerReady only when every registered model version is READY (tritonserver's flag)",
     )
+    p.add_argument(
+        "--trace-config",
+        action="append",
+        default=[],
+        metavar="[opentelemetry,]KEY=VALUE",
+        help="tritonserver's tracing flag: the gateway traces to the same collector as the "
+        "services (services/core/trace_config.py)",
+    )
     a = p.parse_args(argv)
     try:
         strict = triton_bool("--strict-readiness", a.strict_readiness)
+        traces = trace_config.parse([("--trace-config", value) for value in a.trace_config])
     except ValueError as exc:
         p.error(str(exc))
     return ControlPlaneSettings(
@@ -73,8 +83,8 @@ def settings_from_args(argv: Sequence[str] | None) -> ControlPlaneSettings:
         restored_lease_secs=a.restored_lease_secs,
         warmup_secs=a.warmup_secs,
         strict_readiness=strict,
-        # the standard OTEL_* variables turn the gateway's tracing on (see control_plane/tracing)
-        gateway_tracing=gateway_tracing_from_env(os.environ),
+        # --trace-config or the standard OTEL_* variables turn the gateway's tracing on
+        gateway_tracing=gateway_tracing(traces, os.environ),
     )
 
 

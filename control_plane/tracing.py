@@ -1,8 +1,9 @@
 """The gateway's own OpenTelemetry tracing: what the control plane tells Envoy to trace with.
 
-Data flow: the control plane reads the standard OTLP variables once at start
-(``gateway_tracing_from_env``); with an endpoint set, ``translate`` adds ``collector_cluster``
-(a cluster to the OTLP/gRPC collector, HTTP/2) and both listeners' connection managers get
+Data flow: the control plane reads Triton's tracing flags (``--trace-config``, as ``meshserve up``
+hands them on) and the standard OTLP variables once at start (``gateway_tracing``); with a
+collector named, ``translate`` adds ``collector_cluster`` (a cluster to the collector: HTTP/1.1
+for OTLP/HTTP, HTTP/2 for OTLP/gRPC) and both listeners' connection managers get
 ``hcm_tracing``: Envoy's ``envoy.tracers.opentelemetry`` tracer, exporting its spans (service
 ``meshserve-gateway``) to that cluster. Envoy joins the caller's W3C trace context when the request
 carries one, starts a trace otherwise (``random_sampling`` percent of requests), and sends
@@ -14,11 +15,17 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, grpc_service_pb2, protocol_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    grpc_service_pb2,
+    http_service_pb2,
+    http_uri_pb2,
+    protocol_pb2,
+)
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.trace.v3 import http_tracer_pb2, opentelemetry_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -27,6 +34,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2
+
+from services.core.trace_config import OPENTELEMETRY, TRITON_DEFAULTS, TraceFlags
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +49,14 @@ _PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 class GatewayTracing:
     """Where the gateway exports its spans, and which share of new traces it samples."""
 
-    #: the OTLP/gRPC collector (plaintext)
+    #: the collector (plaintext)
     host: str
     port: int
     #: percent of requests without a sampled caller context that start a trace (0-100)
     sampling_percent: float = 100.0
     service_name: str = GATEWAY_SERVICE_NAME
+    #: OTLP/HTTP: the path spans are POSTed to (e.g. "/v1/traces"); "": OTLP/gRPC
+    http_path: str = ""
 
 
 def sampling_percent(sampler: str, arg: str) -> float:
@@ -105,15 +116,57 @@ def gateway_tracing_from_env(env: Mapping[str, str]) -> GatewayTracing | None:
     )
 
 
+def gateway_tracing(flags: TraceFlags, env: Mapping[str, str]) -> GatewayTracing | None:
+    """The gateway's tracing: Triton's ``--trace-config mode=opentelemetry`` (OTLP/HTTP to its
+    URL, sampling by its rate and level, Triton's defaults for those not given), else the OTLP
+    variables (``gateway_tracing_from_env``) with the rate and level given, if any."""
+    if flags.mode != OPENTELEMETRY:
+        tracing = gateway_tracing_from_env(env)
+        if tracing is None or (flags.level != "OFF" and flags.rate is None):
+            return tracing  # the sampler variables' share
+        percent = 0.0 if flags.level == "OFF" else _percent("TIMESTAMPS", flags.rate or 0)
+        return replace(tracing, sampling_percent=percent)
+    parts = urlsplit(flags.url)
+    if parts.scheme != "http" or not parts.hostname:
+        log.warning(
+            "gateway tracing off: the gateway exports spans over plaintext OTLP only "
+            "(an http:// URL), got %r",
+            flags.url,
+        )
+        return None
+    start = flags.start_settings(TRITON_DEFAULTS)
+    return GatewayTracing(
+        host=parts.hostname,
+        port=parts.port or 80,
+        sampling_percent=_percent(start.level, start.rate),
+        http_path=parts.path or "/",
+    )
+
+
+def _percent(level: str, rate: int) -> float:
+    found = percent_from_trace_settings({"trace_level": [level], "trace_rate": [str(rate)]})
+    return 100.0 if found is None else found
+
+
 def hcm_tracing(tracing: GatewayTracing) -> hcm_pb2.HttpConnectionManager.Tracing:
     """A connection manager's ``tracing``: the OpenTelemetry tracer exporting to the collector."""
-    config = opentelemetry_pb2.OpenTelemetryConfig(
-        grpc_service=grpc_service_pb2.GrpcService(
-            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=COLLECTOR_CLUSTER),
-            timeout=duration_pb2.Duration(seconds=1),
-        ),
-        service_name=tracing.service_name,
-    )
+    timeout = duration_pb2.Duration(seconds=1)
+    if tracing.http_path:
+        uri = f"http://{tracing.host}:{tracing.port}{tracing.http_path}"
+        config = opentelemetry_pb2.OpenTelemetryConfig(
+            http_service=http_service_pb2.HttpService(
+                http_uri=http_uri_pb2.HttpUri(uri=uri, cluster=COLLECTOR_CLUSTER, timeout=timeout)
+            ),
+            service_name=tracing.service_name,
+        )
+    else:
+        config = opentelemetry_pb2.OpenTelemetryConfig(
+            grpc_service=grpc_service_pb2.GrpcService(
+                envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=COLLECTOR_CLUSTER),
+                timeout=timeout,
+            ),
+            service_name=tracing.service_name,
+        )
     packed = any_pb2.Any()
     packed.Pack(config, deterministic=True)
     return hcm_pb2.HttpConnectionManager.Tracing(
@@ -123,7 +176,8 @@ def hcm_tracing(tracing: GatewayTracing) -> hcm_pb2.HttpConnectionManager.Tracin
 
 
 def collector_cluster(tracing: GatewayTracing) -> cluster_pb2.Cluster:
-    """The collector as a cluster (HTTP/2): STATIC for an IP address, else resolved by DNS."""
+    """The collector as a cluster (HTTP/2 for OTLP/gRPC, HTTP/1.1 for OTLP/HTTP): STATIC for an
+    IP address, else resolved by DNS."""
     is_ip = True
     try:
         ipaddress.ip_address(tracing.host)
@@ -132,6 +186,10 @@ def collector_cluster(tracing: GatewayTracing) -> cluster_pb2.Cluster:
     explicit = http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
         http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
     )
+    if tracing.http_path:
+        explicit = http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http_protocol_options=protocol_pb2.Http1ProtocolOptions()
+        )
     options = any_pb2.Any()
     options.Pack(
         http_protocol_options_pb2.HttpProtocolOptions(explicit_http_config=explicit),

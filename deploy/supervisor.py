@@ -118,6 +118,8 @@ class MeshSettings:
     service_flags: tuple[str, ...] = ()
     #: --strict-readiness: the gateway's ServerReady also needs every model READY
     strict_readiness: bool = False
+    #: Triton's tracing flags as --trace-config values: Envoy traces to the same collector
+    trace_config: tuple[str, ...] = ()
     python: str = sys.executable
 
 
@@ -178,6 +180,7 @@ def control_plane_command(s: MeshSettings, *, fresh: bool) -> list[str]:
         *registry,
         *warmup,
         *(["--strict-readiness"] if s.strict_readiness else []),
+        *(f"--trace-config={value}" for value in s.trace_config),
     ]
 
 

@@ -1,4 +1,6 @@
-"""A real OTLP/gRPC trace receiver for tests: ``opentelemetry.proto``'s TraceService on port 0.
+"""Real OTLP trace receivers for tests, on port 0: ``OtlpReceiver`` serves OTLP/gRPC
+(``opentelemetry.proto``'s TraceService), ``OtlpHttpReceiver`` OTLP/HTTP (protobuf bodies POSTed
+to ``/v1/traces``, as Triton's ``--trace-config opentelemetry,url=`` sends them).
 
 Services (in-process or subprocesses) and Envoy export to ``endpoint``; every span received is
 kept as a ``ReceivedSpan`` (ids as hex, the exporting service's name, attributes as plain values),
@@ -7,11 +9,13 @@ and ``wait_for`` polls them with a deadline instead of sleeping.
 
 from __future__ import annotations
 
+import gzip
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import grpc
@@ -47,58 +51,49 @@ class ReceivedSpan:
     status_message: str
 
 
+def received_spans(request: ts_pb2.ExportTraceServiceRequest) -> list[ReceivedSpan]:
+    """The spans of one export request, with their resource's service name."""
+    spans = []
+    for resource_spans in request.resource_spans:
+        resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
+        service = str(resource.get("service.name", ""))
+        for scope_spans in resource_spans.scope_spans:
+            for s in scope_spans.spans:
+                spans.append(
+                    ReceivedSpan(
+                        service=service,
+                        name=s.name,
+                        kind=s.kind,
+                        trace_id=s.trace_id.hex(),
+                        span_id=s.span_id.hex(),
+                        parent_span_id=s.parent_span_id.hex(),
+                        start_ns=s.start_time_unix_nano,
+                        end_ns=s.end_time_unix_nano,
+                        attributes={a.key: _value(a.value) for a in s.attributes},
+                        status_code=s.status.code,
+                        status_message=s.status.message,
+                    )
+                )
+    return spans
+
+
 class _TraceService(ts_grpc.TraceServiceServicer):
-    def __init__(self, sink: OtlpReceiver) -> None:
+    def __init__(self, sink: _SpanSink) -> None:
         self._sink = sink
 
     def Export(  # noqa: N802 (the RPC's name)
         self, request: ts_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
     ) -> ts_pb2.ExportTraceServiceResponse:
-        spans = []
-        for resource_spans in request.resource_spans:
-            resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
-            service = str(resource.get("service.name", ""))
-            for scope_spans in resource_spans.scope_spans:
-                for s in scope_spans.spans:
-                    spans.append(
-                        ReceivedSpan(
-                            service=service,
-                            name=s.name,
-                            kind=s.kind,
-                            trace_id=s.trace_id.hex(),
-                            span_id=s.span_id.hex(),
-                            parent_span_id=s.parent_span_id.hex(),
-                            start_ns=s.start_time_unix_nano,
-                            end_ns=s.end_time_unix_nano,
-                            attributes={a.key: _value(a.value) for a in s.attributes},
-                            status_code=s.status.code,
-                            status_message=s.status.message,
-                        )
-                    )
-        self._sink.add(spans)
+        self._sink.add(received_spans(request))
         return ts_pb2.ExportTraceServiceResponse()
 
 
-class OtlpReceiver:
-    """``with OtlpReceiver() as receiver:`` serves on 127.0.0.1:<port> until the block ends."""
+class _SpanSink:
+    """What a receiver keeps, and waiting for it."""
 
     def __init__(self) -> None:
         self._spans: list[ReceivedSpan] = []
         self._lock = threading.Lock()
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        ts_grpc.add_TraceServiceServicer_to_server(_TraceService(self), self._server)
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> OtlpReceiver:
-        self._server.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.stop(grace=1).wait(5)
 
     def add(self, spans: Sequence[ReceivedSpan]) -> None:
         with self._lock:
@@ -139,3 +134,76 @@ class OtlpReceiver:
                 )
                 raise AssertionError(f"{what}: not within {within_s} s; received:\n{listing}")
             time.sleep(0.05)
+
+
+class OtlpReceiver(_SpanSink):
+    """``with OtlpReceiver() as receiver:`` serves OTLP/gRPC on 127.0.0.1:<port> until the block
+    ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        ts_grpc.add_TraceServiceServicer_to_server(_TraceService(self), self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> OtlpReceiver:
+        self._server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.stop(grace=1).wait(5)
+
+
+class OtlpHttpReceiver(_SpanSink):
+    """``with OtlpHttpReceiver() as receiver:`` takes OTLP/HTTP protobuf POSTs to ``/v1/traces``
+    on 127.0.0.1:<port> until the block ends; any other path or body is answered 4xx and kept in
+    ``refused`` (so a wrong URL shows up in the test's failure)."""
+
+    PATH = "/v1/traces"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused: list[str] = []
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if self.headers.get("Content-Encoding", "") == "gzip":
+                    body = gzip.decompress(body)
+                kind = self.headers.get("Content-Type", "")
+                if self.path != sink.PATH or kind != "application/x-protobuf":
+                    sink.refused.append(f"POST {self.path} ({kind})")
+                    self.send_error(404 if self.path != sink.PATH else 415)
+                    return
+                sink.add(received_spans(ts_pb2.ExportTraceServiceRequest.FromString(body)))
+                answer = ts_pb2.ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.PATH}"
+
+    def __enter__(self) -> OtlpHttpReceiver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)

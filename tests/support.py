@@ -1,4 +1,5 @@
-"""Test support: run a real service (all listeners on 127.0.0.1 port 0) in a background thread.
+"""Test support: run a real service (all listeners on 127.0.0.1 port 0) in a background thread,
+or as its own process (``service_process``).
 
 The server gets its own event loop in its own thread, so tests can use tritonclient's blocking
 clients against it exactly as a user would. ``stop`` always runs the graceful shutdown.
@@ -7,8 +8,11 @@ clients against it exactly as a user would. ``stop`` always runs the graceful sh
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -133,3 +137,39 @@ def batched_counts(
         raise errors[0]
     after = counts()
     return after[0] - before[0], after[1] - before[1]
+
+
+@contextmanager
+def service_process(
+    repo: Path, args: Sequence[str], env: Mapping[str, str], family: str = "onnx"
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """``python -m services.<family>`` on ``repo`` (gRPC on port 0, no HTTP or metrics) with
+    ``args``, once it says it is ready: (the process, its gRPC port). Killed at the end unless
+    the test stopped it; its output is read up to "ready:" (then left in the pipe)."""
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", f"services.{family}", "--model-repository", str(repo)),
+            *("--grpc-port", "0", "--http-port", "-1", "--metrics-port", "-1", *args),
+        ],
+        env=dict(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        port, seen = 0, []
+        for line in proc.stdout:  # "listening: gRPC 127.0.0.1:PORT, ..." then "ready: ..."
+            seen.append(line)
+            if "listening: gRPC" in line:
+                port = int(line.split("listening: gRPC ")[1].split(",")[0].rsplit(":", 1)[1])
+            if "ready:" in line:
+                break
+        assert port, "the service did not say where it listens:\n" + "".join(seen)
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -25,8 +25,10 @@ log = logging.getLogger(__name__)
 #: set by the gateway: the model version its route (or traffic split) chose for this call
 VERSION_HEADER = "meshserve-version"
 SERVICE = "inference.GRPCInferenceService"
-#: health probes, polled all the time: never traced (grpc.health.v1 is another servicer)
-UNTRACED = frozenset({"ServerLive", "ServerReady", "ModelReady"})
+#: never traced: health probes, polled all the time (grpc.health.v1 is another servicer), and
+#: TraceSetting, so that reading the settings takes no trace from trace_count (Triton traces
+#: inference requests only)
+UNTRACED = frozenset({"ServerLive", "ServerReady", "ModelReady", "TraceSetting"})
 #: RPC → its request's (model name, model version) fields, for span attributes and sampling
 _MODEL_FIELDS: dict[str, tuple[str, str]] = {
     "ModelInfer": ("model_name", "model_version"),
@@ -35,7 +37,6 @@ _MODEL_FIELDS: dict[str, tuple[str, str]] = {
     "ModelStatistics": ("name", "version"),
     "RepositoryModelLoad": ("model_name", ""),
     "RepositoryModelUnload": ("model_name", ""),
-    "TraceSetting": ("model_name", ""),
 }
 
 Req = TypeVar("Req")
@@ -53,7 +54,7 @@ async def abort(context: Ctx, exc: BaseException, method: str) -> NoReturn:
 
 
 def translate(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Errors → status (``abort``); every RPC but the health probes runs in a SERVER span."""
+    """Errors → status (``abort``); every RPC but ``UNTRACED`` runs in a SERVER span."""
     method = fn.__name__
     if method in UNTRACED:
 

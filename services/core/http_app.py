@@ -5,9 +5,10 @@ calls one DataPlane method and renders the answer as Triton does, so ``tritoncli
 and aio) works unchanged. Errors are translated in one place, ``_errors`` (a middleware): a
 ServingError becomes ``{"error": message}`` with its HTTP status; aiohttp's own HTTP errors (no
 such route, body too large) keep their status; anything else is logged with its traceback and
-answered 500 with a generic message. Every request but the health probes runs in an OpenTelemetry
-SERVER span (``_tracing``, inside ``_errors``), a child of the caller's ``traceparent``. The
-generate extension's routes (``/generate``, ``/generate_stream``) live in http_generate.py.
+answered 500 with a generic message. Every request but the health probes and trace settings
+runs in an OpenTelemetry SERVER span (``_tracing``, inside ``_errors``), a child of the caller's
+``traceparent``. The generate extension's routes (``/generate``, ``/generate_stream``) live in
+http_generate.py.
 
 Request bodies sent with ``Content-Encoding: gzip`` or ``deflate`` are decompressed by aiohttp's
 parser before a handler reads them; infer responses are compressed when the client's
@@ -110,10 +111,11 @@ def _error(status: int, message: str) -> web.Response:
 
 @web.middleware
 async def _tracing(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """A SERVER span per request (health and readiness probes excepted)."""
+    """A SERVER span per request (health and readiness probes and trace settings excepted, as
+    over gRPC: grpc_translate.UNTRACED)."""
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else ""
-    if route.startswith("/v2/health/") or route.endswith("/ready"):
+    if route.startswith("/v2/health/") or route.endswith(("/ready", "/trace/setting")):
         return await handler(request)
     attributes: tracing.Attributes = {
         "http.request.method": request.method,

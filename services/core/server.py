@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -52,6 +53,7 @@ from services.core.registration import (
 from services.core.response_cache import CacheMetricsCollector
 from services.core.runtime import Runtime
 from services.core.settings import ServerSettings, settings_from_args
+from services.core.trace_config import missing_collector
 from services.core.tracing import configure_tracing
 from services.core.wire import deserialize_infer
 
@@ -366,8 +368,15 @@ def run_service(
         log.warning("%s has no effect in meshserve: %s", flag, why)
     for value in settings.flags.unused_backend_config([rt.backend for rt in runtimes]):
         log.warning("--backend-config %s: no meshserve %s service reads it", value, family)
-    # OpenTelemetry SDK, only when OTEL_EXPORTER_OTLP_ENDPOINT is set; flushed once serve returns
-    trace_control = configure_tracing(f"meshserve-{family or 'service'}")
+    missing = missing_collector(settings.flags.trace, os.environ)
+    if missing:
+        log.error("%s", missing)
+        return 2
+    # OpenTelemetry SDK, only when a collector is named (--trace-config or OTEL_EXPORTER_OTLP_*);
+    # flushed once serve returns
+    trace_control = configure_tracing(
+        f"meshserve-{family or 'service'}", flags=settings.flags.trace
+    )
     if settings.busy_poll_us:
         log.info(
             "event loop polls for %d µs before it sleeps (--busy-poll-us; 0 turns it off)",

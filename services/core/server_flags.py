@@ -8,17 +8,16 @@ rest of tritonserver's command line, in three kinds:
   ``--model-load-thread-count``, ``--model-load-retry-count``, ``--backend-config`` (the global
   ``default-max-batch-size``; other keys are logged as unused), ``--allow-http``,
   ``--allow-metrics``, ``--grpc-address`` / ``--http-address`` / ``--metrics-address``,
-  ``--rate-limit`` and ``--rate-limit-resource``;
+  ``--rate-limit`` and ``--rate-limit-resource``, and the tracing flags (``--trace-config``, the
+  older ``--trace-*``), which ``trace_config`` reads;
 - **no effect here** (``NO_EFFECT``): tuning of things meshserve does not have (pinned and CUDA
   memory pools, backend and repository-agent folders, thread counts of Triton's own servers,
   gRPC keepalive, which the gateway's listeners own). Accepted; each is logged once at start
   with the reason;
 - **refused** (``REFUSED``): flags whose absence would change what a client sees or weaken
   security (TLS, restricted APIs, header forwarding, SageMaker / Vertex AI endpoints, model
-  namespacing, port sharing), and Triton's ``--trace-*`` flags (tracing is set up with the
-  standard ``OTEL_*`` variables here): the service stops at start with the reason, rather than
-  serve something the script did not ask for. Their "off" values (``--grpc-use-ssl=false``)
-  are fine.
+  namespacing, port sharing): the service stops at start with the reason, rather than serve
+  something the script did not ask for. Their "off" values (``--grpc-use-ssl=false``) are fine.
 
 Booleans take Triton's spellings (true/on/1, false/off/0, any case); a bare flag means true.
 ``meshserve up`` registers the mesh-wide ones (``add_server_flags(p, mesh=True)``), checks them
@@ -29,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from services.core import trace_config
 
 #: Triton's ``--backend-config`` key every backend reads (auto-complete's max_batch_size)
 DEFAULT_MAX_BATCH_SIZE_KEY = "default-max-batch-size"
@@ -89,11 +90,6 @@ _RESTRICT = (
 )
 _FORWARD = "meshserve does not forward headers as request parameters"
 _REUSE = "services do not share ports; run replicas behind the gateway"
-_TRACE = (
-    "tracing is set up with the standard OTEL_* variables (OTEL_EXPORTER_OTLP_ENDPOINT, "
-    "OTEL_TRACES_SAMPLER, ...) and changed at run time with TraceSetting; see the README's "
-    "Tracing section"
-)
 REFUSED: dict[str, tuple[frozenset[str] | None, str]] = {
     "--grpc-use-ssl": (_FALSE, _TLS),
     "--grpc-use-ssl-mutual": (_FALSE, _TLS),
@@ -110,17 +106,6 @@ REFUSED: dict[str, tuple[frozenset[str] | None, str]] = {
     "--reuse-grpc-port": (_FALSE, _REUSE),
     "--reuse-http-port": (_FALSE, _REUSE),
     "--allow-grpc": (_TRUE, "the mesh reaches every service over gRPC, and health checks too"),
-    **dict.fromkeys(
-        (
-            "--trace-config",
-            "--trace-file",
-            "--trace-level",
-            "--trace-rate",
-            "--trace-count",
-            "--trace-log-frequency",
-        ),
-        (None, _TRACE),
-    ),
 }
 
 #: flags ``meshserve up`` takes and passes to every service (the others are per service)
@@ -139,6 +124,7 @@ MESH_FLAGS = (
     "--backend-config",
     "--rate-limit",
     "--rate-limit-resource",
+    *trace_config.FLAGS,
     *NO_EFFECT,
     *REFUSED,
 )
@@ -211,6 +197,17 @@ def add_server_flags(p: argparse.ArgumentParser, *, mesh: bool = False) -> None:
         default=[],
         help="how many of a rate_limiter resource exist",
     )
+    _flag(
+        group,
+        "--trace-config",
+        metavar="[opentelemetry,]KEY=VALUE",
+        default=[],
+        help="e.g. mode=opentelemetry, opentelemetry,url=HOST:4318/v1/traces, level=TIMESTAMPS, "
+        "rate=N (see services/core/trace_config.py)",
+    )
+    _flag(group, "--trace-level", metavar="OFF|TIMESTAMPS", default=[], help=argparse.SUPPRESS)
+    for flag in ("--trace-rate", "--trace-count", "--trace-file", "--trace-log-frequency"):
+        _flag(group, flag, help=argparse.SUPPRESS)
     if not mesh:
         _flag(group, "--id", metavar="NAME", help="the server name ServerMetadata reports")
         _flag(group, "--allow-http", boolean=True, help="serve HTTP/REST (default true)")
@@ -270,6 +267,8 @@ class ServerFlags:
     metrics_address: str = ""
     rate_limit: Literal["off", "execution_count"] = "off"
     rate_limit_resources: tuple[tuple[str, int, int], ...] = ()
+    #: Triton's tracing flags (services/core/trace_config.py)
+    trace: trace_config.TraceFlags = field(default_factory=trace_config.TraceFlags)
     #: flags given that have no effect here, with why (logged at start)
     no_effect: tuple[tuple[str, str], ...] = ()
 
@@ -334,6 +333,7 @@ def server_flags_from(a: argparse.Namespace) -> ServerFlags:
     backend: list[tuple[str, str, str]] = []
     resources: list[tuple[str, int, int]] = []
     no_effect: list[tuple[str, str]] = []
+    traces: list[tuple[str, str]] = []
     for flag, value in given_flags(a):
         name = flag[2:].replace("-", "_")
         if flag in REFUSED:
@@ -368,6 +368,8 @@ def server_flags_from(a: argparse.Namespace) -> ServerFlags:
             fields["rate_limit"] = mode
         elif flag == "--rate-limit-resource":
             resources.append(parse_rate_limit_resource(value))
+        elif flag in trace_config.FLAGS:
+            traces.append((flag, value))
         elif flag == "--id":
             fields["server_id"] = value
         else:  # the listener addresses
@@ -378,6 +380,7 @@ def server_flags_from(a: argparse.Namespace) -> ServerFlags:
         log_settings=tuple(log.items()),
         backend_config=tuple(backend),
         rate_limit_resources=tuple(resources),
+        trace=trace_config.parse(traces),
         no_effect=tuple(no_effect),
         **fields,
     )

@@ -27,6 +27,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 if TYPE_CHECKING:
+    from services.core.trace_config import TraceFlags
     from services.core.trace_settings import TraceSettingsStore
     from services.core.tracing_sdk import TraceControl
 
@@ -53,19 +54,23 @@ _control: TraceControl | None = None
 
 # ---- set-up (entry points only) ---------------------------------------------------------------
 def configure_tracing(
-    service_name_default: str, env: Mapping[str, str] | None = None
+    service_name_default: str,
+    env: Mapping[str, str] | None = None,
+    flags: TraceFlags | None = None,
 ) -> TraceControl | None:
-    """Install the OpenTelemetry SDK for this process when an OTLP endpoint is configured.
+    """Install the OpenTelemetry SDK for this process when a collector is configured.
 
-    Reads ``OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT``, ``OTEL_SERVICE_NAME`` (default:
-    ``service_name_default``, e.g. "meshserve-onnx") and ``OTEL_TRACES_SAMPLER(_ARG)`` from ``env``
-    (default ``os.environ``). Returns None, installing nothing, when no endpoint is set. Call once
-    per process, from its entry point; ``TraceControl.shutdown`` flushes at exit.
+    Triton's tracing ``flags`` (``--trace-config mode=opentelemetry``: OTLP/HTTP) come first;
+    otherwise ``OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`` names an OTLP/gRPC collector. Also read
+    from ``env`` (default ``os.environ``): ``OTEL_SERVICE_NAME`` (default:
+    ``service_name_default``, e.g. "meshserve-onnx") and ``OTEL_TRACES_SAMPLER(_ARG)``. Returns
+    None, installing nothing, when no collector is named. Call once per process, from its entry
+    point; ``TraceControl.shutdown`` flushes at exit.
     """
     from services.core.tracing_sdk import install
 
     global _control
-    control = install(service_name_default, env)
+    control = install(service_name_default, env, flags)
     if control is not None:
         _control = control
     return control

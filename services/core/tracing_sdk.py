@@ -1,9 +1,11 @@
-"""The OpenTelemetry SDK side of tracing: provider, OTLP/gRPC exporter, run-time sampler.
+"""The OpenTelemetry SDK side of tracing: provider, OTLP exporter, run-time sampler.
 
 Only process entry points reach this module (through ``tracing.configure_tracing``); the rest of
 the code base uses the OpenTelemetry API (``tracing``). ``install`` builds a TracerProvider whose
-resource names the service, a BatchSpanProcessor exporting over OTLP/gRPC, and a sampler that asks
-the process's ``TraceSettingsStore`` (Triton's TraceSetting changes it while the service runs).
+resource names the service, a BatchSpanProcessor exporting over OTLP/HTTP (Triton's
+``--trace-config mode=opentelemetry``, see ``trace_config``) or OTLP/gRPC (the ``OTEL_*``
+variables), and a sampler that asks the process's ``TraceSettingsStore`` (Triton's TraceSetting
+changes it while the service runs).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from collections.abc import Mapping, Sequence
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+    OTLPSpanExporter as HttpSpanExporter,
+)
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
@@ -24,26 +29,23 @@ from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes
 
 from services.core import tracing
+from services.core.trace_config import (
+    ENDPOINT_ENV,
+    OPENTELEMETRY,
+    TRACES_ENDPOINT_ENV,
+    TRITON_DEFAULTS,
+    TraceFlags,
+    otlp_endpoint,
+)
 from services.core.trace_settings import TraceSettingsStore, settings_from_sampler
 
 log = logging.getLogger(__name__)
 
-ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
-TRACES_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
 SERVICE_NAME_ENV = "OTEL_SERVICE_NAME"
 SAMPLER_ENV = "OTEL_TRACES_SAMPLER"
 SAMPLER_ARG_ENV = "OTEL_TRACES_SAMPLER_ARG"
 #: W3C tracestate key marking a trace a meshserve service sampled (and took from trace_count)
 COUNTED_KEY = "meshserve"
-
-
-def otlp_endpoint(env: Mapping[str, str]) -> str:
-    """The OTLP/gRPC endpoint the environment names ("" = tracing off); one without a scheme is
-    taken as plaintext ``http://``."""
-    endpoint = (env.get(TRACES_ENDPOINT_ENV) or env.get(ENDPOINT_ENV) or "").strip()
-    if endpoint and "://" not in endpoint:
-        endpoint = f"http://{endpoint}"
-    return endpoint
 
 
 class RuntimeSampler(Sampler):
@@ -91,11 +93,14 @@ class TraceControl:
         settings: TraceSettingsStore,
         service_name: str,
         endpoint: str,
+        protocol: str = "gRPC",
     ) -> None:
         self.provider = provider
         self.settings = settings
         self.service_name = service_name
         self.endpoint = endpoint
+        #: "gRPC" or "HTTP" (OTLP over)
+        self.protocol = protocol
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Export every finished span now; False if the exporter did not finish in time."""
@@ -113,31 +118,53 @@ def build(
     service_name_default: str,
     env: Mapping[str, str],
     exporter: SpanExporter | None = None,
+    flags: TraceFlags | None = None,
 ) -> TraceControl | None:
-    """A TraceControl for ``env`` (None when it names no OTLP endpoint), not yet installed."""
-    endpoint = otlp_endpoint(env)
+    """A TraceControl for Triton's tracing ``flags`` (mode opentelemetry: OTLP/HTTP to their URL)
+    or else ``env`` (OTLP/gRPC); None when neither names a collector. Not yet installed."""
+    flags = flags or TraceFlags()
+    if flags.mode == OPENTELEMETRY:
+        endpoint, protocol, follow_parent = flags.url, "HTTP", True
+        defaults = flags.start_settings(TRITON_DEFAULTS)
+    else:
+        endpoint, protocol = otlp_endpoint(env), "gRPC"
+        base, follow_parent = settings_from_sampler(
+            env.get(SAMPLER_ENV, ""), env.get(SAMPLER_ARG_ENV, "")
+        )
+        defaults = flags.start_settings(base)
     if not endpoint:
         return None
-    defaults, follow_parent = settings_from_sampler(
-        env.get(SAMPLER_ENV, ""), env.get(SAMPLER_ARG_ENV, "")
-    )
     store = TraceSettingsStore(defaults, follow_parent)
-    service_name = env.get(SERVICE_NAME_ENV, "").strip() or service_name_default
-    provider = TracerProvider(
-        sampler=RuntimeSampler(store),
-        resource=Resource.create({SERVICE_NAME: service_name}),
-    )
+    attributes: dict[str, str] = {
+        SERVICE_NAME: env.get(SERVICE_NAME_ENV, "").strip() or service_name_default,
+        **dict(flags.resource),
+    }
+    provider = TracerProvider(sampler=RuntimeSampler(store), resource=Resource.create(attributes))
+    if exporter is None:
+        exporter = (
+            HttpSpanExporter(endpoint=endpoint)
+            if protocol == "HTTP"
+            else OTLPSpanExporter(endpoint=endpoint)
+        )
+    bsp = dict(flags.bsp)
     provider.add_span_processor(
         BatchSpanProcessor(
-            exporter if exporter is not None else OTLPSpanExporter(endpoint=endpoint)
+            exporter,
+            max_queue_size=bsp.get("max_queue_size"),
+            schedule_delay_millis=bsp.get("schedule_delay_millis"),
+            max_export_batch_size=bsp.get("max_export_batch_size"),
         )
     )
-    return TraceControl(provider, store, service_name, endpoint)
+    return TraceControl(provider, store, attributes[SERVICE_NAME], endpoint, protocol)
 
 
-def install(service_name_default: str, env: Mapping[str, str] | None = None) -> TraceControl | None:
+def install(
+    service_name_default: str,
+    env: Mapping[str, str] | None = None,
+    flags: TraceFlags | None = None,
+) -> TraceControl | None:
     """Build (see ``build``) and make it the process's global tracer provider."""
-    control = build(service_name_default, os.environ if env is None else env)
+    control = build(service_name_default, os.environ if env is None else env, flags=flags)
     if control is None:
         log.debug("tracing off: neither %s nor %s is set", ENDPOINT_ENV, TRACES_ENDPOINT_ENV)
         return None
@@ -146,9 +173,15 @@ def install(service_name_default: str, env: Mapping[str, str] | None = None) -> 
         raise RuntimeError("tracing is already configured in this process; configure it once")
     trace.set_tracer_provider(control.provider)
     log.info(
-        "tracing on: service '%s' exports spans over OTLP/gRPC to %s (sampling: %s)",
+        "tracing on: service '%s' exports spans over OTLP/%s to %s (sampling: %s)",
         control.service_name,
+        control.protocol,
         control.endpoint,
         control.settings.get(),
     )
+    if control.settings.get()["trace_level"] == ["OFF"]:
+        log.warning(
+            "trace level is OFF (Triton's default): no spans until --trace-config "
+            "level=TIMESTAMPS, or TraceSetting turns it on"
+        )
     return control

@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -39,7 +37,7 @@ from tests.otlp_receiver import (
     STATUS_ERROR,
     OtlpReceiver,
 )
-from tests.support import ServerThread, settings_for
+from tests.support import ServerThread, service_process, settings_for
 
 
 def test_model_infer_server_span_continues_the_client_trace(
@@ -230,25 +228,7 @@ def test_service_process_flushes_its_spans_when_it_stops(
         "OTEL_BSP_SCHEDULE_DELAY": "60000",
     }
     env.pop("OTEL_SERVICE_NAME", None)
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "services.onnx", "--model-repository", str(tmp_path)),
-            *("--grpc-port", "0", "--http-port", "-1", "--metrics-port", "-1"),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        port = ""
-        for line in proc.stdout:  # "listening: gRPC 127.0.0.1:PORT, ..." then "ready: ..."
-            if "listening: gRPC" in line:
-                port = line.split("listening: gRPC ")[1].split(",")[0].rsplit(":", 1)[1]
-            if "ready:" in line:
-                break
-        assert port, "the service did not say where it listens"
+    with service_process(tmp_path, [], env) as (proc, port):
         header, trace_id, client_span = traceparent()
         with grpcclient.InferenceServerClient(f"127.0.0.1:{port}") as client:
             client.infer("simple", simple_inputs(), headers={"traceparent": header})
@@ -256,10 +236,6 @@ def test_service_process_flushes_its_spans_when_it_stops(
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
     spans = receiver.trace(trace_id)
     server_span = one(spans, INFER)
     assert server_span.parent_span_id == client_span
