@@ -160,8 +160,9 @@ class OtlpReceiver(_SpanSink):
 
 class OtlpHttpReceiver(_SpanSink):
     """``with OtlpHttpReceiver() as receiver:`` takes OTLP/HTTP protobuf POSTs to ``/v1/traces``
-    on 127.0.0.1:<port> until the block ends; any other path or body is answered 4xx and kept in
-    ``refused`` (so a wrong URL shows up in the test's failure)."""
+    on 127.0.0.1:<port> until the block ends (bodies with a length or chunked, as Envoy sends
+    them); another path, type or an empty body is answered 4xx and kept in ``refused`` (so a
+    wrong URL shows up in the test's failure)."""
 
     PATH = "/v1/traces"
 
@@ -172,12 +173,12 @@ class OtlpHttpReceiver(_SpanSink):
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                body = self._body()
                 if self.headers.get("Content-Encoding", "") == "gzip":
                     body = gzip.decompress(body)
                 kind = self.headers.get("Content-Type", "")
-                if self.path != sink.PATH or kind != "application/x-protobuf":
-                    sink.refused.append(f"POST {self.path} ({kind})")
+                if self.path != sink.PATH or kind != "application/x-protobuf" or not body:
+                    sink.refused.append(f"POST {self.path} ({kind}, {len(body)} bytes)")
                     self.send_error(404 if self.path != sink.PATH else 415)
                     return
                 sink.add(received_spans(ts_pb2.ExportTraceServiceRequest.FromString(body)))
@@ -187,6 +188,17 @@ class OtlpHttpReceiver(_SpanSink):
                 self.send_header("Content-Length", str(len(answer)))
                 self.end_headers()
                 self.wfile.write(answer)
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                    return self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                chunks = []  # Envoy's exporter streams its body in chunks
+                while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return b"".join(chunks)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

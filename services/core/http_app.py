@@ -111,11 +111,13 @@ def _error(status: int, message: str) -> web.Response:
 
 @web.middleware
 async def _tracing(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """A SERVER span per request (health and readiness probes and trace settings excepted, as
-    over gRPC: grpc_translate.UNTRACED)."""
+    """A SERVER span per request; not for health and readiness probes (the mesh's own,
+    ``SERVING_PATH``, included) and trace settings, as over gRPC (grpc_translate.UNTRACED)."""
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else ""
-    if route.startswith("/v2/health/") or route.endswith(("/ready", "/trace/setting")):
+    if route in (SERVING_PATH, "/v2/health/live", "/v2/health/ready") or route.endswith(
+        ("/ready", "/trace/setting")
+    ):
         return await handler(request)
     attributes: tracing.Attributes = {
         "http.request.method": request.method,
