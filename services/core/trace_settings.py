@@ -130,8 +130,8 @@ def parse_updates(updates: Mapping[str, Sequence[str]]) -> dict[str, str | int |
             if values:
                 raise InvalidArgument(
                     f"trace setting '{name}' cannot be changed here: spans are exported over "
-                    "OTLP (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_BSP_* variables), not to trace "
-                    "files; trace_level, trace_rate and trace_count can be changed"
+                    "OTLP (--trace-config opentelemetry,... or the OTEL_* variables), not to "
+                    "trace files; trace_level, trace_rate and trace_count can be changed"
                 )
             continue
         if name not in SETTABLE:
