@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from services.core import trace_config
+from services.core.flag_values import whole_number
 
 #: Triton's ``--backend-config`` key every backend reads (auto-complete's max_batch_size)
 DEFAULT_MAX_BATCH_SIZE_KEY = "default-max-batch-size"
@@ -288,21 +289,11 @@ class ServerFlags:
         ]
 
 
-def _int(flag: str, text: str, least: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = least - 1
-    if value < least:
-        raise ValueError(f"{flag}={text}: give a whole number >= {least}")
-    return value
-
-
 def _log_verbose(text: str) -> int:
     lowered = text.strip().lower()
     if lowered in ("true", "false"):
         return int(lowered == "true")
-    return _int("--log-verbose", text, 0)
+    return whole_number("--log-verbose", text, 0)
 
 
 def parse_backend_config(text: str) -> tuple[str, str, str]:
@@ -321,8 +312,8 @@ def parse_rate_limit_resource(text: str) -> tuple[str, int, int]:
     parts = text.split(":")
     if len(parts) not in (2, 3) or not parts[0].strip():
         raise ValueError(f"--rate-limit-resource={text}: give <name>:<count>[:<device>]")
-    count = _int("--rate-limit-resource count", parts[1], 0)
-    device = _int("--rate-limit-resource device", parts[2], 0) if len(parts) == 3 else -1
+    count = whole_number("--rate-limit-resource count", parts[1], 0)
+    device = whole_number("--rate-limit-resource device", parts[2], 0) if len(parts) == 3 else -1
     return parts[0].strip(), count, device
 
 
@@ -355,11 +346,11 @@ def server_flags_from(a: argparse.Namespace) -> ServerFlags:
         elif flag in _BOOLEANS:
             fields[name] = triton_bool(flag, value)
         elif flag in ("--model-load-thread-count", "--model-load-retry-count"):
-            fields[name] = _int(flag, value, 1 if "thread" in flag else 0)
+            fields[name] = whole_number(flag, value, 1 if "thread" in flag else 0)
         elif flag == "--backend-config":
             entry = parse_backend_config(value)
             if entry[1] == DEFAULT_MAX_BATCH_SIZE_KEY:
-                _int(f"--backend-config {DEFAULT_MAX_BATCH_SIZE_KEY}", entry[2], 0)
+                whole_number(f"--backend-config {DEFAULT_MAX_BATCH_SIZE_KEY}", entry[2], 0)
             backend.append(entry)
         elif flag == "--rate-limit":
             mode = value.strip().lower()

@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from services.core.flag_values import whole_number
 from services.core.trace_settings import TraceSettings
 
 #: the tritonserver flags this module reads (server_flags registers them)
@@ -103,16 +104,6 @@ class TraceFlags:
         return values
 
 
-def _whole(text: str, setting: str, least: int) -> int:
-    try:
-        value = int(text.strip())
-    except ValueError:
-        value = least - 1
-    if value < least:
-        raise ValueError(f"--trace-config {setting}={text}: give a whole number >= {least}")
-    return value
-
-
 def traces_url(text: str) -> str:
     """``host:port[/path]`` (or an http(s) URL) as a full URL; no path: ``/v1/traces``."""
     parts = urlsplit(text.strip() if "://" in text else f"http://{text.strip()}")
@@ -164,7 +155,7 @@ def parse(given: Sequence[tuple[str, str]]) -> TraceFlags:
                     raise ValueError(f"--trace-config {text}: give resource=<key>=<value>")
                 resource.append((name.strip(), attribute.strip()))
             elif key in BSP_SETTINGS:
-                bsp[BSP_SETTINGS[key][0]] = _whole(value, key, 1)
+                bsp[BSP_SETTINGS[key][0]] = whole_number(f"--trace-config {head},{key}", value, 1)
             else:
                 raise ValueError(
                     f"--trace-config {text}: unknown {OPENTELEMETRY} setting '{key}'; expected "
@@ -179,7 +170,7 @@ def parse(given: Sequence[tuple[str, str]]) -> TraceFlags:
         elif key == "level":
             found[key] = _level(value)
         elif key in ("rate", "count"):
-            found[key] = _whole(value, key, 0 if key == "rate" else -1)
+            found[key] = whole_number(f"--trace-config {key}", value, 0 if key == "rate" else -1)
         else:
             raise ValueError(
                 f"--trace-config {text}: unknown setting '{key}'; expected rate, level, count, "
