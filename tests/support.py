@@ -76,6 +76,16 @@ class ServerThread:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout)
 
+    def __enter__(self) -> ServerThread:
+        """``with ServerThread(settings, runtimes) as server:`` starts it (if not yet started)
+        and stops it when the block ends, however it ends."""
+        if not self._thread.is_alive() and not self._ready.is_set():
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     @property
     def grpc_url(self) -> str:
         assert self.running is not None
