@@ -46,8 +46,5 @@ def onnx_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThre
 
     root = tmp_path_factory.mktemp("served_models")
     build_repository(root)
-    server = ServerThread(settings_for(root), [OnnxRuntime]).start()
-    try:
+    with ServerThread(settings_for(root), [OnnxRuntime]) as server:
         yield server
-    finally:
-        server.stop()

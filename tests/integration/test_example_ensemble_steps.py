@@ -26,11 +26,8 @@ def steps_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThr
     needed = required_models()
     build_python_repository(root, needed.python)
     build_repository(root, needed.onnx)
-    server = ServerThread(settings_for(root), [OnnxRuntime, PythonRuntime]).start()
-    try:
+    with ServerThread(settings_for(root), [OnnxRuntime, PythonRuntime]) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _bytes_input(name: str, blobs: list[bytes]) -> grpcclient.InferInput:

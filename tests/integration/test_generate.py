@@ -24,11 +24,8 @@ def onnx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
 
     root = tmp_path_factory.mktemp("generate_onnx")
     build_repository(root, ["simple", "simple_string"])
-    server = ServerThread(settings_for(root), [OnnxRuntime]).start()
-    try:
+    with ServerThread(settings_for(root), [OnnxRuntime]) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +35,8 @@ def python(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
 
     root: Path = tmp_path_factory.mktemp("generate_python")
     build_python_repository(root, ["add_sub_python", "repeat_python", "text_stream_python"])
-    server = ServerThread(settings_for(root), [PythonRuntime]).start()
-    try:
+    with ServerThread(settings_for(root), [PythonRuntime]) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _post(server: ServerThread, path: str, body: Any) -> tuple[int, str, bytes]:

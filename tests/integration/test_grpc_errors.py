@@ -67,11 +67,8 @@ def server(
         (example_repo / "simple" / "config.pbtxt").read_text().replace('"simple"', '"broken_model"')
     )
     (root / "broken_model" / "1" / "model.onnx").write_bytes(b"this is not an onnx model")
-    srv = ServerThread(settings_for(root, grpc_frontend=grpc_frontend), [OnnxRuntime]).start()
-    try:
+    with ServerThread(settings_for(root, grpc_frontend=grpc_frontend), [OnnxRuntime]) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture
@@ -317,8 +314,7 @@ def test_oversized_message(example_repo: Path, tmp_path: Path) -> None:
 
     root = tmp_path / "models"
     shutil.copytree(example_repo / "simple", root / "simple")
-    srv = ServerThread(settings_for(root, max_message_bytes=64 * 1024), [OnnxRuntime]).start()
-    try:
+    with ServerThread(settings_for(root, max_message_bytes=64 * 1024), [OnnxRuntime]) as srv:
         c = grpcclient.InferenceServerClient(srv.grpc_url)
         big = grpcclient.InferInput("INPUT0", [8, 16], "INT32")
         big.set_data_from_numpy(np.ones((8, 16), np.int32))
@@ -330,5 +326,3 @@ def test_oversized_message(example_repo: Path, tmp_path: Path) -> None:
         assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
         assert_still_serving(c)
         c.close()
-    finally:
-        srv.stop()

@@ -24,11 +24,8 @@ def onnx_server(example_repo: Path, grpc_frontend: str) -> Iterator[ServerThread
     from services.onnx.runtime import OnnxRuntime
 
     settings = settings_for(example_repo, grpc_frontend=grpc_frontend)
-    server = ServerThread(settings, [OnnxRuntime]).start()
-    try:
+    with ServerThread(settings, [OnnxRuntime]) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

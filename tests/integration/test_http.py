@@ -198,33 +198,32 @@ def test_explicit_load_unload(repo_copy: Path) -> None:
     from services.onnx.runtime import OnnxRuntime
 
     settings = settings_for(repo_copy, model_control_mode="explicit", startup_models=("simple",))
-    srv = ServerThread(settings, [OnnxRuntime]).start()
-    c = httpclient.InferenceServerClient(srv.http_url)
-    try:
-        assert not c.is_model_ready("mlp")
-        index = {m["name"]: m for m in c.get_model_repository_index()}
-        assert index["mlp"].get("state", "") != "READY"
-        c.load_model("mlp")
-        assert c.is_model_ready("mlp")
-        c.unload_model("mlp")
-        assert not c.is_model_ready("mlp")
-        with pytest.raises(InferenceServerException) as info:
-            c.get_model_metadata("mlp")
-        assert info.value.status() in ("503", "404")
-        # a config override travels as a JSON string
-        config = c.get_model_config("simple")
-        config["max_batch_size"] = 2
-        c.load_model("simple", config=json.dumps(config))
-        assert c.get_model_config("simple")["max_batch_size"] == 2
-        a = np.ones((4, 16), dtype=np.int32)
-        with pytest.raises(InferenceServerException, match="batch"):
-            c.infer("simple", simple_inputs(a, a))
-        with pytest.raises(InferenceServerException) as info:
-            c.load_model("simple", files={"file:1/model.onnx": b"x"})
-        assert info.value.status() == "400"
-    finally:
-        c.close()
-        srv.stop()
+    with ServerThread(settings, [OnnxRuntime]) as srv:
+        c = httpclient.InferenceServerClient(srv.http_url)
+        try:
+            assert not c.is_model_ready("mlp")
+            index = {m["name"]: m for m in c.get_model_repository_index()}
+            assert index["mlp"].get("state", "") != "READY"
+            c.load_model("mlp")
+            assert c.is_model_ready("mlp")
+            c.unload_model("mlp")
+            assert not c.is_model_ready("mlp")
+            with pytest.raises(InferenceServerException) as info:
+                c.get_model_metadata("mlp")
+            assert info.value.status() in ("503", "404")
+            # a config override travels as a JSON string
+            config = c.get_model_config("simple")
+            config["max_batch_size"] = 2
+            c.load_model("simple", config=json.dumps(config))
+            assert c.get_model_config("simple")["max_batch_size"] == 2
+            a = np.ones((4, 16), dtype=np.int32)
+            with pytest.raises(InferenceServerException, match="batch"):
+                c.infer("simple", simple_inputs(a, a))
+            with pytest.raises(InferenceServerException) as info:
+                c.load_model("simple", files={"file:1/model.onnx": b"x"})
+            assert info.value.status() == "400"
+        finally:
+            c.close()
 
 
 # ---- shared memory ----------------------------------------------------------------------------

@@ -42,11 +42,8 @@ def onnx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
 
     root = tmp_path_factory.mktemp("latency_onnx")
     build_repository(root, ["simple"])
-    server = ServerThread(settings_for(root, metrics_config=ALL_ON), [OnnxRuntime]).start()
-    try:
+    with ServerThread(settings_for(root, metrics_config=ALL_ON), [OnnxRuntime]) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_summaries_and_histogram_count_every_request(onnx: ServerThread) -> None:
@@ -75,8 +72,7 @@ def test_a_decoupled_models_histogram_counts_its_first_response(tmp_path: Path) 
 
     build_python_repository(tmp_path, ["repeat_python"])
     config = MetricsConfig(histogram_latencies=True)
-    server = ServerThread(settings_for(tmp_path, metrics_config=config), [PythonRuntime]).start()
-    try:
+    with ServerThread(settings_for(tmp_path, metrics_config=config), [PythonRuntime]) as server:
         host, port = server.http_url.split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=30)
         body = json.dumps({"IN": [1, 2, 3], "DELAY_MS": 300})
@@ -84,8 +80,6 @@ def test_a_decoupled_models_histogram_counts_its_first_response(tmp_path: Path) 
         events = conn.getresponse().read().count(b"data: ")
         conn.close()
         text = _scrape(server)
-    finally:
-        server.stop()
     assert events == 3
     assert _value(text, "nv_inference_first_response_histogram_ms_count", "repeat_python") == 1
     # the first of three responses 300 ms apart: well before the stream's end (~900 ms)

@@ -24,12 +24,9 @@ def service(example_repo: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ser
     from services.onnx.runtime import OnnxRuntime
 
     settings = settings_for(example_repo, model_control_mode="explicit", startup_models=("simple",))
-    server = ServerThread(settings, [OnnxRuntime]).start()
-    monkeypatch.setenv(GATEWAY_ENV, server.grpc_url)
-    try:
+    with ServerThread(settings, [OnnxRuntime]) as server:
+        monkeypatch.setenv(GATEWAY_ENV, server.grpc_url)
         yield server
-    finally:
-        server.stop()
 
 
 def test_a_python_model_loads_checks_and_unloads_models(service: ServerThread) -> None:

@@ -85,11 +85,8 @@ def metrics_server(tmp_path: Path) -> Iterator[ServerThread]:
     (tmp_path / MODEL / "config.pbtxt").write_text(CONFIG)
     (version / "model.py").write_text(MODEL_PY)
     settings = settings_for(tmp_path, model_control_mode="explicit", startup_models=(MODEL,))
-    server = ServerThread(settings, [PythonRuntime]).start()
-    try:
+    with ServerThread(settings, [PythonRuntime]) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _infer(server: ServerThread, *arrays: list[float]) -> None:

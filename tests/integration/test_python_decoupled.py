@@ -28,11 +28,8 @@ WAIT_S = 10
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     root: Path = tmp_path_factory.mktemp("decoupled")
     build_python_repository(root, ["repeat_python", "add_sub_python"])
-    s = ServerThread(settings_for(root), [PythonRuntime]).start()
-    try:
+    with ServerThread(settings_for(root), [PythonRuntime]) as s:
         yield s
-    finally:
-        s.stop()
 
 
 class Stream:

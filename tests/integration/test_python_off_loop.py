@@ -65,11 +65,10 @@ def test_async_execute_and_bls_to_this_service_stay_off_the_loop(
     build_python_repository(tmp_path, ["bls_python"])
     add_model(tmp_path, "sum_python", "")
     add_model(tmp_path, "async_sum_python", "async ")
-    server = ServerThread(settings_for(tmp_path), [PythonRuntime]).start()
-    # the service is its own "gateway": bls_python's call to sum_python comes back to it
-    monkeypatch.setenv(GATEWAY_ENV, server.grpc_url)
-    a = np.arange(16, dtype=np.int32).reshape(1, 16)
-    try:
+    with ServerThread(settings_for(tmp_path), [PythonRuntime]) as server:
+        # the service is its own "gateway": bls_python's call to sum_python comes back to it
+        monkeypatch.setenv(GATEWAY_ENV, server.grpc_url)
+        a = np.arange(16, dtype=np.int32).reshape(1, 16)
         with (
             caplog.at_level(logging.INFO),
             grpcclient.InferenceServerClient(server.grpc_url) as client,
@@ -85,6 +84,4 @@ def test_async_execute_and_bls_to_this_service_stay_off_the_loop(
                     client_timeout=10,
                 )
                 np.testing.assert_array_equal(got.as_numpy("OUTPUT0"), 4 * a)
-    finally:
-        server.stop()
     assert "model 'bls_python' makes BLS calls: its batches run on worker threads" in caplog.text

@@ -28,11 +28,8 @@ SEQUENCES: list[int | str] = [11, 12, "alpha", "beta", 15, 16]
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     root: Path = tmp_path_factory.mktemp("python_sequence")
     build_python_repository(root, [MODEL])
-    running = ServerThread(settings_for(root), [PythonRuntime]).start()
-    try:
+    with ServerThread(settings_for(root), [PythonRuntime]) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def step(

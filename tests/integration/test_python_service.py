@@ -24,11 +24,8 @@ from tests.unit.python_backend_support import FakeGateway
 def python_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     root: Path = tmp_path_factory.mktemp("python_models")
     build_python_repository(root)
-    server = ServerThread(settings_for(root), [PythonRuntime]).start()
-    try:
+    with ServerThread(settings_for(root), [PythonRuntime]) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _add_sub_inputs(module: object, a: np.ndarray, b: np.ndarray) -> list[object]:
@@ -160,23 +157,20 @@ def test_batched_requests_reach_execute_apart(tmp_path: Path) -> None:
     (model_dir / "1").mkdir(parents=True)
     (model_dir / "config.pbtxt").write_text(PER_REQUEST_CONFIG)
     (model_dir / "1" / "model.py").write_text(PER_REQUEST_MODEL)
-    server = ServerThread(settings_for(tmp_path), [PythonRuntime]).start()
+    with ServerThread(settings_for(tmp_path), [PythonRuntime]) as server:
 
-    def one(i: int) -> float | str:
-        inp = grpcclient.InferInput("X", [1, 2], "FP32")
-        inp.set_data_from_numpy(np.zeros((1, 2), np.float32))
-        with grpcclient.InferenceServerClient(server.grpc_url) as client:
-            try:
-                out = client.infer("per_request", [inp], parameters={"fail": i % 2 == 1})
-            except InferenceServerException as exc:
-                return f"{exc.status()}: {exc.message()}"
-            return float(out.as_numpy("Y")[0, 0])
+        def one(i: int) -> float | str:
+            inp = grpcclient.InferInput("X", [1, 2], "FP32")
+            inp.set_data_from_numpy(np.zeros((1, 2), np.float32))
+            with grpcclient.InferenceServerClient(server.grpc_url) as client:
+                try:
+                    out = client.infer("per_request", [inp], parameters={"fail": i % 2 == 1})
+                except InferenceServerException as exc:
+                    return f"{exc.status()}: {exc.message()}"
+                return float(out.as_numpy("Y")[0, 0])
 
-    try:
         with ThreadPoolExecutor(6) as pool:
             results = list(pool.map(one, range(6)))
-    finally:
-        server.stop()
     for i, result in enumerate(results):
         if i % 2:
             assert result == "StatusCode.INVALID_ARGUMENT: rejected by the model"
@@ -245,22 +239,19 @@ def test_a_model_without_config_file_completes_its_own(tmp_path: Path) -> None:
         (tmp_path / name / "1" / "model.py").write_text(AUTO_MODEL)
         if config is not None:
             (tmp_path / name / "config.pbtxt").write_text(f'backend: "python"\n{config}\n')
-    server = ServerThread(settings_for(tmp_path), [PythonRuntime]).start()
-    try:
-        with grpcclient.InferenceServerClient(server.grpc_url) as client:
-            config = client.get_model_config("auto", as_json=True)["config"]
-            assert config["max_batch_size"] == 4 and "dynamic_batching" in config
-            assert [i["name"] for i in config["input"]] == ["INPUT0", "INPUT1"]
-            a = np.ones((2, 4), np.float32)
-            inputs = [grpcclient.InferInput(n, [2, 4], "FP32") for n in ("INPUT0", "INPUT1")]
-            for tensor in inputs:
-                tensor.set_data_from_numpy(a)
-            result = client.infer("auto", inputs)
-            np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + a)
-            index = {
-                m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]
-            }
-            assert index["auto_too_big"]["state"] == "UNAVAILABLE"
-            assert "max_batch_size 8, more than the 4" in index["auto_too_big"]["reason"]
-    finally:
-        server.stop()
+    with (
+        ServerThread(settings_for(tmp_path), [PythonRuntime]) as server,
+        grpcclient.InferenceServerClient(server.grpc_url) as client,
+    ):
+        config = client.get_model_config("auto", as_json=True)["config"]
+        assert config["max_batch_size"] == 4 and "dynamic_batching" in config
+        assert [i["name"] for i in config["input"]] == ["INPUT0", "INPUT1"]
+        a = np.ones((2, 4), np.float32)
+        inputs = [grpcclient.InferInput(n, [2, 4], "FP32") for n in ("INPUT0", "INPUT1")]
+        for tensor in inputs:
+            tensor.set_data_from_numpy(a)
+        result = client.infer("auto", inputs)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + a)
+        index = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
+        assert index["auto_too_big"]["state"] == "UNAVAILABLE"
+        assert "max_batch_size 8, more than the 4" in index["auto_too_big"]["reason"]

@@ -52,11 +52,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     for name, text in (("ragged_misfit", misfit), ("ragged_doubled", doubled)):
         write_if_changed(root / name / "config.pbtxt", text.encode())
         write_if_changed(root / name / "1" / "model.onnx", onnx_bytes)
-    srv = ServerThread(settings_for(root), [OnnxRuntime]).start()
-    try:
+    with ServerThread(settings_for(root), [OnnxRuntime]) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def grpc_call(
@@ -169,8 +166,7 @@ def drive_family(
     """Serve ``root`` with ``runtime``; 64 requests of random lengths (batch 1..``batch``) from
     8 threads get their sums and scaled values, in fewer executions than requests."""
     values, _, sums, scaled = names
-    srv = ServerThread(settings_for(root), [runtime]).start()
-    try:
+    with ServerThread(settings_for(root), [runtime]) as srv:
         rng = random.Random(9)
 
         def one_call(client: grpcclient.InferenceServerClient) -> None:
@@ -184,8 +180,6 @@ def drive_family(
 
         _, executions = batched_counts(srv.grpc_url, model, one_call, threads=8)
         assert executions <= 48, f"{executions} executions for 64 requests"
-    finally:
-        srv.stop()
 
 
 TORCH_NAMES = ("INPUT__0", "LENGTHS__1", "SUM__0", "SCALED__1")

@@ -83,11 +83,8 @@ def serve(repository: Path, rate_limit: str) -> Iterator[ServerThread]:
         rate_limit=rate_limit,
         rate_limit_resources=(("R", 1, -1),) if rate_limit != "off" else (),
     )
-    server = ServerThread(settings, [OnnxRuntime]).start()
-    try:
+    with ServerThread(settings, [OnnxRuntime]) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

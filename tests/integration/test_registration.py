@@ -107,8 +107,7 @@ def test_registers_models_follows_an_unload_and_deregisters_on_stop(
         control_plane=f"127.0.0.1:{registry.port}",
         family="onnx",
     )
-    srv = ServerThread(settings, [OnnxRuntime]).start()
-    try:
+    with ServerThread(settings, [OnnxRuntime]) as srv:
         (inst,) = registry.wait_until(lambda i: ("simple", "1") in _ready(i), timeout=5)
         assert srv.running is not None
         assert inst.family == "onnx" and inst.id.startswith("onnx-")
@@ -125,8 +124,6 @@ def test_registers_models_follows_an_unload_and_deregisters_on_stop(
         client.load_model("mlp")
         registry.wait_until(lambda i: ("mlp", "1") in _ready(i), timeout=1.0)
         client.close()
-    finally:
-        srv.stop()
     # deregistered at once on stop, not after the 3 s lease
     assert registry.instances() == ()
 

@@ -325,20 +325,19 @@ def test_a_burst_of_one_request_runs_the_model_once(tmp_path: Path) -> None:
         "instance_group [{ count: 4, kind: KIND_CPU }]\n"
         "response_cache { enable: true }\n"
     )
-    server = ServerThread(
+    with ServerThread(
         settings_for(tmp_path, response_cache_bytes=1 << 20), [PythonRuntime]
-    ).start()
+    ) as server:
 
-    def once(value: float) -> float | str:
-        with grpcclient.InferenceServerClient(server.grpc_url) as c:
-            x = grpcclient.InferInput("IN", [1], "FP32")
-            x.set_data_from_numpy(np.array([value], np.float32))
-            try:
-                return float(c.infer("slow", [x]).as_numpy("OUT")[0])
-            except InferenceServerException as exc:
-                return str(exc.message())
+        def once(value: float) -> float | str:
+            with grpcclient.InferenceServerClient(server.grpc_url) as c:
+                x = grpcclient.InferInput("IN", [1], "FP32")
+                x.set_data_from_numpy(np.array([value], np.float32))
+                try:
+                    return float(c.infer("slow", [x]).as_numpy("OUT")[0])
+                except InferenceServerException as exc:
+                    return str(exc.message())
 
-    try:
         with grpcclient.InferenceServerClient(server.grpc_url) as c:
             before = _stats(c, "slow")
             with ThreadPoolExecutor(6) as pool:
@@ -353,5 +352,3 @@ def test_a_burst_of_one_request_runs_the_model_once(tmp_path: Path) -> None:
             assert all(isinstance(f, str) and "negative" in f for f in failures), failures
             changes = _delta(_stats(c, "slow"), before)
             assert (changes["fail"], changes["hit"], changes["miss"]) == (3, 0, 0), changes
-    finally:
-        server.stop()

@@ -105,11 +105,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, grpc_frontend: str) -> Iter
     _write_oldest_model(root)
     _write_corrid_model(root)
     settings = settings_for(root, grpc_frontend=grpc_frontend)
-    running = ServerThread(settings, [OnnxRuntime]).start()
-    try:
+    with ServerThread(settings, [OnnxRuntime]) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

@@ -63,8 +63,7 @@ def test_strict_readiness_follows_the_models_and_the_mesh_signals_do_not(tmp_pat
         server_name="triton-a",
         flags=ServerFlags(strict_readiness=True),
     )
-    server = ServerThread(settings, [OnnxRuntime]).start()
-    try:
+    with ServerThread(settings, [OnnxRuntime]) as server:
         http = f"http://{server.http_url.removeprefix('http://')}"
         with grpcclient.InferenceServerClient(server.grpc_url) as c:
             assert c.get_server_metadata().name == "triton-a"  # --id
@@ -88,8 +87,6 @@ def test_strict_readiness_follows_the_models_and_the_mesh_signals_do_not(tmp_pat
             assert server.running is not None
             server.running.plane.strict_readiness = False  # without the flag: ready
             assert c.is_server_ready()
-    finally:
-        server.stop()
 
 
 def test_exit_on_error_stops_the_process_and_logs_why_to_the_file(tmp_path: Path) -> None:
@@ -192,20 +189,19 @@ def test_model_load_retry_count_tries_a_failed_load_again(tmp_path: Path) -> Non
         root.mkdir()
         _recording_models(root, ["flaky"], fails=2)  # the first two attempts fail
         settings = settings_for(root, flags=ServerFlags(model_load_retry_count=retries))
-        server = ServerThread(settings, [PythonRuntime]).start()
-        try:
-            with grpcclient.InferenceServerClient(server.grpc_url) as c:
-                (entry,) = c.get_model_repository_index().models
-                if retries:
-                    assert entry.state == "READY"
-                    x = grpcclient.InferInput("IN", [1], "FP32")
-                    x.set_data_from_numpy(np.array([2.5], np.float32))
-                    assert c.infer("flaky", [x]).as_numpy("OUT").tolist() == [2.5]
-                else:
-                    assert entry.state == "UNAVAILABLE"
-                    assert "load attempt 1 fails on purpose" in entry.reason
-        finally:
-            server.stop()
+        with (
+            ServerThread(settings, [PythonRuntime]) as server,
+            grpcclient.InferenceServerClient(server.grpc_url) as c,
+        ):
+            (entry,) = c.get_model_repository_index().models
+            if retries:
+                assert entry.state == "READY"
+                x = grpcclient.InferInput("IN", [1], "FP32")
+                x.set_data_from_numpy(np.array([2.5], np.float32))
+                assert c.infer("flaky", [x]).as_numpy("OUT").tolist() == [2.5]
+            else:
+                assert entry.state == "UNAVAILABLE"
+                assert "load attempt 1 fails on purpose" in entry.reason
         assert (root / "flaky" / "attempts").read_text() == ("3" if retries else "1")
 
 
@@ -213,12 +209,11 @@ def test_allow_cpu_metrics_false_leaves_the_host_metrics_out(tmp_path: Path) -> 
     build_repository(tmp_path, ["simple"])
     for allowed in (True, False):
         settings = settings_for(tmp_path, flags=ServerFlags(allow_cpu_metrics=allowed))
-        server = ServerThread(settings, [OnnxRuntime]).start()
-        try:
-            with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
-                page = response.read().decode()
-        finally:
-            server.stop()
+        with (
+            ServerThread(settings, [OnnxRuntime]) as server,
+            urllib.request.urlopen(server.metrics_url, timeout=10) as response,
+        ):
+            page = response.read().decode()
         names = ("nv_cpu_utilization ", "nv_cpu_memory_total_bytes ", "nv_cpu_memory_used_bytes ")
         assert all((name in page) == allowed for name in names), page[-600:]
         assert "nv_inference_count" in page

@@ -29,11 +29,8 @@ def tf_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread
     root: Path = tmp_path_factory.mktemp("tensorflow_models")
     build_tensorflow_repository(root)
     runtimes = [TensorflowRuntime, TensorflowGraphdefRuntime]
-    server = ServerThread(settings_for(root), runtimes).start()
-    try:
+    with ServerThread(settings_for(root), runtimes) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

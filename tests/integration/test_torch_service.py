@@ -27,11 +27,8 @@ from tests.support import ServerThread, batched_counts, settings_for  # noqa: E4
 def torch_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     root: Path = tmp_path_factory.mktemp("torch_models")
     build_torch_repository(root)
-    server = ServerThread(settings_for(root), [TorchRuntime]).start()
-    try:
+    with ServerThread(settings_for(root), [TorchRuntime]) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

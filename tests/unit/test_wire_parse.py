@@ -299,12 +299,11 @@ def test_deserializer_hands_the_error_to_the_handler() -> None:
 def channel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[grpc.Channel]:
     """A channel to a real server with no models (every infer names an unknown model)."""
     repo: Path = tmp_path_factory.mktemp("no_models")
-    server = ServerThread(settings_for(repo, http_port=-1, metrics_port=-1), []).start()
-    try:
-        with grpc.insecure_channel(server.grpc_url) as chan:
-            yield chan
-    finally:
-        server.stop()
+    with (
+        ServerThread(settings_for(repo, http_port=-1, metrics_port=-1), []) as server,
+        grpc.insecure_channel(server.grpc_url) as chan,
+    ):
+        yield chan
 
 
 def test_served_garbage_is_invalid_argument(channel: grpc.Channel) -> None:

@@ -63,11 +63,8 @@ def server(
     shutil.copytree(example_repo / "simple", root / "simple")
     shutil.copytree(example_repo / "simple", root / "batched")
     (root / "batched" / "config.pbtxt").write_text(BATCHED)
-    server = ServerThread(settings_for(root), [OnnxRuntime]).start()
-    try:
+    with ServerThread(settings_for(root), [OnnxRuntime]) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(autouse=True)

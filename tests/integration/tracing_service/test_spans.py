@@ -199,13 +199,10 @@ def test_bls_call_carries_the_trace_to_the_model_it_calls(
 
     build_python_repository(tmp_path, ["bls_python"])
     monkeypatch.setenv(gateway_client.GATEWAY_ENV, server.grpc_url)
-    python = ServerThread(settings_for(tmp_path), [PythonRuntime]).start()
-    header, trace_id, client_span = traceparent()
-    try:
+    with ServerThread(settings_for(tmp_path), [PythonRuntime]) as python:
+        header, trace_id, client_span = traceparent()
         with grpcclient.InferenceServerClient(python.grpc_url) as client:
             client.infer("bls_python", simple_inputs(), headers={"traceparent": header})
-    finally:
-        python.stop()
     bls_call = "BLS inference.GRPCInferenceService/ModelInfer"
     spans = wait_trace(receiver, control, trace_id, [INFER, INFER, bls_call])
     outer = one(spans, INFER, **{"model.name": "bls_python"})
