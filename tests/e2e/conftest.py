@@ -266,6 +266,22 @@ def add_cached_copy(repo: Path, model: str, name: str) -> None:
     (copy / "config.pbtxt").write_text(text_format.MessageToString(config))
 
 
+def use_gpu(repo: Path, models: list[str]) -> None:
+    """Give each of ``models`` in ``repo`` one KIND_GPU instance on GPU 0 instead of the
+    instances its config lists (a service refuses to load it where there is no CUDA device)."""
+    from google.protobuf import text_format
+
+    from protos.gen.inference import model_config_pb2 as mc
+    from services.core.config import load_config_file
+
+    for model in models:
+        path = repo / model / "config.pbtxt"
+        config = load_config_file(path)
+        del config.instance_group[:]
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1, gpus=[0])
+        path.write_text(text_format.MessageToString(config))
+
+
 # ---- extra service processes -----------------------------------------------------------------
 @dataclass
 class ServiceProcess:

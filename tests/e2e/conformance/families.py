@@ -3,11 +3,17 @@
 A new family joins by adding a ``Family`` entry to FAMILIES (its example builder, its add/sub
 model and tensor names, its identity model and the datatypes it carries). A family whose
 framework is not installed is left out of the mesh (AVAILABLE) and its tests skip (``need``).
+
+Two variables, for running the suite on a GPU machine (tests/device/README.md):
+``MESHSERVE_TEST_FAMILIES`` (e.g. ``torch``) keeps only those families in the mesh (the others
+skip), and ``MESHSERVE_TEST_GPU_FAMILIES`` (e.g. ``torch``) gives those families' models one
+KIND_GPU instance on GPU 0 instead of their CPU instances.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,7 +119,18 @@ FAMILIES = [
         sequence="sequence_python",
     ),
 ]
-AVAILABLE = [f for f in FAMILIES if importlib.util.find_spec(f.needs) is not None]
+
+
+def _names(variable: str) -> set[str]:
+    return {n.strip() for n in os.environ.get(variable, "").split(",") if n.strip()}
+
+
+SELECTED = _names("MESHSERVE_TEST_FAMILIES") or {f.name for f in FAMILIES}
+#: families whose models run on a KIND_GPU instance (GPU 0)
+ON_GPU = _names("MESHSERVE_TEST_GPU_FAMILIES")
+AVAILABLE = [
+    f for f in FAMILIES if f.name in SELECTED and importlib.util.find_spec(f.needs) is not None
+]
 
 
 def family_param() -> list[object]:
@@ -121,5 +138,7 @@ def family_param() -> list[object]:
 
 
 def need(family: Family) -> None:
+    if family.name not in SELECTED:
+        pytest.skip(f"{family.name}: not in MESHSERVE_TEST_FAMILIES")
     if family not in AVAILABLE:
         pytest.skip(f"{family.name}: {family.needs} is not installed")

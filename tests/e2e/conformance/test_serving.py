@@ -19,7 +19,7 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
-from tests.e2e.conformance.families import Family, family_param, need
+from tests.e2e.conformance.families import ON_GPU, Family, family_param, need
 from tests.e2e.conftest import MeshHandle, wait_for
 
 
@@ -50,6 +50,8 @@ def test_metadata_and_config(mesh: MeshHandle, family: Family) -> None:
         config = h.get_model_config(family.model)
         assert config["name"] == family.model
         assert (config["max_batch_size"] > 0) == family.batched
+        if family.name in ON_GPU:  # READY on KIND_GPU: the service found a CUDA device for it
+            assert [g["kind"] for g in config["instance_group"]] == ["KIND_GPU"]
         assert c.is_model_ready(family.model) and h.is_model_ready(family.model)
     finally:
         c.close()
