@@ -35,7 +35,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2
 
-from services.core.trace_config import OPENTELEMETRY, TRITON_DEFAULTS, TraceFlags
+from services.core.trace_config import OPENTELEMETRY, TRITON_DEFAULTS, TraceFlags, otlp_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,15 @@ def sampling_percent(sampler: str, arg: str) -> float:
     return 100.0
 
 
+def percent_for(level: str, rate: int) -> float:
+    """A trace level and rate as the gateway's random sampling: OFF → 0; rate N → 100/N percent
+    (0 → 0)."""
+    return 0.0 if level == "OFF" or rate <= 0 else 100.0 / rate
+
+
 def percent_from_trace_settings(settings: Mapping[str, list[str]]) -> float | None:
     """Triton's global trace settings (as the services answer them) as the gateway's random
-    sampling: ``trace_level`` OFF → 0; ``trace_rate`` N → 100/N percent (0 → 0). None when the
-    answer holds neither."""
+    sampling (``percent_for``). None when the answer holds neither setting."""
     level = settings.get("trace_level")
     if level is not None and "OFF" in level:
         return 0.0
@@ -83,23 +88,18 @@ def percent_from_trace_settings(settings: Mapping[str, list[str]]) -> float | No
     if not rate:
         return None if level is None else 100.0
     try:
-        n = int(rate[0])
+        return percent_for("TIMESTAMPS", int(rate[0]))
     except ValueError:
         return None
-    return 0.0 if n <= 0 else 100.0 / n
 
 
 def gateway_tracing_from_env(env: Mapping[str, str]) -> GatewayTracing | None:
     """The gateway's tracing from ``OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`` and the sampler
     variables; None (no tracing) when no endpoint is set or it cannot be used."""
-    endpoint = (
-        env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        or ""
-    ).strip()
+    endpoint = otlp_endpoint(env)
     if not endpoint:
         return None
-    parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+    parts = urlsplit(endpoint)
     if parts.scheme != "http" or not parts.hostname:
         log.warning(
             "gateway tracing off: the gateway exports spans over plaintext OTLP/gRPC only "
@@ -124,7 +124,7 @@ def gateway_tracing(flags: TraceFlags, env: Mapping[str, str]) -> GatewayTracing
         tracing = gateway_tracing_from_env(env)
         if tracing is None or (flags.level != "OFF" and flags.rate is None):
             return tracing  # the sampler variables' share
-        percent = 0.0 if flags.level == "OFF" else _percent("TIMESTAMPS", flags.rate or 0)
+        percent = percent_for(flags.level or "TIMESTAMPS", 1 if flags.rate is None else flags.rate)
         return replace(tracing, sampling_percent=percent)
     parts = urlsplit(flags.url)
     if parts.scheme != "http" or not parts.hostname:
@@ -138,14 +138,9 @@ def gateway_tracing(flags: TraceFlags, env: Mapping[str, str]) -> GatewayTracing
     return GatewayTracing(
         host=parts.hostname,
         port=parts.port or 80,
-        sampling_percent=_percent(start.level, start.rate),
+        sampling_percent=percent_for(start.level, start.rate),
         http_path=parts.path or "/",
     )
-
-
-def _percent(level: str, rate: int) -> float:
-    found = percent_from_trace_settings({"trace_level": [level], "trace_rate": [str(rate)]})
-    return 100.0 if found is None else found
 
 
 def hcm_tracing(tracing: GatewayTracing) -> hcm_pb2.HttpConnectionManager.Tracing:
