@@ -68,6 +68,8 @@ def settings_from_args(argv: Sequence[str] | None) -> ControlPlaneSettings:
     try:
         strict = triton_bool("--strict-readiness", a.strict_readiness)
         traces = trace_config.parse([("--trace-config", value) for value in a.trace_config])
+        # --trace-config or the standard OTEL_* variables turn the gateway's tracing on
+        tracing = gateway_tracing(traces, os.environ)
     except ValueError as exc:
         p.error(str(exc))
     return ControlPlaneSettings(
@@ -83,8 +85,7 @@ def settings_from_args(argv: Sequence[str] | None) -> ControlPlaneSettings:
         restored_lease_secs=a.restored_lease_secs,
         warmup_secs=a.warmup_secs,
         strict_readiness=strict,
-        # --trace-config or the standard OTEL_* variables turn the gateway's tracing on
-        gateway_tracing=gateway_tracing(traces, os.environ),
+        gateway_tracing=tracing,
     )
 
 

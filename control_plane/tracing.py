@@ -2,61 +2,60 @@
 
 Data flow: the control plane reads Triton's tracing flags (``--trace-config``, as ``meshserve up``
 hands them on) and the standard OTLP variables once at start (``gateway_tracing``); with a
-collector named, ``translate`` adds ``collector_cluster`` (a cluster to the collector: HTTP/1.1
-for OTLP/HTTP, HTTP/2 for OTLP/gRPC) and both listeners' connection managers get
-``hcm_tracing``: Envoy's ``envoy.tracers.opentelemetry`` tracer, exporting its spans (service
-``meshserve-gateway``) to that cluster. Envoy joins the caller's W3C trace context when the request
-carries one, starts a trace otherwise (``random_sampling`` percent of requests), and sends
-``traceparent`` upstream, so the services' spans are children of the gateway's.
+collector named, ``translate`` adds ``collector.collector_cluster`` (a cluster to the
+collector: HTTP/1.1 for OTLP/HTTP, HTTP/2 for OTLP/gRPC, TLS for an ``https://`` one) and both
+listeners' connection managers get ``hcm_tracing``: Envoy's ``envoy.tracers.opentelemetry``
+tracer, exporting its spans (service ``meshserve-gateway``, with the resource attributes the
+services have) to that cluster, with the exporter headers. Envoy joins the caller's W3C trace
+context when the request carries one, starts a trace otherwise (``random_sampling`` percent of
+requests), and sends ``traceparent`` upstream, so the services' spans are children of the gateway's.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from urllib.parse import urlsplit
 
-from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import (
-    address_pb2,
+    base_pb2,
+    extension_pb2,
     grpc_service_pb2,
     http_service_pb2,
     http_uri_pb2,
-    protocol_pb2,
 )
-from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.trace.v3 import http_tracer_pb2, opentelemetry_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
-from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.extensions.tracers.opentelemetry.resource_detectors.v3 import (
+    static_config_resource_detector_pb2 as static_resource_pb2,
+)
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2
 
+from control_plane.collector import COLLECTOR_CLUSTER, Collector, collector_at
+from services.core import otlp_env
 from services.core.trace_config import OPENTELEMETRY, TRITON_DEFAULTS, TraceFlags, otlp_endpoint
 
 log = logging.getLogger(__name__)
 
-COLLECTOR_CLUSTER = "otel-collector"
 GATEWAY_SERVICE_NAME = "meshserve-gateway"
 TRACER = "envoy.tracers.opentelemetry"
-_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_STATIC_RESOURCE = "envoy.tracers.opentelemetry.resource_detectors.static_config"
 
 
 @dataclass(frozen=True, slots=True)
 class GatewayTracing:
     """Where the gateway exports its spans, and which share of new traces it samples."""
 
-    #: the collector (plaintext)
-    host: str
-    port: int
+    collector: Collector
     #: percent of requests without a sampled caller context that start a trace (0-100)
     sampling_percent: float = 100.0
     service_name: str = GATEWAY_SERVICE_NAME
-    #: OTLP/HTTP: the path spans are POSTed to (e.g. "/v1/traces"); "": OTLP/gRPC
-    http_path: str = ""
+    #: resource attributes besides ``service.name`` (the services' own, from the same flags and
+    #: ``OTEL_RESOURCE_ATTRIBUTES``)
+    resource: tuple[tuple[str, str], ...] = ()
 
 
 def sampling_percent(sampler: str, arg: str) -> float:
@@ -94,118 +93,93 @@ def percent_from_trace_settings(settings: Mapping[str, list[str]]) -> float | No
 
 
 def gateway_tracing_from_env(env: Mapping[str, str]) -> GatewayTracing | None:
-    """The gateway's tracing from ``OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`` and the sampler
-    variables; None (no tracing) when no endpoint is set or it cannot be used."""
+    """The gateway's tracing from ``OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`` (OTLP/gRPC) and the
+    sampler variables; None (no tracing) when no endpoint is set. ValueError: see
+    ``collector_at``."""
     endpoint = otlp_endpoint(env)
     if not endpoint:
         return None
-    parts = urlsplit(endpoint)
-    if parts.scheme != "http" or not parts.hostname:
-        log.warning(
-            "gateway tracing off: the gateway exports spans over plaintext OTLP/gRPC only "
-            "(an http://host:port endpoint), got %r",
-            endpoint,
-        )
-        return None
     return GatewayTracing(
-        host=parts.hostname,
-        port=parts.port or 4317,
+        collector=collector_at(endpoint, env, http=False),
         sampling_percent=sampling_percent(
             env.get("OTEL_TRACES_SAMPLER", ""), env.get("OTEL_TRACES_SAMPLER_ARG", "")
         ),
+        resource=_resource(TraceFlags(), env),
     )
+
+
+def _resource(flags: TraceFlags, env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """``OTEL_RESOURCE_ATTRIBUTES`` with ``opentelemetry,resource=`` over them, as the services
+    have them, less ``service.name`` (the gateway keeps its own)."""
+    merged = dict(otlp_env.resource_attributes(env)) | dict(flags.resource)
+    merged.pop("service.name", None)
+    return tuple(merged.items())
 
 
 def gateway_tracing(flags: TraceFlags, env: Mapping[str, str]) -> GatewayTracing | None:
     """The gateway's tracing: Triton's ``--trace-config mode=opentelemetry`` (OTLP/HTTP to its
     URL, sampling by its rate and level, Triton's defaults for those not given), else the OTLP
-    variables (``gateway_tracing_from_env``) with the rate and level given, if any."""
+    variables (``gateway_tracing_from_env``) with the rate and level given, if any. ValueError
+    when the collector cannot be reached as named (``collector.collector_at``)."""
     if flags.mode != OPENTELEMETRY:
         tracing = gateway_tracing_from_env(env)
         if tracing is None or (flags.level != "OFF" and flags.rate is None):
             return tracing  # the sampler variables' share
         percent = percent_for(flags.level or "TIMESTAMPS", 1 if flags.rate is None else flags.rate)
         return replace(tracing, sampling_percent=percent)
-    parts = urlsplit(flags.url)
-    if parts.scheme != "http" or not parts.hostname:
-        log.warning(
-            "gateway tracing off: the gateway exports spans over plaintext OTLP only "
-            "(an http:// URL), got %r",
-            flags.url,
-        )
-        return None
     start = flags.start_settings(TRITON_DEFAULTS)
     return GatewayTracing(
-        host=parts.hostname,
-        port=parts.port or 80,
+        collector=collector_at(flags.url, env, http=True),
         sampling_percent=percent_for(start.level, start.rate),
-        http_path=parts.path or "/",
+        resource=_resource(flags, env),
     )
 
 
 def hcm_tracing(tracing: GatewayTracing) -> hcm_pb2.HttpConnectionManager.Tracing:
-    """A connection manager's ``tracing``: the OpenTelemetry tracer exporting to the collector."""
+    """A connection manager's ``tracing``: the OpenTelemetry tracer exporting to the collector,
+    with the exporter headers and the resource attributes."""
     timeout = duration_pb2.Duration(seconds=1)
-    if tracing.http_path:
-        uri = f"http://{tracing.host}:{tracing.port}{tracing.http_path}"
-        config = opentelemetry_pb2.OpenTelemetryConfig(
-            http_service=http_service_pb2.HttpService(
-                http_uri=http_uri_pb2.HttpUri(uri=uri, cluster=COLLECTOR_CLUSTER, timeout=timeout)
-            ),
-            service_name=tracing.service_name,
+    collector = tracing.collector
+    config = opentelemetry_pb2.OpenTelemetryConfig(service_name=tracing.service_name)
+    if collector.http_path:
+        config.http_service.CopyFrom(
+            http_service_pb2.HttpService(
+                http_uri=http_uri_pb2.HttpUri(
+                    uri=collector.url, cluster=COLLECTOR_CLUSTER, timeout=timeout
+                ),
+                request_headers_to_add=[
+                    base_pb2.HeaderValueOption(
+                        header=base_pb2.HeaderValue(key=key, value=value),
+                        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+                    )
+                    for key, value in collector.headers
+                ],
+            )
         )
     else:
-        config = opentelemetry_pb2.OpenTelemetryConfig(
-            grpc_service=grpc_service_pb2.GrpcService(
+        config.grpc_service.CopyFrom(
+            grpc_service_pb2.GrpcService(
                 envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=COLLECTOR_CLUSTER),
                 timeout=timeout,
+                initial_metadata=[
+                    base_pb2.HeaderValue(key=key, value=value) for key, value in collector.headers
+                ],
+            )
+        )
+    if tracing.resource:
+        detector = any_pb2.Any()
+        detector.Pack(
+            static_resource_pb2.StaticConfigResourceDetectorConfig(
+                attributes=dict(tracing.resource)
             ),
-            service_name=tracing.service_name,
+            deterministic=True,
+        )
+        config.resource_detectors.append(
+            extension_pb2.TypedExtensionConfig(name=_STATIC_RESOURCE, typed_config=detector)
         )
     packed = any_pb2.Any()
     packed.Pack(config, deterministic=True)
     return hcm_pb2.HttpConnectionManager.Tracing(
         provider=http_tracer_pb2.Tracing.Http(name=TRACER, typed_config=packed),
         random_sampling=percent_pb2.Percent(value=tracing.sampling_percent),
-    )
-
-
-def collector_cluster(tracing: GatewayTracing) -> cluster_pb2.Cluster:
-    """The collector as a cluster (HTTP/2 for OTLP/gRPC, HTTP/1.1 for OTLP/HTTP): STATIC for an
-    IP address, else resolved by DNS."""
-    is_ip = True
-    try:
-        ipaddress.ip_address(tracing.host)
-    except ValueError:
-        is_ip = False
-    explicit = http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
-        http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
-    )
-    if tracing.http_path:
-        explicit = http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
-            http_protocol_options=protocol_pb2.Http1ProtocolOptions()
-        )
-    options = any_pb2.Any()
-    options.Pack(
-        http_protocol_options_pb2.HttpProtocolOptions(explicit_http_config=explicit),
-        deterministic=True,
-    )
-    endpoint = endpoint_components_pb2.LbEndpoint(
-        endpoint=endpoint_components_pb2.Endpoint(
-            address=address_pb2.Address(
-                socket_address=address_pb2.SocketAddress(
-                    address=tracing.host, port_value=tracing.port
-                )
-            )
-        )
-    )
-    return cluster_pb2.Cluster(
-        name=COLLECTOR_CLUSTER,
-        type=cluster_pb2.Cluster.STATIC if is_ip else cluster_pb2.Cluster.STRICT_DNS,
-        connect_timeout=duration_pb2.Duration(seconds=1),
-        typed_extension_protocol_options={_PROTOCOL_OPTIONS: options},
-        load_assignment=endpoint_pb2.ClusterLoadAssignment(
-            cluster_name=COLLECTOR_CLUSTER,
-            endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[endpoint])],
-        ),
     )

@@ -32,6 +32,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
+from control_plane.collector import collector_cluster
 from control_plane.filters import grpc_listener, http_listener
 from control_plane.mirror import active_mirror
 from control_plane.model import Address, MeshState, ServiceInstance, cluster_name, http_cluster_name
@@ -42,7 +43,7 @@ from control_plane.routes import (
     grpc_route_config,
     http_route_config,
 )
-from control_plane.tracing import GatewayTracing, collector_cluster
+from control_plane.tracing import GatewayTracing
 
 _PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
@@ -90,7 +91,7 @@ def translate(
     if state.front_http is not None:
         clusters.append(_static_cluster(FRONT_HTTP_CLUSTER, state.front_http, http2=False))
     if tracing is not None:
-        clusters.append(collector_cluster(tracing))
+        clusters.append(collector_cluster(tracing.collector))
 
     # a model that has REST on no replica has no model-http clusters: its REST goes to the front
     rest_models = [

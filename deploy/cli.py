@@ -24,7 +24,7 @@ from services.core.latency_metrics import parse_metrics_config
 from services.core.response_cache import parse_cache_config
 from services.core.server_flags import add_server_flags, given_argv, server_flags_from
 from services.core.settings import add_auto_complete_flags, auto_complete_from
-from services.core.trace_config import missing_collector
+from services.core.trace_config import collector_problem
 
 
 def _call(url: str, method: str = "GET", body: dict[str, Any] | None = None) -> Any:
@@ -122,9 +122,9 @@ def up_settings(a: argparse.Namespace) -> MeshSettings:
         flags = server_flags_from(a)
     except ValueError as exc:
         raise SystemExit(f"meshserve: {exc}") from None
-    missing = missing_collector(flags.trace, os.environ)
-    if missing:
-        raise SystemExit(f"meshserve: {missing}")
+    problem = collector_problem(flags.trace, os.environ)
+    if problem:
+        raise SystemExit(f"meshserve: {problem}")
     return MeshSettings(
         repository=a.model_repository.resolve(),
         host=a.host,

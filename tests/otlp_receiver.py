@@ -3,18 +3,22 @@
 to ``/v1/traces``, as Triton's ``--trace-config opentelemetry,url=`` sends them).
 
 Services (in-process or subprocesses) and Envoy export to ``endpoint``; every span received is
-kept as a ``ReceivedSpan`` (ids as hex, the exporting service's name, attributes as plain values),
-and ``wait_for`` polls them with a deadline instead of sleeping.
+kept as a ``ReceivedSpan`` (ids as hex, the exporting service's name and resource, attributes as
+plain values), and ``wait_for`` polls them with a deadline instead of sleeping. Given
+``tls`` (``tests.tls_certs``), a receiver serves TLS with the server certificate (``https://``),
+and with ``client_auth`` asks for a client certificate signed by the same CA; the headers (or gRPC
+metadata) of every export are kept in ``headers``.
 """
 
 from __future__ import annotations
 
 import gzip
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -23,6 +27,8 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as ts_grpc
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
+
+from tests.tls_certs import TlsFiles
 
 SPAN_KIND_SERVER = trace_pb2.Span.SPAN_KIND_SERVER
 SPAN_KIND_CLIENT = trace_pb2.Span.SPAN_KIND_CLIENT
@@ -49,6 +55,8 @@ class ReceivedSpan:
     attributes: dict[str, Any]
     status_code: int
     status_message: str
+    #: the exporting resource's attributes
+    resource: dict[str, Any] = field(default_factory=dict)
 
 
 def received_spans(request: ts_pb2.ExportTraceServiceRequest) -> list[ReceivedSpan]:
@@ -72,6 +80,7 @@ def received_spans(request: ts_pb2.ExportTraceServiceRequest) -> list[ReceivedSp
                         attributes={a.key: _value(a.value) for a in s.attributes},
                         status_code=s.status.code,
                         status_message=s.status.message,
+                        resource=resource,
                     )
                 )
     return spans
@@ -84,6 +93,7 @@ class _TraceService(ts_grpc.TraceServiceServicer):
     def Export(  # noqa: N802 (the RPC's name)
         self, request: ts_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
     ) -> ts_pb2.ExportTraceServiceResponse:
+        self._sink.headers.append(dict(context.invocation_metadata()))
         self._sink.add(received_spans(request))
         return ts_pb2.ExportTraceServiceResponse()
 
@@ -94,6 +104,8 @@ class _SpanSink:
     def __init__(self) -> None:
         self._spans: list[ReceivedSpan] = []
         self._lock = threading.Lock()
+        #: each export's headers (HTTP) or metadata (gRPC), names in lower case
+        self.headers: list[dict[str, str]] = []
 
     def add(self, spans: Sequence[ReceivedSpan]) -> None:
         with self._lock:
@@ -140,15 +152,24 @@ class OtlpReceiver(_SpanSink):
     """``with OtlpReceiver() as receiver:`` serves OTLP/gRPC on 127.0.0.1:<port> until the block
     ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: TlsFiles | None = None, client_auth: bool = False) -> None:
         super().__init__()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         ts_grpc.add_TraceServiceServicer_to_server(_TraceService(self), self._server)
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self.tls = tls is not None
+        if tls is None:
+            self.port = self._server.add_insecure_port("127.0.0.1:0")
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(tls.server_key.read_bytes(), tls.server_cert.read_bytes())],
+                root_certificates=tls.ca.read_bytes() if client_auth else None,
+                require_client_auth=client_auth,
+            )
+            self.port = self._server.add_secure_port("127.0.0.1:0", credentials)
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def __enter__(self) -> OtlpReceiver:
         self._server.start()
@@ -166,7 +187,7 @@ class OtlpHttpReceiver(_SpanSink):
 
     PATH = "/v1/traces"
 
-    def __init__(self) -> None:
+    def __init__(self, tls: TlsFiles | None = None, client_auth: bool = False) -> None:
         super().__init__()
         self.refused: list[str] = []
         sink = self
@@ -181,6 +202,7 @@ class OtlpHttpReceiver(_SpanSink):
                     sink.refused.append(f"POST {self.path} ({kind}, {len(body)} bytes)")
                     self.send_error(404 if self.path != sink.PATH else 415)
                     return
+                sink.headers.append({k.lower(): v for k, v in self.headers.items()})
                 sink.add(received_spans(ts_pb2.ExportTraceServiceRequest.FromString(body)))
                 answer = ts_pb2.ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
@@ -205,11 +227,19 @@ class OtlpHttpReceiver(_SpanSink):
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = int(self._server.server_address[1])
+        self.tls = tls is not None
+        if tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(tls.server_cert, tls.server_key)
+            if client_auth:
+                context.load_verify_locations(tls.ca)
+                context.verify_mode = ssl.CERT_REQUIRED
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}{self.PATH}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}{self.PATH}"
 
     def __enter__(self) -> OtlpHttpReceiver:
         self._thread.start()

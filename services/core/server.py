@@ -53,7 +53,7 @@ from services.core.registration import (
 from services.core.response_cache import CacheMetricsCollector
 from services.core.runtime import Runtime
 from services.core.settings import ServerSettings, settings_from_args
-from services.core.trace_config import missing_collector
+from services.core.trace_config import collector_problem
 from services.core.tracing import configure_tracing
 from services.core.wire import deserialize_infer
 
@@ -368,9 +368,9 @@ def run_service(
         log.warning("%s has no effect in meshserve: %s", flag, why)
     for value in settings.flags.unused_backend_config([rt.backend for rt in runtimes]):
         log.warning("--backend-config %s: no meshserve %s service reads it", value, family)
-    missing = missing_collector(settings.flags.trace, os.environ)
-    if missing:
-        log.error("%s", missing)
+    problem = collector_problem(settings.flags.trace, os.environ)
+    if problem:
+        log.error("%s", problem)
         return 2
     # OpenTelemetry SDK, only when a collector is named (--trace-config or OTEL_EXPORTER_OTLP_*);
     # flushed once serve returns

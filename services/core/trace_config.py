@@ -17,7 +17,7 @@ What Triton's flags mean here:
   ``rate`` 1000, ``count`` -1; the ``OTEL_TRACES_SAMPLER`` variables are then not read.
 - Without the mode, the global settings (``rate``, ``level``, ``count``, or ``--trace-rate``,
   ``--trace-level``, ``--trace-count``) start the sampling of the tracing the ``OTEL_*``
-  variables set up; ``missing_collector`` refuses ``level=TIMESTAMPS`` when nothing names a
+  variables set up; ``collector_problem`` refuses ``level=TIMESTAMPS`` when nothing names a
   collector, rather than trace into nothing.
 - Triton's own mode (``mode=triton``, ``triton,file=``, ``triton,log-frequency=``,
   ``--trace-file``, ``--trace-log-frequency``) writes trace files, which meshserve does not:
@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from services.core import otlp_env
 from services.core.flag_values import whole_number
 from services.core.trace_settings import TraceSettings
 
@@ -220,9 +221,16 @@ def otlp_endpoint(env: Mapping[str, str]) -> str:
     return endpoint
 
 
-def missing_collector(flags: TraceFlags, env: Mapping[str, str]) -> str | None:
-    """Why the flags ask for spans that nothing would receive (None: they do not)."""
-    if flags.mode or flags.level != "TIMESTAMPS" or otlp_endpoint(env):
+def collector_problem(flags: TraceFlags, env: Mapping[str, str]) -> str | None:
+    """Why the tracing set up by the flags and ``env`` cannot start (None: it can): spans asked
+    for that nothing would receive, or a collector named with exporter variables that are wrong
+    (``otlp_env.problem``)."""
+    endpoint = otlp_endpoint(env)
+    if endpoint and urlsplit(endpoint).scheme not in ("http", "https"):
+        return f"{ENDPOINT_ENV}={endpoint}: give the collector as an http:// or https:// URL"
+    if flags.mode or endpoint:
+        return otlp_env.problem(env)
+    if flags.level != "TIMESTAMPS":
         return None
     return (
         f"--trace-config level=TIMESTAMPS asks for spans, but no collector is named: {_TRITON_MODE}"

@@ -13,7 +13,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
+import grpc
+import requests
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -28,7 +32,7 @@ from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes
 
-from services.core import tracing
+from services.core import otlp_env, tracing
 from services.core.trace_config import (
     ENDPOINT_ENV,
     OPENTELEMETRY,
@@ -46,6 +50,50 @@ SAMPLER_ENV = "OTEL_TRACES_SAMPLER"
 SAMPLER_ARG_ENV = "OTEL_TRACES_SAMPLER_ARG"
 #: W3C tracestate key marking a trace a meshserve service sampled (and took from trace_count)
 COUNTED_KEY = "meshserve"
+
+
+class PinnedCaSession(requests.Session):
+    """Verifies the collector with the CA file the exporter is given
+    (``OTEL_EXPORTER_OTLP_CERTIFICATE``) also where ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE``
+    is set: requests lets those replace a session's ``verify``, so a collector with a private CA
+    would be refused."""
+
+    def merge_environment_settings(
+        self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any
+    ) -> dict[str, Any]:
+        merged: dict[str, Any] = super().merge_environment_settings(
+            url, proxies, stream, verify, cert
+        )
+        merged["verify"] = self.verify if verify is None else verify
+        return merged
+
+
+def otlp_exporter(endpoint: str, protocol: str, env: Mapping[str, str]) -> SpanExporter:
+    """The SDK's OTLP exporter (``protocol`` "HTTP" or "gRPC") with the TLS files of the standard
+    variables as ``otlp_env`` reads them (each ``TRACES_`` one, else the general one: the rule the
+    gateway follows too); the SDK reads the headers and the rest itself."""
+    files = otlp_env.tls_files(env)
+    ca_file = files.get(otlp_env.CA_FILE)
+    if protocol == "HTTP":
+        return HttpSpanExporter(
+            endpoint=endpoint,
+            certificate_file=ca_file,
+            client_key_file=files.get(otlp_env.CLIENT_KEY),
+            client_certificate_file=files.get(otlp_env.CLIENT_CERTIFICATE),
+            session=PinnedCaSession() if ca_file else None,
+        )
+    if not endpoint.startswith("https://"):
+        return OTLPSpanExporter(endpoint=endpoint)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(ca_file),
+        private_key=_read(files.get(otlp_env.CLIENT_KEY)),
+        certificate_chain=_read(files.get(otlp_env.CLIENT_CERTIFICATE)),
+    )
+    return OTLPSpanExporter(endpoint=endpoint, credentials=credentials)
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
 
 
 class RuntimeSampler(Sampler):
@@ -141,11 +189,7 @@ def build(
     }
     provider = TracerProvider(sampler=RuntimeSampler(store), resource=Resource.create(attributes))
     if exporter is None:
-        exporter = (
-            HttpSpanExporter(endpoint=endpoint)
-            if protocol == "HTTP"
-            else OTLPSpanExporter(endpoint=endpoint)
-        )
+        exporter = otlp_exporter(endpoint, protocol, env)
     bsp = dict(flags.bsp)
     provider.add_span_processor(
         BatchSpanProcessor(

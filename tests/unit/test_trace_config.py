@@ -14,14 +14,15 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from control_plane.__main__ import settings_from_args as control_plane_settings
-from control_plane.tracing import collector_cluster, gateway_tracing, hcm_tracing
+from control_plane.collector import collector_cluster
+from control_plane.tracing import gateway_tracing, hcm_tracing
 from deploy.cli import build_parser, up_settings
 from deploy.supervisor import control_plane_command, service_argv
 from services.core.settings import settings_from_args
 from services.core.trace_config import (
     DEFAULT_URL,
     TraceFlags,
-    missing_collector,
+    collector_problem,
     parse,
     traces_url,
 )
@@ -132,10 +133,10 @@ def test_start_settings_take_tritons_defaults_in_opentelemetry_mode() -> None:
 
 def test_timestamps_without_a_collector_is_refused_before_start() -> None:
     asked = _config("level=TIMESTAMPS")
-    assert "no collector is named" in (missing_collector(asked, {}) or "")
-    assert missing_collector(asked, ENV) is None
-    assert missing_collector(_config("mode=opentelemetry", "level=TIMESTAMPS"), {}) is None
-    assert missing_collector(_config("rate=5"), {}) is None
+    assert "no collector is named" in (collector_problem(asked, {}) or "")
+    assert collector_problem(asked, ENV) is None
+    assert collector_problem(_config("mode=opentelemetry", "level=TIMESTAMPS"), {}) is None
+    assert collector_problem(_config("rate=5"), {}) is None
 
 
 def test_opentelemetry_mode_builds_an_otlp_http_exporter_with_the_settings() -> None:
@@ -184,14 +185,19 @@ def test_the_gateway_exports_over_otlp_http_with_the_same_sampling() -> None:
         _config("opentelemetry,url=127.0.0.1:4318/v1/traces", "level=TIMESTAMPS", "rate=4"), {}
     )
     assert tracing is not None
-    assert (tracing.host, tracing.port, tracing.http_path) == ("127.0.0.1", 4318, "/v1/traces")
+    collector = tracing.collector
+    assert (collector.host, collector.port, collector.http_path) == (
+        "127.0.0.1",
+        4318,
+        "/v1/traces",
+    )
     assert tracing.sampling_percent == 25.0
     config = opentelemetry_pb2.OpenTelemetryConfig()
     assert hcm_tracing(tracing).provider.typed_config.Unpack(config)
     assert config.http_service.http_uri.uri == "http://127.0.0.1:4318/v1/traces"
     assert not config.HasField("grpc_service")
     options = http_protocol_options_pb2.HttpProtocolOptions()
-    cluster = collector_cluster(tracing)
+    cluster = collector_cluster(collector)
     next(iter(cluster.typed_extension_protocol_options.values())).Unpack(options)
     assert options.explicit_http_config.HasField("http_protocol_options")  # HTTP/1.1
     # Triton's default level is OFF: the gateway starts no trace either
@@ -199,15 +205,15 @@ def test_the_gateway_exports_over_otlp_http_with_the_same_sampling() -> None:
     assert off is not None and off.sampling_percent == 0.0
     # without the mode, the OTLP/gRPC variables name the collector and the rate samples
     from_env = gateway_tracing(_config("rate=10"), ENV)
-    assert from_env is not None and (from_env.http_path, from_env.sampling_percent) == ("", 10.0)
+    assert from_env is not None and from_env.sampling_percent == 10.0
+    assert from_env.collector.http_path == ""
     from_env_off = gateway_tracing(_config("level=OFF"), ENV)
     assert from_env_off is not None and from_env_off.sampling_percent == 0.0
     ratio = {**ENV, "OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"}
     from_sampler = gateway_tracing(_config("level=TIMESTAMPS"), ratio)
     assert from_sampler is not None and from_sampler.sampling_percent == 50.0
-    assert (
-        gateway_tracing(_config("mode=opentelemetry", "opentelemetry,url=https://x/t"), {}) is None
-    )
+    https = gateway_tracing(_config("mode=opentelemetry", "opentelemetry,url=https://x/t"), {})
+    assert https is not None and (https.collector.tls, https.collector.port) == (True, 443)
 
 
 def test_up_hands_the_trace_flags_to_every_service_and_the_control_plane(tmp_path: Path) -> None:

