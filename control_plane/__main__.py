@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from control_plane.app import ControlPlane, ControlPlaneSettings
+from control_plane.gateway_tls import add_tls_flags, tls_from_args
 from control_plane.tracing import gateway_tracing
 from services.core import trace_config
 from services.core.server_flags import triton_bool
@@ -57,6 +58,14 @@ def settings_from_args(argv: Sequence[str] | None) -> ControlPlaneSettings:
         help="ServerReady only when every registered model version is READY (tritonserver's flag)",
     )
     p.add_argument(
+        "--gateway-internal-grpc-port",
+        type=int,
+        default=0,
+        help="a plaintext gRPC listener with the same routes, for the mesh's own callers when "
+        "the public one serves TLS (0: none)",
+    )
+    add_tls_flags(p)
+    p.add_argument(
         "--trace-config",
         action="append",
         default=[],
@@ -70,6 +79,7 @@ def settings_from_args(argv: Sequence[str] | None) -> ControlPlaneSettings:
         traces = trace_config.parse([("--trace-config", value) for value in a.trace_config])
         # --trace-config or the standard OTEL_* variables turn the gateway's tracing on
         tracing = gateway_tracing(traces, os.environ)
+        tls = tls_from_args(a)
     except ValueError as exc:
         p.error(str(exc))
     return ControlPlaneSettings(
@@ -86,6 +96,8 @@ def settings_from_args(argv: Sequence[str] | None) -> ControlPlaneSettings:
         warmup_secs=a.warmup_secs,
         strict_readiness=strict,
         gateway_tracing=tracing,
+        gateway_tls=tls,
+        gateway_internal_grpc_port=a.gateway_internal_grpc_port,
     )
 
 

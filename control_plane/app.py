@@ -26,6 +26,7 @@ from control_plane.consul import ConsulSource
 from control_plane.front import add_front_to_server
 from control_plane.front_core import Front
 from control_plane.front_http import build_front_app
+from control_plane.gateway_tls import GatewayTls
 from control_plane.model import Address, MeshState, ServiceInstance
 from control_plane.policy import PolicyStore
 from control_plane.registry import Registry, RegistryServicer
@@ -84,6 +85,10 @@ class ControlPlaneSettings:
     #: tritonserver's --strict-readiness: the gateway's ServerReady also needs every model
     #: version the services registered READY (one unloaded on request does not count)
     strict_readiness: bool = False
+    #: tritonserver's --grpc-use-ssl flags: TLS on the gateway's gRPC listener; None = plaintext
+    gateway_tls: GatewayTls | None = None
+    #: a plaintext gRPC listener with the same routes, for the mesh's own callers (0 = none)
+    gateway_internal_grpc_port: int = 0
 
 
 class ControlPlane:
@@ -172,6 +177,8 @@ class ControlPlane:
             http_port=s.gateway_http_port,
             host=s.host,
             tracing=s.gateway_tracing,
+            tls=s.gateway_tls,
+            internal_grpc_port=s.gateway_internal_grpc_port,
         )
         try:
             snapshot = make_snapshot(resources)

@@ -13,8 +13,9 @@ The gRPC listener's filter chain is what routes a request by its body:
 
 Header routes and compressed requests switch the first two off per route (see routes.py). The
 REST listener runs ``meshserve.sequence`` (its JSON form) → ``router``.
-With ``GatewayTracing`` given, both connection managers trace with Envoy's OpenTelemetry tracer
-(``control_plane.tracing``).
+With ``GatewayTls`` given, the gRPC listener serves TLS (and a plaintext twin may serve the
+mesh's own callers, see gateway_tls.py). With ``GatewayTracing`` given, both connection managers
+trace with Envoy's OpenTelemetry tracer (``control_plane.tracing``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
+from control_plane.gateway_tls import GatewayTls, downstream_tls
 from control_plane.routes import EXTRACTION_FILTER, GRPC_ROUTES, HTTP_ROUTES, LUA_FILTER
 from control_plane.sequence_affinity import (
     GRPC_SOURCE,
@@ -66,9 +68,14 @@ end
 
 
 def grpc_listener(
-    host: str, port: int, tracing: GatewayTracing | None = None
+    host: str,
+    port: int,
+    tracing: GatewayTracing | None = None,
+    tls: GatewayTls | None = None,
+    name: str = GRPC_LISTENER,
 ) -> listener_pb2.Listener:
-    """Listener ``grpc``: gRPC clients, routed by header or by request body."""
+    """Listener ``grpc``: gRPC clients, routed by header or by request body; over TLS with
+    ``tls`` (control_plane/gateway_tls.py)."""
     filters = [
         _http_filter(EXTRACTION_FILTER, _extraction_config()),
         _http_filter(
@@ -86,7 +93,10 @@ def grpc_listener(
     ]
     hcm = _connection_manager(GRPC_LISTENER, GRPC_ROUTES, filters, tracing)
     hcm.stream_idle_timeout.CopyFrom(duration_pb2.Duration(seconds=STREAM_IDLE_TIMEOUT_S))
-    return _listener(GRPC_LISTENER, host, port, hcm)
+    listener = _listener(name, host, port, hcm)
+    if tls is not None:
+        listener.filter_chains[0].transport_socket.CopyFrom(downstream_tls(tls))
+    return listener
 
 
 def http_listener(

@@ -34,6 +34,7 @@ from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from control_plane.collector import collector_cluster
 from control_plane.filters import grpc_listener, http_listener
+from control_plane.gateway_tls import INTERNAL_GRPC_LISTENER, LOOPBACK, GatewayTls
 from control_plane.mirror import active_mirror
 from control_plane.model import Address, MeshState, ServiceInstance, cluster_name, http_cluster_name
 from control_plane.routes import (
@@ -65,9 +66,13 @@ def translate(
     http_port: int,
     host: str = "127.0.0.1",
     tracing: GatewayTracing | None = None,
+    tls: GatewayTls | None = None,
+    internal_grpc_port: int = 0,
 ) -> Resources:
     """The gateway's resources for ``state``; the listeners bind ``host`` at the two ports and
-    trace to ``tracing``'s collector when it is given."""
+    trace to ``tracing``'s collector when it is given. With ``tls`` the gRPC listener serves
+    TLS; ``internal_grpc_port`` (0: none) adds a plaintext gRPC listener with the same routes, on
+    loopback only."""
     replicas = ready_replicas(state.instances)
     models = model_routes(state, replicas)
     has_front = (state.front_grpc is not None, state.front_http is not None)
@@ -99,11 +104,16 @@ def translate(
         for m in models
         if all(http_cluster_name(m.name, v) in _names(clusters) for v in m.versions)
     ]
+    listeners = [
+        grpc_listener(host, grpc_port, tracing, tls),
+        http_listener(host, http_port, tracing),
+    ]
+    if internal_grpc_port:
+        listeners.append(
+            grpc_listener(LOOPBACK, internal_grpc_port, tracing, name=INTERNAL_GRPC_LISTENER)
+        )
     return Resources(
-        listeners=[
-            grpc_listener(host, grpc_port, tracing),
-            http_listener(host, http_port, tracing),
-        ],
+        listeners=listeners,
         routes=[
             grpc_route_config(models, has_front=has_front[0]),
             http_route_config(rest_models, has_front=has_front[1]),

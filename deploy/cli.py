@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import sys
 import urllib.error
 import urllib.request
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from control_plane.gateway_tls import LOOPBACK, add_tls_flags, tls_from_args
 from deploy import infer
 from deploy.supervisor import MeshSettings, MeshStartError, run_until_signal
 from services.core.latency_metrics import parse_metrics_config
@@ -120,6 +122,7 @@ def up_settings(a: argparse.Namespace) -> MeshSettings:
         parse_metrics_config(a.metrics_config)
         auto_complete = auto_complete_from(a)
         flags = server_flags_from(a)
+        tls = tls_from_args(a)
     except ValueError as exc:
         raise SystemExit(f"meshserve: {exc}") from None
     problem = collector_problem(flags.trace, os.environ)
@@ -142,7 +145,16 @@ def up_settings(a: argparse.Namespace) -> MeshSettings:
         service_flags=tuple(given_argv(a)),
         strict_readiness=flags.strict_readiness,
         trace_config=tuple(flags.trace.as_trace_config()),
+        gateway_tls=tls,
+        # the services' BLS calls cannot present the clients' certificates: a plaintext twin
+        internal_grpc_port=_free_loopback_port() if tls is not None else 0,
     )
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_auto_complete_flags(up)
     add_server_flags(up, mesh=True)
+    add_tls_flags(up.add_argument_group("TLS on the gateway's gRPC port (tritonserver's flags)"))
     sub.add_parser("status", help="services, their models, splits, mirrors, gateway config state")
     sub.add_parser("models", help="every model of the repository with its state")
     for name in ("load", "unload"):

@@ -30,61 +30,15 @@ from typing import Any
 import grpc
 from aiohttp import web
 
+from control_plane.gateway_tls import LOOPBACK, GatewayTls, tls_argv
 from deploy.children import child_process_options
+from deploy.families import families_in
 from deploy.mesh_metrics import mesh_metrics_app
 from gateway.launcher import Gateway
 from protos.gen.health import health_pb2 as hpb
 from protos.gen.health import health_pb2_grpc as hgrpc
-from services.core.config import load_config_file
-from services.core.repository import scan_repository
 
 log = logging.getLogger(__name__)
-
-#: Triton platform/backend names → our framework families (services/<family>)
-FAMILY_OF = {
-    "onnxruntime_onnx": "onnx",
-    "onnxruntime": "onnx",
-    "pytorch_libtorch": "torch",
-    "pytorch": "torch",
-    "tensorflow_savedmodel": "tensorflow",
-    "tensorflow_graphdef": "tensorflow",
-    "tensorflow": "tensorflow",
-    "tensorrt_plan": "tensorrt",
-    "tensorrt": "tensorrt",
-    "python": "python",
-    "ensemble": "ensemble",
-}
-#: model files that identify a family when a model has no config
-FILE_FAMILY = {
-    "model.onnx": "onnx",
-    "model.pt": "torch",
-    "model.savedmodel": "tensorflow",
-    "model.graphdef": "tensorflow",
-    "model.plan": "tensorrt",
-    "model.py": "python",
-}
-
-
-def families_in(repository: Path) -> dict[str, list[str]]:
-    """Family → model names, from each model's config (platform/backend) or its files."""
-    found: dict[str, list[str]] = {}
-    for name, model in sorted(scan_repository(repository).items()):
-        family = ""
-        cfg = model.path / "config.pbtxt"
-        if cfg.exists():
-            try:
-                config = load_config_file(cfg)
-                family = FAMILY_OF.get(config.platform) or FAMILY_OF.get(config.backend, "")
-            except Exception as exc:
-                log.warning("model %r: %s", name, exc)
-        if not family:
-            files = {p.name for v in model.versions.values() for p in v.iterdir()}
-            family = next((f for fn, f in FILE_FAMILY.items() if fn in files), "")
-        if family:
-            found.setdefault(family, []).append(name)
-        else:
-            log.warning("model %r: cannot tell its framework family; skipped", name)
-    return found
 
 
 class MeshStartError(RuntimeError):
@@ -120,6 +74,10 @@ class MeshSettings:
     strict_readiness: bool = False
     #: Triton's tracing flags as --trace-config values: Envoy traces to the same collector
     trace_config: tuple[str, ...] = ()
+    #: Triton's --grpc-use-ssl flags: TLS on the gateway's gRPC port; the services' own calls
+    #: through the gateway (BLS) then use the plaintext ``internal_grpc_port`` (loopback)
+    gateway_tls: GatewayTls | None = None
+    internal_grpc_port: int = 0
     python: str = sys.executable
 
 
@@ -152,6 +110,12 @@ def service_argv(s: MeshSettings, family: str) -> list[str]:
     ]
 
 
+def gateway_for_services(s: MeshSettings) -> str:
+    """Where the services call the gateway (BLS): under TLS its plaintext twin on loopback."""
+    port = s.internal_grpc_port
+    return f"{LOOPBACK}:{port}" if port else f"{s.host}:{s.grpc_port}"
+
+
 def registry_file(s: MeshSettings) -> Path | None:
     """Where the control plane saves its registry: beside the policy file (None without one)."""
     return s.policy_file.with_name("registry.json") if s.policy_file else None
@@ -181,6 +145,8 @@ def control_plane_command(s: MeshSettings, *, fresh: bool) -> list[str]:
         *warmup,
         *(["--strict-readiness"] if s.strict_readiness else []),
         *(f"--trace-config={value}" for value in s.trace_config),
+        *tls_argv(s.gateway_tls),
+        *([f"--gateway-internal-grpc-port={s.internal_grpc_port}"] if s.internal_grpc_port else []),
     ]
 
 
@@ -247,7 +213,7 @@ class Mesh:
                 # (services/core/mesh_caller.py)
                 env={
                     **os.environ,
-                    "MESHSERVE_GATEWAY": f"{s.host}:{s.grpc_port}",
+                    "MESHSERVE_GATEWAY": gateway_for_services(s),
                     "MESHSERVE_XDS": f"{s.host}:{s.control_port}",
                 },
                 **child_process_options(),

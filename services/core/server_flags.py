@@ -85,7 +85,19 @@ NO_EFFECT: dict[str, str] = {
 }
 
 #: flags refused unless their value turns them off (None: refused whatever the value), with why
-_TLS = "TLS is terminated at the gateway (Envoy), not in a service"
+_TLS = (
+    "TLS is terminated at the gateway (Envoy), not in a service: give the TLS flags to "
+    "`meshserve up`"
+)
+#: Triton's gRPC TLS flags: refused by a service, taken by ``meshserve up`` for the gateway
+#: (control_plane/gateway_tls.py), in this order
+GATEWAY_TLS_FLAGS = (
+    "--grpc-use-ssl",
+    "--grpc-use-ssl-mutual",
+    "--grpc-server-cert",
+    "--grpc-server-key",
+    "--grpc-root-cert",
+)
 _RESTRICT = (
     "meshserve does not restrict APIs by header; keep those APIs off the network at the gateway"
 )
@@ -127,7 +139,7 @@ MESH_FLAGS = (
     "--rate-limit-resource",
     *trace_config.FLAGS,
     *NO_EFFECT,
-    *REFUSED,
+    *(flag for flag in REFUSED if flag not in GATEWAY_TLS_FLAGS),
 )
 
 
@@ -222,7 +234,8 @@ def add_server_flags(p: argparse.ArgumentParser, *, mesh: bool = False) -> None:
             )
     quiet = argparse.SUPPRESS
     for flag in (*NO_EFFECT, *REFUSED):
-        _flag(group, flag, help=quiet, nargs="?")
+        if not (mesh and flag in GATEWAY_TLS_FLAGS):  # `meshserve up`'s own (gateway_tls.py)
+            _flag(group, flag, help=quiet, nargs="?")
 
 
 def given_flags(a: argparse.Namespace) -> list[tuple[str, str]]:

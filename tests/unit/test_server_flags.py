@@ -203,9 +203,9 @@ def test_up_hands_every_service_the_mesh_wide_flags_as_given(tmp_path: Path) -> 
 
 def test_up_refuses_a_bad_flag_before_starting(tmp_path: Path) -> None:
     args = build_parser().parse_args(
-        ["up", "--model-repository", str(tmp_path), "--grpc-use-ssl=true"]
+        ["up", "--model-repository", str(tmp_path), "--http-restricted-api=model-repository:k=v"]
     )
-    with pytest.raises(SystemExit, match="TLS is terminated at the gateway"):
+    with pytest.raises(SystemExit, match="meshserve does not restrict APIs by header"):
         up_settings(args)
 
 
