@@ -18,7 +18,11 @@ services/tensorflow (``<dir>/<name>/1/model.savedmodel/``):
 - ``simple_sequence_tf``: the stateful accumulator (Triton's ``simple_sequence``, served by the
   sequence batcher): INT32 INPUT [1] → OUTPUT, the running sum of the sequence; signature
   ``serving_default`` takes INPUT, the control inputs START and READY and the state ACC_IN, and
-  returns OUTPUT and the state ACC_OUT, max_batch_size 8.
+  returns OUTPUT and the state ACC_OUT, max_batch_size 8;
+- ``simple_ragged_tf``: ragged batching: FP32 INPUT [-1] of any length per request → SUM per
+  request and SCALED, the values doubled; the signature takes the batch's values as one 1-D run
+  and OFFSETS, where each request starts and ends, which the server makes
+  (BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO: one pair per request, so requests of batch 1).
 
 Weights come from fixed seeds (numpy), so every build computes the same numbers; ``mlp_weights()``
 returns them for tests to compare against. A model directory is written next to its final place
@@ -40,6 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from examples.cli import builder_main, config_type
+from examples.ragged_config import ragged_config
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # type: ignore[import-untyped]  # no py.typed
@@ -117,6 +122,23 @@ class _Sequence(tf.Module):  # type: ignore[misc]  # tf.Module is untyped (Any)
     def serve(self, INPUT: Any, START: Any, READY: Any, ACC_IN: Any) -> dict[str, Any]:  # noqa: N803
         acc_out = INPUT * READY + ACC_IN * (1 - START)
         return {"OUTPUT": tf.identity(acc_out), "ACC_OUT": acc_out}
+
+
+class _RaggedSum(tf.Module):  # type: ignore[misc]  # tf.Module is untyped (Any)
+    """Per request, the sum of its slice of the flat INPUT (prefix sums at OFFSETS), and the
+    values doubled."""
+
+    _specs = [tf.TensorSpec([None], tf.float32), tf.TensorSpec([None], tf.int32)]
+
+    @tf.function(input_signature=_specs)  # type: ignore[untyped-decorator]  # untyped in TF
+    def serve(self, INPUT: Any, OFFSETS: Any) -> dict[str, Any]:  # noqa: N803 - signature keys
+        prefix = tf.concat([[0.0], tf.cumsum(INPUT)], axis=0)
+        sums = tf.gather(prefix, OFFSETS[1:]) - tf.gather(prefix, OFFSETS[:-1])
+        return {"SUM": tf.expand_dims(sums, 1), "SCALED": INPUT * 2}
+
+
+#: simple_ragged_tf's (values, batch input, sum, scaled): the signature's keys
+RAGGED_NAMES = ("INPUT", "OFFSETS", "SUM", "SCALED")
 
 
 #: Triton datatype → TensorFlow dtype, for every datatype of ``dtypes_tf``
@@ -230,6 +252,18 @@ def build_sequence(path: Path) -> str:
     return SEQUENCE_CONFIG
 
 
+def build_ragged(path: Path) -> str:
+    """Ragged batching: INPUT of any length → SUM per request, SCALED (see _RaggedSum)."""
+    module = _RaggedSum()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return ragged_config(
+        "simple_ragged_tf",
+        "tensorflow_savedmodel",
+        "BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO",
+        RAGGED_NAMES,
+    )
+
+
 def build_simple_graphdef(path: Path) -> str:
     """The simple model as a frozen GraphDef (``model.graphdef`` beside where a SavedModel would
     go): Placeholders INPUT0/INPUT1, Identity ops OUTPUT0/OUTPUT1; returns its config."""
@@ -261,6 +295,7 @@ BUILDERS: dict[str, Builder] = {
     "simple_tf_auto": build_simple_auto,
     "dtypes_tf": build_dtypes,
     "simple_sequence_tf": build_sequence,
+    "simple_ragged_tf": build_ragged,
 }
 
 

@@ -16,7 +16,11 @@
   sequence batcher; TorchScript): INT32 INPUT__0 [1] → OUTPUT__0, the running sum of the
   sequence. As Triton's PyTorch backend wants, the control inputs and the implicit state are
   named ``<name>__<index>``, the index being their place among forward()'s arguments or in its
-  returned tuple: START__1, READY__2, state ACC_IN__3 → ACC_OUT__1.
+  returned tuple: START__1, READY__2, state ACC_IN__3 → ACC_OUT__1;
+- ``simple_ragged_torch``: ragged batching (TorchScript): FP32 INPUT__0 [-1] of any length per
+  request → SUM__0 per item and SCALED__1, the values doubled; forward() gets the batch's values
+  as one 1-D run and LENGTHS__1, each item's count, which the server makes
+  (BATCH_ITEM_SHAPE_FLATTEN).
 
 Weights come from fixed seeds, so every build gives the same numbers; ``mlp_module()`` etc.
 return the eager modules for tests to compare against. A file whose bytes would not change is
@@ -35,6 +39,7 @@ import torch
 from torch import nn
 
 from examples.cli import TRITON_DATATYPES, builder_main, write_if_changed
+from examples.ragged_config import ragged_config
 
 SEED = 20261121
 MAX_BATCH = 64
@@ -109,6 +114,18 @@ class SequenceAccumulator(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         acc_out = value * ready + acc_in * (1 - start)
         return acc_out, acc_out
+
+
+class RaggedSum(nn.Module):
+    """Per batch item, the sum of its slice of the flat values, and the values doubled."""
+
+    def forward(
+        self, values: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        count = lengths.shape[0]
+        items = torch.repeat_interleave(torch.arange(count, device=lengths.device), lengths.long())
+        sums = torch.zeros(count, dtype=values.dtype, device=values.device)
+        return sums.index_add_(0, items, values).unsqueeze(1), values * 2
 
 
 class _Block(nn.Module):
@@ -276,6 +293,18 @@ def build_sequence() -> TorchExample:
     return TorchExample(SEQUENCE_CONFIG, "model.pt", _script_bytes(SequenceAccumulator()), {})
 
 
+#: simple_ragged_torch's (values, batch input, sum, scaled): forward()'s arguments and results
+RAGGED_NAMES = ("INPUT__0", "LENGTHS__1", "SUM__0", "SCALED__1")
+
+
+def build_ragged() -> TorchExample:
+    """Ragged batching: INPUT__0 of any length → SUM__0 per item, SCALED__1 (see RaggedSum)."""
+    config = ragged_config(
+        "simple_ragged_torch", "pytorch_libtorch", "BATCH_ITEM_SHAPE_FLATTEN", RAGGED_NAMES
+    )
+    return TorchExample(config, "model.pt", _script_bytes(RaggedSum()), {})
+
+
 BUILDERS: dict[str, Callable[[], TorchExample]] = {
     "simple_torch": build_simple,
     "mlp_torch": build_mlp,
@@ -283,6 +312,7 @@ BUILDERS: dict[str, Callable[[], TorchExample]] = {
     "mlp_torch_export": build_mlp_export,
     "dtypes_torch": build_dtypes,
     "simple_sequence_torch": build_sequence,
+    "simple_ragged_torch": build_ragged,
 }
 
 

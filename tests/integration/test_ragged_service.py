@@ -138,28 +138,6 @@ def test_bad_ragged_configs_are_refused_and_misfits_fail_their_batch(server: Ser
         check(np.ones((1, 4), np.float32), grpc_call(client, np.ones((1, 4), np.float32)))
 
 
-def family_config(name: str, platform: str, kind: str, names: tuple[str, str, str, str]) -> str:
-    """A ragged config like simple_ragged's: input, batch input (of ``kind``), SUM, SCALED."""
-    values, extra, sums, scaled = names
-    return f"""
-name: "{name}"
-platform: "{platform}"
-max_batch_size: 8
-input [ {{ name: "{values}" data_type: TYPE_FP32 dims: [ -1 ] allow_ragged_batch: true }} ]
-batch_input [
-  {{ kind: {kind} target_name: "{extra}" data_type: TYPE_INT32 source_input: "{values}" }}
-]
-output [
-  {{ name: "{sums}" data_type: TYPE_FP32 dims: [ 1 ] }},
-  {{ name: "{scaled}" data_type: TYPE_FP32 dims: [ -1 ] }}
-]
-batch_output [
-  {{ target_name: "{scaled}" kind: BATCH_SCATTER_WITH_INPUT_SHAPE source_input: "{values}" }}
-]
-dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
-"""
-
-
 def drive_family(
     root: Path, runtime: type[Runtime], model: str, names: tuple[str, str, str, str], batch: int
 ) -> None:
@@ -182,54 +160,24 @@ def drive_family(
         assert executions <= 48, f"{executions} executions for 64 requests"
 
 
-TORCH_NAMES = ("INPUT__0", "LENGTHS__1", "SUM__0", "SCALED__1")
-
-
 def test_torch_family_gets_the_same_ragged_batches(tmp_path: Path) -> None:
-    """A TorchScript model takes the flat INPUT and the server's LENGTHS as forward() arguments
-    0 and 1, like any other input of the PyTorch service."""
-    torch = pytest.importorskip("torch")
+    """``simple_ragged_torch``: a TorchScript model takes the flat INPUT__0 and the server's
+    LENGTHS__1 as forward() arguments 0 and 1, like any other input of the PyTorch service."""
+    pytest.importorskip("torch")
+    from examples.build_torch import RAGGED_NAMES, build_torch_repository
     from services.torch.runtime import TorchRuntime
 
-    class RaggedSum(torch.nn.Module):
-        def forward(self, values, lengths):  # TorchScript takes unannotated arguments as Tensors
-            items = torch.repeat_interleave(torch.arange(lengths.shape[0]), lengths.long())
-            sums = torch.zeros(lengths.shape[0]).index_add_(0, items, values)
-            return sums.unsqueeze(1), values * 2
-
-    config = family_config(
-        "ragged_torch", "pytorch_libtorch", "BATCH_ITEM_SHAPE_FLATTEN", TORCH_NAMES
-    )
-    write_if_changed(tmp_path / "ragged_torch" / "config.pbtxt", config.encode())
-    (tmp_path / "ragged_torch" / "1").mkdir()
-    torch.jit.script(RaggedSum()).save(str(tmp_path / "ragged_torch" / "1" / "model.pt"))
-    drive_family(tmp_path, TorchRuntime, "ragged_torch", TORCH_NAMES, batch=3)
-
-
-TF_NAMES = ("INPUT", "OFFSETS", "SUM", "SCALED")
+    build_torch_repository(tmp_path, ["simple_ragged_torch"])
+    drive_family(tmp_path, TorchRuntime, "simple_ragged_torch", RAGGED_NAMES, batch=3)
 
 
 def test_tensorflow_family_gets_the_same_ragged_batches(tmp_path: Path) -> None:
-    """A SavedModel whose signature takes the flat INPUT and OFFSETS (where each request starts
-    and ends); auto-complete leaves OFFSETS to the server. Requests of batch 1 only: one offset
-    pair per request is what this kind describes."""
-    tf = pytest.importorskip("tensorflow")
+    """``simple_ragged_tf``: a SavedModel whose signature takes the flat INPUT and OFFSETS
+    (where each request starts and ends). Requests of batch 1 only: one offset pair per request
+    is what this kind describes."""
+    pytest.importorskip("tensorflow")
+    from examples.build_tensorflow import RAGGED_NAMES, build_tensorflow_repository
     from services.tensorflow.runtime import TensorflowRuntime
 
-    class RaggedSum(tf.Module):  # type: ignore[misc]
-        @tf.function(  # type: ignore[misc]
-            input_signature=[tf.TensorSpec([None], tf.float32), tf.TensorSpec([None], tf.int32)]
-        )
-        def serve(self, INPUT, OFFSETS):  # type: ignore[no-untyped-def]  # noqa: N803
-            prefix = tf.concat([[0.0], tf.cumsum(INPUT)], axis=0)
-            sums = tf.gather(prefix, OFFSETS[1:]) - tf.gather(prefix, OFFSETS[:-1])
-            return {"SUM": tf.expand_dims(sums, 1), "SCALED": INPUT * 2}
-
-    module = RaggedSum()
-    path = tmp_path / "ragged_tf" / "1" / "model.savedmodel"
-    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
-    config = family_config(
-        "ragged_tf", "tensorflow_savedmodel", "BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO", TF_NAMES
-    )
-    write_if_changed(tmp_path / "ragged_tf" / "config.pbtxt", config.encode())
-    drive_family(tmp_path, TensorflowRuntime, "ragged_tf", TF_NAMES, batch=1)
+    build_tensorflow_repository(tmp_path, ["simple_ragged_tf"])
+    drive_family(tmp_path, TensorflowRuntime, "simple_ragged_tf", RAGGED_NAMES, batch=1)

@@ -1,5 +1,5 @@
 """The one mesh of the conformance package: every available family's add/sub and identity
-models (and its stateful accumulator, where it has one), plus a copy of the add/sub model with
+models (and its stateful accumulator and ragged-batching model, where it has them), plus a copy of the add/sub model with
 the response cache on (``<model>_cached``), from one repository; explicit model control, all
 loaded at start; every service with a response cache. Package-scoped, so the test modules here
 share a single mesh start. The families in ``ON_GPU`` (families.py) get KIND_GPU instances."""
@@ -23,7 +23,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshHandle]:
     for family in AVAILABLE:
         module = importlib.import_module(family.builder[0])
         build: Callable[..., None] = getattr(module, family.builder[1])
-        models = [family.model, family.identity, *filter(None, [family.sequence])]
+        models = [family.model, family.identity, *filter(None, [family.sequence, family.ragged])]
         build(repo, models)
         add_cached_copy(repo, family.model, cached_model(family.model))
         if family.name in ON_GPU:

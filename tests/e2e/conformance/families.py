@@ -51,6 +51,10 @@ class Family:
     #: sequence), "" where the family has none, and that model's input and output names
     sequence: str = ""
     sequence_io: tuple[str, str] = ("INPUT", "OUTPUT")
+    #: its ragged-batching model (FP32 values [-1], allow_ragged_batch → the sum per request and
+    #: the values doubled), "" where the family has none, and its (values, sum, scaled) names
+    ragged: str = ""
+    ragged_io: tuple[str, str, str] = ("INPUT", "SUM", "SCALED")
 
     def arrays(self, value: int) -> tuple[np.ndarray, np.ndarray]:
         dtype = {"INT32": np.int32, "FP32": np.float32}[self.datatype]
@@ -74,6 +78,7 @@ FAMILIES = [
         datatypes=tuple(d for d in ALL_DATATYPES if d != "BF16"),
         utf8_bytes_only=True,
         sequence="simple_sequence",
+        ragged="simple_ragged",
     ),
     Family(
         "torch",
@@ -89,6 +94,8 @@ FAMILIES = [
         datatypes=tuple(d for d in ALL_DATATYPES if d != "BYTES"),
         sequence="simple_sequence_torch",
         sequence_io=("INPUT__0", "OUTPUT__0"),
+        ragged="simple_ragged_torch",
+        ragged_io=("INPUT__0", "SUM__0", "SCALED__1"),
     ),
     Family(
         "tensorflow",
@@ -103,6 +110,7 @@ FAMILIES = [
         identity="dtypes_tf",
         datatypes=ALL_DATATYPES,
         sequence="simple_sequence_tf",
+        ragged="simple_ragged_tf",
     ),
     Family(
         "python",
