@@ -72,6 +72,8 @@ def status_document(plane: ControlPlane) -> dict[str, Any]:
             if p.mirror is not None
         },
         "snapshot_version": snapshot.version if snapshot is not None else "",
+        # False between a registration and the snapshot that routes to it
+        "routes_current": plane.routes_current,
         # Envoy gateways, and in-mesh callers that route by the same routes (route_watch.py)
         "gateways": {n: t for n, t in nodes.items() if not n.startswith(CALLER_NODE_PREFIX)},
         "callers": {n: t for n, t in nodes.items() if n.startswith(CALLER_NODE_PREFIX)},

@@ -112,6 +112,8 @@ class ControlPlane:
         self._reconcile_task: asyncio.Task[None] | None = None
         self._warm = settings.warmup_secs <= 0 or self._restore_registry()
         self._saved_registry_version = self.registry.version if self.registry is not None else 0
+        #: the registry (or Consul) version the current snapshot was made from
+        self._published_source_version = -1
 
     def _restore_registry(self) -> bool:
         """Start the embedded registry from its saved file; True if there was one to start from."""
@@ -162,6 +164,12 @@ class ControlPlane:
         )
         self.publish()
 
+    @property
+    def routes_current(self) -> bool:
+        """Whether the snapshot in the cache was made from the services as registered now (a
+        registration is published only after the reconcile task's catch-up)."""
+        return self._published_source_version == self.source.version
+
     def publish(self) -> str | None:
         """Translate the current state and hand the snapshot to ADS; returns its version.
 
@@ -171,6 +179,7 @@ class ControlPlane:
         if not self._warm:
             return None
         s = self.settings
+        source_version = self.source.version
         resources = translate(
             self.mesh_state(),
             grpc_port=s.gateway_grpc_port,
@@ -182,7 +191,9 @@ class ControlPlane:
         )
         try:
             snapshot = make_snapshot(resources)
-            if self.cache.set(snapshot):
+            changed = self.cache.set(snapshot)
+            self._published_source_version = source_version
+            if changed:
                 log.info(
                     "xDS snapshot %s: %d cluster(s), %d endpoint set(s)",
                     snapshot.version[:12],

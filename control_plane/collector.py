@@ -11,7 +11,6 @@ the headers as the tracer's request headers (OTLP/HTTP) or gRPC metadata.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -25,6 +24,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import any_pb2, duration_pb2
 
+from gateway.bootstrap import is_ip
 from services.core import otlp_env
 
 COLLECTOR_CLUSTER = "otel-collector"
@@ -78,21 +78,13 @@ def collector_at(url: str, env: Mapping[str, str], *, http: bool) -> Collector:
     )
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def tls_socket(collector: Collector) -> base_pb2.TransportSocket:
     """Envoy's upstream TLS to the collector: the server's certificate must chain to the CA file
     (or the system's roots) and name the collector's host; SNI is the host when it is a name."""
     san = tls_common_pb2.SubjectAltNameMatcher(
         san_type=(
             tls_common_pb2.SubjectAltNameMatcher.IP_ADDRESS
-            if _is_ip(collector.host)
+            if is_ip(collector.host)
             else tls_common_pb2.SubjectAltNameMatcher.DNS
         ),
         matcher=string_pb2.StringMatcher(exact=collector.host),
@@ -111,7 +103,7 @@ def tls_socket(collector: Collector) -> base_pb2.TransportSocket:
         certificate.certificate_chain.filename = collector.client_certificate
         certificate.private_key.filename = collector.client_key
     context = tls_pb2.UpstreamTlsContext(
-        common_tls_context=common, sni="" if _is_ip(collector.host) else collector.host
+        common_tls_context=common, sni="" if is_ip(collector.host) else collector.host
     )
     packed = any_pb2.Any()
     packed.Pack(context, deterministic=True)
@@ -142,7 +134,7 @@ def collector_cluster(collector: Collector) -> cluster_pb2.Cluster:
             )
         )
     )
-    kind = cluster_pb2.Cluster.STATIC if _is_ip(collector.host) else cluster_pb2.Cluster.STRICT_DNS
+    kind = cluster_pb2.Cluster.STATIC if is_ip(collector.host) else cluster_pb2.Cluster.STRICT_DNS
     cluster = cluster_pb2.Cluster(
         name=COLLECTOR_CLUSTER,
         type=kind,

@@ -306,8 +306,9 @@ def stop_order(families: Iterable[str]) -> list[list[str]]:
 
 
 def gateway_synced(doc: dict[str, Any]) -> bool:
-    """Whether some gateway has ACKed the status document's snapshot for every resource type."""
-    version = doc.get("snapshot_version", "")
+    """Whether some gateway has ACKed the status document's snapshot for every resource type,
+    and that snapshot already routes to the services registered."""
+    version = doc.get("snapshot_version", "") if doc.get("routes_current", True) else ""
     gateways: dict[str, dict[str, dict[str, str]]] = doc.get("gateways", {})
     return bool(version) and any(
         types and all(t.get("acked_version", "").split("+")[0] == version for t in types.values())

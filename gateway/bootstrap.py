@@ -45,7 +45,7 @@ def bootstrap(
             "clusters": [
                 {
                     "name": ADS_CLUSTER,
-                    "type": "STATIC" if _is_ip(ads_host) else "STRICT_DNS",
+                    "type": "STATIC" if is_ip(ads_host) else "STRICT_DNS",
                     "connect_timeout": "1s",
                     "typed_extension_protocol_options": {
                         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -79,7 +79,8 @@ def bootstrap(
     }
 
 
-def _is_ip(host: str) -> bool:
+def is_ip(host: str) -> bool:
+    """Whether ``host`` is an IP address (Envoy takes those as STATIC endpoints)."""
     try:
         ipaddress.ip_address(host)
     except ValueError:

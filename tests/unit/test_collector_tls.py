@@ -5,8 +5,6 @@ services' exporters (tracing_sdk.otlp_exporter), and the refusals at start."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -27,7 +25,7 @@ from services.core import otlp_env
 from services.core.trace_config import TraceFlags, collector_problem, parse
 from services.core.tracing_sdk import PinnedCaSession, otlp_exporter
 from tests.tls_certs import TlsFiles, make_tls_files, needs_openssl
-from tests.unit.translate_support import ENVOY, mesh, static_bootstrap
+from tests.unit.translate_support import ENVOY, assert_envoy_accepts, mesh
 
 
 @pytest.fixture(scope="module")
@@ -242,16 +240,7 @@ def test_envoy_accepts_tls_headers_and_resource(
             TraceFlags(), {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": "https://localhost:4317"}
         )
     res = translate(mesh(), grpc_port=8001, http_port=8000, tracing=tracing)
-    config = tmp_path / "bootstrap.json"
-    config.write_text(json.dumps(static_bootstrap(res)))
-    done = subprocess.run(
-        [str(ENVOY), "--mode", "validate", "-c", str(config), "--use-dynamic-base-id"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert_envoy_accepts(res, tmp_path)
 
 
 # ---- the services -----------------------------------------------------------------------------

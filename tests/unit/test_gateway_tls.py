@@ -6,8 +6,6 @@ hands it all to the control plane and none of it to the services."""
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,7 @@ from control_plane.translate import translate
 from deploy.cli import build_parser, up_settings
 from deploy.supervisor import control_plane_command, gateway_for_services, service_argv
 from services.core.settings import settings_from_args
-from tests.unit.translate_support import ENVOY, mesh, static_bootstrap
+from tests.unit.translate_support import ENVOY, assert_envoy_accepts, mesh
 
 
 @pytest.fixture
@@ -149,16 +147,7 @@ def test_envoy_accepts_the_tls_listener(tmp_path: Path) -> None:
     files = make_tls_files(tmp_path / "tls")
     tls = GatewayTls(str(files.server_cert), str(files.server_key), str(files.ca), mutual=True)
     res = translate(mesh(), grpc_port=8001, http_port=8000, tls=tls, internal_grpc_port=9001)
-    config = tmp_path / "bootstrap.json"
-    config.write_text(json.dumps(static_bootstrap(res)))
-    done = subprocess.run(
-        [str(ENVOY), "--mode", "validate", "-c", str(config), "--use-dynamic-base-id"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert_envoy_accepts(res, tmp_path)
 
 
 def test_up_hands_tls_to_the_control_plane_and_not_to_the_services(

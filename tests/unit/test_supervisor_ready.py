@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 from typing import Any
 
 import grpc
 
+from control_plane.admin import status_document
+from control_plane.app import ControlPlane, ControlPlaneSettings
 from deploy.supervisor import _not_serving, gateway_synced
 from protos.gen.health import health_pb2_grpc as hgrpc
 from services.core.health import HealthServicer
+from tests.unit.test_registry_file import instance
 
 
 def _doc(version: str, acked: dict[str, str]) -> dict[str, Any]:
@@ -72,3 +76,28 @@ def test_stop_order_puts_callers_first() -> None:
     assert stop_order(["onnx"]) == [["onnx"]]
     assert stop_order(["python"]) == [["python"]]
     assert stop_order([]) == []
+
+
+def test_a_registration_not_yet_published_holds_readiness_back(tmp_path: Path) -> None:
+    """Between a service's registration and the snapshot routing to it (the reconcile task
+    catches the service up first), the status says the routes are not current, so the mesh is
+    not reported ready on the previous snapshot's ACK."""
+    plane = ControlPlane(ControlPlaneSettings(policy_file=tmp_path / "p.json", warmup_secs=0))
+    assert plane.registry is not None and plane.publish() is not None
+    assert plane.routes_current and status_document(plane)["routes_current"] is True
+    plane.registry.register(instance("onnx-a"))
+    doc = status_document(plane)
+    assert doc["routes_current"] is False
+    acked = dict.fromkeys(("Listener", "Cluster"), doc["snapshot_version"])
+    assert not gateway_synced(
+        {**doc, "gateways": {"gw": {t: {"acked_version": v} for t, v in acked.items()}}}
+    )
+    plane.publish()
+    assert plane.routes_current
+
+
+def test_gateway_synced_waits_for_current_routes() -> None:
+    types = ("Listener", "Cluster")
+    doc = _doc("v2", dict.fromkeys(types, "v2"))
+    assert gateway_synced(doc) and gateway_synced({**doc, "routes_current": True})
+    assert not gateway_synced({**doc, "routes_current": False})

@@ -8,8 +8,6 @@ SDK behaviour is checked on a provider built by ``tracing_sdk.build`` and used d
 
 from __future__ import annotations
 
-import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -37,7 +35,7 @@ from services.core.trace_settings import (
     settings_from_sampler,
 )
 from services.core.tracing_sdk import COUNTED_KEY, TraceControl, build, otlp_endpoint
-from tests.unit.translate_support import ENVOY, mesh, static_bootstrap
+from tests.unit.translate_support import ENVOY, assert_envoy_accepts, mesh
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 SPAN_ID = "b7ad6b7169203331"
@@ -272,16 +270,7 @@ def test_envoy_accepts_the_tracing_config(tmp_path: Path) -> None:
     res = translate(
         mesh(), grpc_port=8001, http_port=8000, tracing=GatewayTracing(Collector("127.0.0.1", 4317))
     )
-    config = tmp_path / "bootstrap.json"
-    config.write_text(json.dumps(static_bootstrap(res)))
-    done = subprocess.run(
-        [str(ENVOY), "--mode", "validate", "-c", str(config), "--use-dynamic-base-id"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert_envoy_accepts(res, tmp_path)
 
 
 def test_gateway_sampling_follows_global_trace_settings() -> None:

@@ -5,8 +5,6 @@ and by Envoy itself. The routes: test_translate_routes.py.
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,13 +17,13 @@ from control_plane.model import (
 from gateway.descriptors import descriptor_set_bytes
 from tests.unit.translate_support import (
     ENVOY,
+    assert_envoy_accepts,
     mesh,
     mirrored,
     resources,
     route_config,
     serialized,
     stateful,
-    static_bootstrap,
 )
 
 
@@ -114,22 +112,4 @@ def test_envoy_accepts_the_resources(tmp_path: Path, case: str) -> None:
         state = MeshState(instances=state.instances, policies=state.policies)
     elif case == "empty":
         state = MeshState(front_grpc=state.front_grpc, front_http=state.front_http)
-    config = tmp_path / "bootstrap.json"
-    config.write_text(json.dumps(static_bootstrap(resources(state))))
-    done = subprocess.run(
-        [
-            str(ENVOY),
-            "--mode",
-            "validate",
-            "-c",
-            str(config),
-            "--use-dynamic-base-id",
-            "-l",
-            "warning",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert_envoy_accepts(resources(state), tmp_path)

@@ -6,6 +6,8 @@ Envoy bootstrap (for ``envoy --mode validate``).
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -109,3 +111,18 @@ def static_bootstrap(res: Resources) -> dict[str, object]:
             static_cluster.type = cluster_pb2.Cluster.STATIC
             static_cluster.load_assignment.CopyFrom(assignments[cluster.name])
     return json_format.MessageToDict(boot)
+
+
+def assert_envoy_accepts(res: Resources, folder: Path) -> None:
+    """Envoy's own ``--mode validate`` passes on the resources as a static bootstrap (files the
+    config names, such as certificates, are read too)."""
+    config = folder / "bootstrap.json"
+    config.write_text(json.dumps(static_bootstrap(res)))
+    done = subprocess.run(
+        [str(ENVOY), "--mode", "validate", "-c", str(config), "--use-dynamic-base-id"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
