@@ -18,7 +18,6 @@ deployment with TLS has no BLS through the gateway.
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf import any_pb2
 
+from services.core.flag_values import readable_file
 from services.core.server_flags import GATEWAY_TLS_FLAGS, triton_bool
 
 INTERNAL_GRPC_LISTENER = "grpc-internal"
@@ -55,7 +55,7 @@ def add_tls_flags(p: argparse._ActionsContainer) -> None:
 
 
 def _readable(flag: str, path: str) -> str:
-    if not (Path(path).is_file() and os.access(path, os.R_OK)):
+    if not readable_file(path):
         raise ValueError(f"{flag} {path}: no such readable file")
     return str(Path(path).resolve())
 

@@ -19,10 +19,10 @@ as in the OpenTelemetry specification.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from urllib.parse import unquote
+
+from services.core.flag_values import readable_file
 
 CA_FILE = "CERTIFICATE"
 CLIENT_CERTIFICATE = "CLIENT_CERTIFICATE"
@@ -78,7 +78,7 @@ def problem(env: Mapping[str, str]) -> str | None:
     client certificate without its key, or headers and attributes not in ``k=v`` form."""
     for setting, role in _FILES.items():
         name, path = lookup(env, setting)
-        if path and not (Path(path).is_file() and os.access(path, os.R_OK)):
+        if path and not readable_file(path):
             return f"{name}={path}: no such readable file ({role})"
     files = tls_files(env)
     if (CLIENT_CERTIFICATE in files) != (CLIENT_KEY in files):
