@@ -227,6 +227,26 @@ class MeshHandle:
 
 
 @contextlib.contextmanager
+def up_mesh(repository: Path, tmp: Path, *flags: str) -> Iterator[MeshHandle]:
+    """A mesh whose settings come from `meshserve up`'s own parser given ``flags`` (as a user's
+    command line would), on free ports; stopped when the block ends."""
+    from deploy.cli import build_parser, up_settings
+
+    args = [
+        *("up", "--model-repository", str(repository)),
+        *(f"--grpc-port={free_port()}", f"--http-port={free_port()}"),
+        *(f"--control-port={free_port()}", f"--metrics-port={free_port()}"),
+        f"--policy-file={tmp / 'policy.json'}",
+        *flags,
+    ]
+    handle = MeshHandle(up_settings(build_parser().parse_args(args)))
+    try:
+        yield handle.start()
+    finally:
+        handle.stop()
+
+
+@contextlib.contextmanager
 def running_mesh(
     repository: Path,
     tmp: Path,

@@ -22,10 +22,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from deploy.cli import build_parser, up_settings
 from examples.build_python import build_python_repository
 from tests.e2e.conformance.test_perf_analyzer import MISSING, PERF_ANALYZER
-from tests.e2e.conftest import MeshHandle, free_port
+from tests.e2e.conftest import MeshHandle, up_mesh
 from tests.e2e.traffic import simple_inputs
 from tests.tls_certs import TlsFiles, make_tls_files, needs_openssl
 
@@ -51,21 +50,14 @@ def mesh(tls: TlsFiles, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Me
     repo.mkdir()
     build_repository(repo, ["simple"])
     build_python_repository(repo, ["repeat_python", "bls_decoupled_python"])
-    args = [
-        *("up", "--model-repository", str(repo)),
-        *(f"--grpc-port={free_port()}", f"--http-port={free_port()}"),
-        *(f"--control-port={free_port()}", f"--metrics-port={free_port()}"),
-        f"--policy-file={root / 'policy.json'}",
+    tls_flags = [
         "--grpc-use-ssl-mutual=true",
         *("--grpc-server-cert", str(tls.server_cert)),
         *("--grpc-server-key", str(tls.server_key)),
         *("--grpc-root-cert", str(tls.ca)),
     ]
-    handle = MeshHandle(up_settings(build_parser().parse_args(args)))
-    try:
-        yield handle.start()
-    finally:
-        handle.stop()
+    with up_mesh(repo, root, *tls_flags) as handle:
+        yield handle
 
 
 def _client(

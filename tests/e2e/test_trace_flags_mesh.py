@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 
-from deploy.cli import build_parser, up_settings
-from tests.e2e.conftest import MeshHandle, free_port
+from tests.e2e.conftest import MeshHandle, up_mesh
 from tests.e2e.traffic import simple_inputs
 from tests.integration.tracing_service.helpers import INFER, traceparent
 from tests.otlp_receiver import SPAN_KIND_SERVER, OtlpHttpReceiver, ReceivedSpan
@@ -46,11 +45,7 @@ def mesh(
     repo = root / "models"
     repo.mkdir()
     build_repository(repo, ["simple"])
-    args = [
-        *("up", "--model-repository", str(repo)),
-        *(f"--grpc-port={free_port()}", f"--http-port={free_port()}"),
-        *(f"--control-port={free_port()}", f"--metrics-port={free_port()}"),
-        f"--policy-file={root / 'policy.json'}",
+    flags = [
         "--trace-config=mode=opentelemetry",
         f"--trace-config=opentelemetry,url=127.0.0.1:{receiver.port}/v1/traces",
         "--trace-config=opentelemetry,bsp_schedule_delay=100",
@@ -65,11 +60,8 @@ def mesh(
             "OTEL_TRACES_SAMPLER_ARG",
         ):
             env.delenv(name, raising=False)
-        handle = MeshHandle(up_settings(build_parser().parse_args(args)))
-        try:
-            yield handle.start()
-        finally:
-            handle.stop()
+        with up_mesh(repo, root, *flags) as handle:
+            yield handle
 
 
 def test_gateway_and_service_export_one_trace_over_otlp_http(

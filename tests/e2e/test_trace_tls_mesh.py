@@ -24,8 +24,7 @@ from typing import Any
 import pytest
 import tritonclient.grpc as grpcclient
 
-from deploy.cli import build_parser, up_settings
-from tests.e2e.conftest import MeshHandle, free_port
+from tests.e2e.conftest import MeshHandle, up_mesh
 from tests.e2e.traffic import simple_inputs
 from tests.integration.tracing_service.helpers import INFER, traceparent
 from tests.otlp_receiver import OtlpHttpReceiver, OtlpReceiver, ReceivedSpan
@@ -65,23 +64,13 @@ def _mesh(root: Path, flags: list[str], env: dict[str, str]) -> Iterator[MeshHan
     repo = root / "models"
     repo.mkdir()
     build_repository(repo, ["simple"])
-    args = [
-        *("up", "--model-repository", str(repo)),
-        *(f"--grpc-port={free_port()}", f"--http-port={free_port()}"),
-        *(f"--control-port={free_port()}", f"--metrics-port={free_port()}"),
-        f"--policy-file={root / 'policy.json'}",
-        *flags,
-    ]
     with pytest.MonkeyPatch.context() as patch:
         for name in _CLEARED:
             patch.delenv(name, raising=False)
         for name, value in env.items():
             patch.setenv(name, value)
-        handle = MeshHandle(up_settings(build_parser().parse_args(args)))
-        try:
-            yield handle.start()
-        finally:
-            handle.stop()
+        with up_mesh(repo, root, *flags) as handle:
+            yield handle
 
 
 def _one_trace(mesh: MeshHandle, receiver: Any) -> list[ReceivedSpan]:
