@@ -15,15 +15,20 @@ A request whose ``response_nonce`` is not the last one sent is stale and ignored
 version and nonce last sent; a NACK carries ``error_detail``: it is logged and recorded, and that
 version is not sent again for that type (Envoy keeps its last good config) until another version
 has been sent after it; the next snapshot is sent as usual.
-LDS/CDS responses hold every resource of the type, RDS/EDS the names asked for (all when none).
+LDS/CDS responses hold every resource of the type, RDS/EDS/SDS the names asked for (all when none).
+Secrets (the gateway's TLS certificate and key) go only to streams from this host
+(``is_local_peer``): a stream from elsewhere gets them empty, and the refusal is logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import logging
+import socket
+import urllib.parse
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +40,7 @@ from control_plane.snapshot import (
     CLUSTER,
     PUSH_ORDER,
     ROUTE,
+    SECRET,
     WILDCARD_TYPES,
     Snapshot,
     SnapshotCache,
@@ -71,12 +77,38 @@ _Event = Any  # a DiscoveryRequest, a Snapshot or an _End
 _KEEP = "+keep"
 
 
+def is_local_peer(peer: str) -> bool:
+    """Whether a gRPC peer (``ipv4:10.0.0.5:41234``, ``ipv6:[::1]:5000``, ``unix:/run/x``)
+    connects from this host: a Unix socket, or an IP address this host could bind."""
+    kind, _, rest = urllib.parse.unquote(peer).partition(":")
+    if kind in ("unix", "unix-abstract"):
+        return True
+    if kind not in ("ipv4", "ipv6"):
+        return False
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if address.is_loopback:
+        return True
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError:
+            return False
+    return True
+
+
 class _Stream:
     """The SotW state machine of one ADS stream: events in, responses out, no I/O but the log."""
 
-    def __init__(self, servicer: AdsServicer, peer: str) -> None:
+    def __init__(self, servicer: AdsServicer, peer: str, *, local: bool = True) -> None:
         self._servicer = servicer
         self._peer = peer
+        #: whether the stream may have secrets (it comes from this host)
+        self._local = local
         self._types: dict[str, _TypeState] = {}
         self._nonces = itertools.count(1)
         #: the clusters Envoy last received, by name (to keep removed ones until routes moved)
@@ -163,9 +195,17 @@ class _Stream:
 
     def _respond(self, type_url: str, state: _TypeState, snapshot: Snapshot) -> Any:
         wanted: Iterable[str] = () if type_url in WILDCARD_TYPES else state.names
-        return self._respond_with(
-            type_url, state, snapshot.version, snapshot.packed_for(type_url, wanted)
-        )
+        resources = snapshot.packed_for(type_url, wanted)
+        if type_url == SECRET and resources and not self._local:
+            log.error(
+                "not sending TLS secrets %s to %s (%s): secrets go only to a gateway on this "
+                "host; run Envoy beside the control plane and point its ADS at loopback",
+                sorted(wanted) or "(all)",
+                self.node_id or "?",
+                self._peer,
+            )
+            resources = []
+        return self._respond_with(type_url, state, snapshot.version, resources)
 
     def _respond_with(
         self, type_url: str, state: _TypeState, version: str, resources: list[Any]
@@ -218,7 +258,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
     async def StreamAggregatedResources(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        stream = _Stream(self, context.peer())
+        stream = _Stream(self, context.peer(), local=is_local_peer(context.peer()))
         events: asyncio.Queue[_Event] = asyncio.Queue()
         tasks = [
             asyncio.create_task(_read_requests(request_iterator, events), name="ads-reader"),

@@ -26,6 +26,7 @@ from control_plane.consul import ConsulSource
 from control_plane.front import add_front_to_server
 from control_plane.front_core import Front
 from control_plane.front_http import build_front_app
+from control_plane.gateway_secrets import RELOAD_SECS, CertificateWatch
 from control_plane.gateway_tls import GatewayTls
 from control_plane.model import Address, MeshState, ServiceInstance
 from control_plane.policy import PolicyStore
@@ -89,6 +90,8 @@ class ControlPlaneSettings:
     gateway_tls: GatewayTls | None = None
     #: a plaintext gRPC listener with the same routes, for the mesh's own callers (0 = none)
     gateway_internal_grpc_port: int = 0
+    #: how often the TLS files are read again (a rotated certificate is served from then on)
+    tls_reload_secs: float = RELOAD_SECS
 
 
 class ControlPlane:
@@ -100,6 +103,12 @@ class ControlPlane:
         )
         self.policies = PolicyStore(settings.policy_file)
         self.cache = SnapshotCache()
+        #: the gateway's TLS certificate, re-read while serving (ValueError if it does not check)
+        self.certificates = (
+            CertificateWatch(settings.gateway_tls, settings.tls_reload_secs)
+            if settings.gateway_tls is not None
+            else None
+        )
         self.ads = AdsServicer(self.cache)
         self.front = Front(self.mesh_state, strict_readiness=settings.strict_readiness)
         self.front.on_global_trace_settings = self.follow_trace_settings
@@ -110,6 +119,7 @@ class ControlPlane:
         self._front_server: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
         self._reconcile_task: asyncio.Task[None] | None = None
+        self._certificates_task: asyncio.Task[None] | None = None
         self._warm = settings.warmup_secs <= 0 or self._restore_registry()
         self._saved_registry_version = self.registry.version if self.registry is not None else 0
         #: the registry (or Consul) version the current snapshot was made from
@@ -189,6 +199,8 @@ class ControlPlane:
             tls=s.gateway_tls,
             internal_grpc_port=s.gateway_internal_grpc_port,
         )
+        if self.certificates is not None:
+            resources = replace(resources, secrets=self.certificates.secrets())
         try:
             snapshot = make_snapshot(resources)
             changed = self.cache.set(snapshot)
@@ -242,6 +254,10 @@ class ControlPlane:
         self._control_server, self._front_server = control, front
         self.publish()
         self._reconcile_task = asyncio.create_task(self._reconcile(), name="reconcile")
+        if self.certificates is not None:
+            self._certificates_task = asyncio.create_task(
+                self.certificates.run(self.publish), name="tls-reload"
+            )
         log.info(
             "control plane: ADS+registry on %s:%d, front gRPC :%d, front HTTP :%d",
             s.host,
@@ -279,10 +295,11 @@ class ControlPlane:
                 log.error("making %s on joining services failed", what, exc_info=result)
 
     async def stop(self) -> None:
-        if self._reconcile_task is not None:
-            self._reconcile_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reconcile_task
+        for task in (self._reconcile_task, self._certificates_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for server in (self._front_server, self._control_server):
             if server is not None:
                 await server.stop(1.0)

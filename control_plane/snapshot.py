@@ -4,7 +4,8 @@ Data flow: ``translate`` turns mesh state into lists of Envoy resources; ``make_
 them deterministically and names the set by a content hash (equal resources give equal versions,
 across restarts too); ``SnapshotCache.set`` refuses a snapshot whose references dangle (an EDS
 cluster without endpoints, an RDS name without a route configuration, a route to a missing
-cluster) and wakes every ADS stream waiting in ``wait_newer``. Streams only read from the cache.
+cluster, a TLS listener naming a secret the snapshot lacks) and wakes every ADS stream waiting
+in ``wait_newer``. Streams only read from the cache.
 
 Thread safety: the cache belongs to one asyncio event loop; call ``set`` and ``wait_newer`` from
 that loop only.
@@ -24,6 +25,7 @@ from envoy.config.trace.v3 import opentelemetry_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
@@ -32,10 +34,13 @@ LISTENER = TYPE_PREFIX + "envoy.config.listener.v3.Listener"
 ROUTE = TYPE_PREFIX + "envoy.config.route.v3.RouteConfiguration"
 CLUSTER = TYPE_PREFIX + "envoy.config.cluster.v3.Cluster"
 ENDPOINT = TYPE_PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
+SECRET = TYPE_PREFIX + secret_pb2.Secret.DESCRIPTOR.full_name
 HCM = TYPE_PREFIX + hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
+_DOWNSTREAM_TLS = TYPE_PREFIX + tls_pb2.DownstreamTlsContext.DESCRIPTOR.full_name
 
-# Envoy's make-before-break order: clusters, their endpoints, then listeners, their routes.
-PUSH_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+# Envoy's make-before-break order: clusters, their endpoints, the listeners' secrets, then
+# listeners, their routes.
+PUSH_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, SECRET, LISTENER, ROUTE)
 # Types whose responses always carry every resource (a resource left out is removed by Envoy).
 WILDCARD_TYPES = frozenset({LISTENER, CLUSTER})
 
@@ -55,6 +60,8 @@ class ResourceLists(Protocol):
     def clusters(self) -> Sequence[Message]: ...
     @property
     def endpoints(self) -> Sequence[Message]: ...
+    @property
+    def secrets(self) -> Sequence[Message]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +105,7 @@ def make_snapshot(resources: ResourceLists) -> Snapshot:
         ROUTE: resources.routes,
         CLUSTER: resources.clusters,
         ENDPOINT: resources.endpoints,
+        SECRET: resources.secrets,
     }
     plain: dict[str, Mapping[str, Message]] = {}
     packed: dict[str, Mapping[str, any_pb2.Any]] = {}
@@ -157,6 +165,19 @@ def _tracer_clusters(listener: Any) -> Iterable[str]:
                 yield config.grpc_service.envoy_grpc.cluster_name
 
 
+def _listener_secrets(listener: Any) -> Iterable[str]:
+    """The SDS secrets a listener's TLS contexts name."""
+    for chain in listener.filter_chains:
+        if chain.transport_socket.typed_config.type_url != _DOWNSTREAM_TLS:
+            continue
+        context = tls_pb2.DownstreamTlsContext()
+        chain.transport_socket.typed_config.Unpack(context)
+        common = context.common_tls_context
+        yield from (config.name for config in common.tls_certificate_sds_secret_configs)
+        if common.HasField("validation_context_sds_secret_config"):
+            yield common.validation_context_sds_secret_config.name
+
+
 def _route_clusters(route_config: Any) -> Iterable[tuple[str, str]]:
     """(route description, cluster name) for every cluster a route configuration names."""
     for vhost in route_config.virtual_hosts:
@@ -182,6 +203,7 @@ def check_consistency(snapshot: Snapshot) -> None:
     clusters = snapshot.resources.get(CLUSTER, {})
     endpoints = snapshot.resources.get(ENDPOINT, {})
     routes = snapshot.resources.get(ROUTE, {})
+    secrets = snapshot.resources.get(SECRET, {})
     for name, cluster in clusters.items():
         c: Any = cluster
         if c.WhichOneof("cluster_discovery_type") == "type" and c.type == cluster_pb2.Cluster.EDS:
@@ -190,6 +212,9 @@ def check_consistency(snapshot: Snapshot) -> None:
                 problems.append(f"EDS cluster '{name}' has no ClusterLoadAssignment '{service}'")
     inline_configs: list[Any] = []
     for name, listener in snapshot.resources.get(LISTENER, {}).items():
+        for secret in _listener_secrets(listener):
+            if secret not in secrets:
+                problems.append(f"listener '{name}' names secret '{secret}', which does not exist")
         for tracer_cluster in _tracer_clusters(listener):
             if tracer_cluster and tracer_cluster not in clusters:
                 problems.append(

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import address_pb2, config_source_pb2, health_check_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
@@ -57,6 +58,8 @@ class Resources:
     routes: list[route_pb2.RouteConfiguration]
     clusters: list[cluster_pb2.Cluster]
     endpoints: list[endpoint_pb2.ClusterLoadAssignment]
+    #: what the TLS listener names (the control plane adds them: control_plane/gateway_secrets.py)
+    secrets: list[secret_pb2.Secret] = field(default_factory=list)
 
 
 def translate(

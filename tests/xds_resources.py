@@ -32,6 +32,7 @@ class Resources:
     routes: list[Any] = field(default_factory=list)
     clusters: list[Any] = field(default_factory=list)
     endpoints: list[Any] = field(default_factory=list)
+    secrets: list[Any] = field(default_factory=list)
 
 
 def _any(message: Any) -> Any:

@@ -14,10 +14,12 @@ from pathlib import Path
 
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf import json_format
 
 from control_plane.model import (
@@ -90,14 +92,32 @@ def stateful(state: MeshState, model: str) -> MeshState:
     return replace(state, instances=instances)
 
 
+def _static_secrets(listener: listener_pb2.Listener) -> None:
+    """Make the listener's TLS name static secrets instead of ones sent over ADS."""
+    for chain in listener.filter_chains:
+        if not chain.HasField("transport_socket"):
+            continue
+        context = tls_pb2.DownstreamTlsContext()
+        assert chain.transport_socket.typed_config.Unpack(context)
+        common = context.common_tls_context
+        for config in common.tls_certificate_sds_secret_configs:
+            config.ClearField("sds_config")
+        if common.HasField("validation_context_sds_secret_config"):
+            common.validation_context_sds_secret_config.ClearField("sds_config")
+        chain.transport_socket.typed_config.Pack(context, deterministic=True)
+
+
 def static_bootstrap(res: Resources) -> dict[str, object]:
-    """The resources as a static bootstrap: RDS inlined, EDS clusters made STATIC."""
+    """The resources as a static bootstrap: RDS inlined, EDS clusters made STATIC, secrets
+    static."""
     routes = {r.name: r for r in res.routes}
     assignments = {e.cluster_name: e for e in res.endpoints}
     boot = bootstrap_pb2.Bootstrap()
+    boot.static_resources.secrets.extend(res.secrets)
     for listener in res.listeners:
         static = boot.static_resources.listeners.add()
         static.CopyFrom(listener)
+        _static_secrets(static)
         network_filter = static.filter_chains[0].filters[0]
         hcm = hcm_pb2.HttpConnectionManager()
         assert network_filter.typed_config.Unpack(hcm)
