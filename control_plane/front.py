@@ -26,6 +26,7 @@ from control_plane.front_errors import FrontError
 from control_plane.model import ServiceInstance
 from protos.gen.inference import grpc_service_pb2 as pb
 from protos.gen.inference import grpc_service_pb2_grpc as pbg
+from services.core.errors import status_details
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ _HOP_METADATA = frozenset({"content-type", "te", "user-agent", "host", "accept-e
 
 async def _abort(context: Ctx, exc: BaseException, method: str) -> NoReturn:
     if isinstance(exc, FrontError):
-        await context.abort(exc.code, exc.message)
+        await context.abort(exc.code, status_details(exc.message))
     log.error("front %s failed", method, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
 

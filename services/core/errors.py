@@ -11,6 +11,37 @@ from typing import ClassVar
 
 import grpc
 
+#: the most bytes a status message may take in gRPC trailers (``grpc-message``, percent-encoded):
+#: clients refuse trailers over 8 KiB (gRPC's default soft limit) and Envoy resets a stream
+#: whose headers pass 60 KiB, so a message that echoes a huge request field (a model name of
+#: megabytes) is cut to this
+MAX_STATUS_BYTES = 6000
+
+
+def _encoded_size(char: str) -> int:
+    """Bytes ``char`` takes in ``grpc-message`` (printable ASCII but ``%`` as is, the rest
+    percent-encoded byte by byte)."""
+    if " " <= char <= "~" and char != "%":
+        return 1
+    return 3 * len(char.encode("utf-8", "replace"))
+
+
+def status_details(message: str) -> str:
+    """``message`` as a gRPC status carries it: cut, saying how long it was, where it would
+    take more than MAX_STATUS_BYTES in the trailers."""
+    if len(message) * 12 <= MAX_STATUS_BYTES:  # 12: the most one character can take
+        return message
+    note = f"... (message cut: {len(message)} characters)"
+    room = MAX_STATUS_BYTES - len(note)
+    size, cut = 0, None
+    for end, char in enumerate(message):
+        size += _encoded_size(char)
+        if cut is None and size > room:
+            cut = end
+        if size > MAX_STATUS_BYTES:
+            return message[:cut] + note
+    return message
+
 
 class ServingError(Exception):
     """Base class: a message for the user plus the status it maps to."""

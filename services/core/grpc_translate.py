@@ -17,7 +17,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from services.core import tracing
-from services.core.errors import InvalidArgument, ServingError
+from services.core.errors import InvalidArgument, ServingError, status_details
 from services.core.wire import WireInferRequest
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ Metadata = Iterable[tuple[str, str | bytes]]
 
 async def abort(context: Ctx, exc: BaseException, method: str) -> NoReturn:
     if isinstance(exc, ServingError):
-        await context.abort(exc.grpc_status, exc.message)
+        await context.abort(exc.grpc_status, status_details(exc.message))
     log.error("%s failed", method, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
 

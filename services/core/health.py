@@ -14,6 +14,7 @@ import grpc
 
 from protos.gen.health import health_pb2 as hpb
 from protos.gen.health import health_pb2_grpc as hgrpc
+from services.core.errors import status_details
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 
@@ -50,7 +51,9 @@ class HealthServicer(hgrpc.HealthServicer):
     ) -> hpb.HealthCheckResponse:
         status = self._status.get(request.service)
         if status is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service '{request.service}'")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, status_details(f"unknown service '{request.service}'")
+            )
         return hpb.HealthCheckResponse(status=status)
 
     async def Watch(

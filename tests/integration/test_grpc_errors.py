@@ -133,6 +133,14 @@ def expect_error(
             ["no_such_model"],
         ),
         (
+            # echoed in full, the name would make trailers no client accepts (over 8 KiB)
+            "n" * 100_000,
+            {},
+            lambda: make_inputs([1, 16]),
+            "StatusCode.NOT_FOUND",
+            ["unknown model 'nnnn", "(message cut: 100016 characters)"],
+        ),
+        (
             "simple",
             {"model_version": "9"},
             lambda: make_inputs([1, 16]),
