@@ -42,7 +42,7 @@ from yarl import URL
 from control_plane.front_core import Front
 from control_plane.front_errors import FrontError
 from control_plane.model import MeshState, ServiceInstance
-from services.core.http_json import message_to_json
+from services.core.http_json import message_to_json, unreadable_body
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         return _error(exc.status, f"{exc.reason}: {request.method} {request.path}")
+    except web.RequestPayloadError as exc:
+        return unreadable_body(request, exc)
     except Exception:
         log.exception("front HTTP %s %s failed", request.method, request.path)
         return _error(500, f"internal error in {request.method} {request.path}; see the server log")

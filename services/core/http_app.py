@@ -100,6 +100,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         return _error(exc.status, f"{exc.reason}: {request.method} {request.path}")
+    except web.RequestPayloadError as exc:
+        return js.unreadable_body(request, exc)
     except Exception:
         log.exception("HTTP %s %s failed", request.method, request.path)
         return _error(500, f"internal error in {request.method} {request.path}; see the server log")

@@ -189,6 +189,15 @@ def _from_buffer(
 
 # JSON values each datatype accepts, as numpy dtype kinds of np.array(data).
 _JSON_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+#: numpy's kind of the values sent, in the words of an error message
+_KIND_WORDS = {
+    "b": "true/false",
+    "i": "integers",
+    "u": "integers",
+    "f": "decimals",
+    "U": "strings",
+    "O": "mixed values",
+}
 
 
 def from_json(datatype: DataType, shape: tuple[int, ...], data: object, source: str) -> Array:
@@ -215,9 +224,10 @@ def from_json(datatype: DataType, shape: tuple[int, ...], data: object, source: 
         kind = "i"
     if values.size and kind not in _JSON_KINDS.get(target.kind, ""):
         wanted = "true/false" if target.kind == "b" else "numbers"
+        got = _KIND_WORDS.get(kind, "other values")
         raise InvalidArgument(
-            f"'data' of {source} ({datatype.name}) must hold {wanted}, got {values.dtype.kind!r}"
-            f" values such as {values.ravel()[0]!r}"
+            f"'data' of {source} ({datatype.name}) must hold {wanted}, got {got} such as "
+            f"{values.ravel()[:1].tolist()[0]!r}"
         )
     try:
         converted = np.array(data, dtype=target).reshape(shape)

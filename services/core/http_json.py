@@ -14,6 +14,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
@@ -29,6 +30,29 @@ def parse_json(data: bytes | memoryview, what: str) -> Any:
         return json.loads(bytes(data))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidArgument(f"malformed JSON in {what}: {exc}") from None
+    except RecursionError:
+        raise InvalidArgument(
+            f"{what} nests JSON arrays or objects too deeply to parse; send flat 'data' lists"
+        ) from None
+
+
+def unreadable_body(request: web.Request, exc: Exception) -> web.Response:
+    """The 400 for a body that could not be read (aiohttp's RequestPayloadError: a
+    Content-Encoding it cannot decode, a body that is not what its encoding says). The
+    connection closes after it, as its parser stopped mid-body; the rest of the body is not
+    waited for."""
+    cause = exc.__cause__ or exc  # aiohttp's own error (ContentEncodingError) says what failed
+    detail = str(getattr(cause, "message", "") or cause).split("message:")[-1].strip()
+    response = web.json_response(
+        {
+            "error": f"the request body cannot be read ({detail}); send it uncompressed or "
+            "compressed with Content-Encoding gzip or deflate"
+        },
+        status=400,
+    )
+    response.force_close()
+    request.content.feed_eof()
+    return response
 
 
 def parse_object(data: bytes | memoryview, what: str) -> JsonObject:

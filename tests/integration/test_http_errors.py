@@ -130,6 +130,20 @@ async def test_errors_then_good_request(
         )
     )
     cases.append(("bad header length", b"{}", {HEADER: "99"}, 400, HEADER))
+    # bodies that cannot be read or parsed at all: still a 400 that says why, not a 500
+    deep = b'{"inputs": [{"name": "INPUT0", "data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}]}"
+    cases.append(("nested too deeply", deep, {}, 400, "too deeply"))
+    gzip_header = {"Content-Encoding": "gzip"}
+    cases.append(
+        ("not gzip", b"plain text", gzip_header, 400, "(Can not decode content-encoding: gzip)")
+    )
+    brotli = {"Content-Encoding": "br"}
+    cases.append(("brotli", b"\x0b\x00\x80{}\x03", brotli, 400, "cannot be read"))
+    decimals = _simple_json()
+    decimals["inputs"][0]["data"][0] = 1.5
+    cases.append(
+        ("decimals for INT32", json.dumps(decimals).encode(), {}, 400, "decimals such as 1.5")
+    )
     for name, body, headers, status, text in cases:
         got_status, doc = await _post(session, infer, body, headers)
         assert (got_status, text in doc.get("error", "")) == (status, True), (name, doc)
