@@ -192,20 +192,33 @@ class FrontServicer(pbg.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Ctx
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """The stream is pinned by its first message: every message goes to the instance chosen
-        for the first one's model, whose responses come back as they are written."""
-        try:
-            first = await anext(aiter(request_iterator))
-        except StopAsyncIteration:
-            return
-        try:
-            inst = self._front.route(first.model_name, first.model_version)
-        except FrontError as exc:
-            await _abort(context, exc, "ModelStreamInfer")
+        """The stream is pinned by its first message that names a model some instance serves:
+        it and every later message go to that instance (which passes on requests for other
+        services' models), whose responses come back as they are written. A message before it
+        that names no such model is answered with its error on the stream, which goes on (as
+        in Triton)."""
+        messages = aiter(request_iterator)
+        while True:
+            try:
+                first = await anext(messages)
+            except StopAsyncIteration:
+                return
+            try:
+                inst = self._front.route(first.model_name, first.model_version)
+                break
+            except FrontError as exc:
+                yield pb.ModelStreamInferResponse(
+                    error_message=exc.message,
+                    infer_response=pb.ModelInferResponse(
+                        model_name=first.model_name,
+                        model_version=first.model_version,
+                        id=first.id,
+                    ),
+                )
 
         async def requests() -> AsyncIterator[pb.ModelInferRequest]:
             yield first
-            async for message in request_iterator:
+            async for message in messages:
                 yield message
 
         stub = self._front.channel(inst).stream_stream(

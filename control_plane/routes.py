@@ -17,7 +17,8 @@ this module turns them into the two RDS resources that Envoy's listeners name:
      effect because the Lua filter clears the route cache after the extraction ran;
   5. everything else (server-level RPCs, repository control, unknown models) goes to the front.
   Streams (ModelStreamInfer) are routed once, by their first message: every later message of the
-  stream goes to the same cluster and host, whatever model it names.
+  stream goes to the same cluster and host, whatever model it names (that service passes the
+  requests for other services' models on: services/core/stream_forward.py).
 
 ``http_routes`` (REST listener): by path, ``/v2/models/<m>/versions/<v>/...`` to that version,
 ``/v2/models/<m>[/...]`` to the model's default, the rest (health, repository, shared memory,

@@ -72,6 +72,15 @@ class NotFound(ServingError):
     reason = "REJECTED"
 
 
+class UnknownModel(NotFound):
+    """A model this service does not have at all (not one of its versions): another service of
+    the mesh may serve it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"unknown model '{name}'")
+        self.model = name
+
+
 class AlreadyExists(ServingError):
     """A shared-memory region registered twice under one name."""
 

@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator
 
 from protos.gen.inference import grpc_service_pb2 as pb
 from protos.gen.inference import grpc_service_pb2_grpc as pbg
-from services.core import tracing
+from services.core import stream_forward, tracing
 from services.core.codec import decode_infer_request, encode_infer_response
 from services.core.dataplane import DataPlane
-from services.core.errors import InvalidArgument, ServingError, Unsupported
+from services.core.errors import InvalidArgument, ServingError, UnknownModel, Unsupported
 from services.core.grpc_translate import (
     SERVICE,
     Ctx,
@@ -115,6 +115,12 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         metadata = context.invocation_metadata() or ()
         routed = metadata_version(metadata)
         tasks: set[asyncio.Task[None]] = set()
+        # requests for models of other services, passed on through the gateway
+        forwarder = (
+            stream_forward.StreamForwarder(results.put, context.time_remaining)
+            if stream_forward.forwarding()
+            else None
+        )
 
         async def one(msg: InferMessage) -> None:
             # one SERVER span per streamed request, each a child of the stream's trace context
@@ -135,10 +141,19 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
                     req.deadline_ns = arrival + int(remaining * 1e9)
                 if not req.model_version:
                     req.model_version = routed
-                async for response in self._plane.infer_stream(req):
-                    await results.put(
-                        pb.ModelStreamInferResponse(infer_response=encode_infer_response(response))
-                    )
+                try:
+                    async for response in self._plane.infer_stream(req):
+                        await results.put(
+                            pb.ModelStreamInferResponse(
+                                infer_response=encode_infer_response(response)
+                            )
+                        )
+                except UnknownModel:
+                    if forwarder is None:
+                        raise
+                    # another service's model, on a stream the gateway routed here (its order
+                    # among this stream's requests is kept: this runs before any await)
+                    forwarder.send(wire)
             except Exception as exc:
                 record_failure(span, exc)
                 if isinstance(exc, ServingError):
@@ -163,6 +178,8 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
                     task.add_done_callback(tasks.discard)
                 if tasks:
                     await asyncio.gather(*list(tasks), return_exceptions=True)
+                if forwarder is not None:
+                    await forwarder.finish()
             finally:
                 await results.put(None)
 
@@ -176,6 +193,8 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
                 t.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await read_task
+            if forwarder is not None:
+                await forwarder.cancel()
 
     # ---- repository -----------------------------------------------------------------------------
     @translate

@@ -23,6 +23,7 @@ from services.core.errors import (
     NotFound,
     ServingError,
     Unavailable,
+    UnknownModel,
 )
 from services.core.latency_metrics import LatencyRecorder
 from services.core.model import ServedModel
@@ -73,7 +74,7 @@ class ModelManager:
             return served
         entry = self._models.get(name)
         if entry is None:
-            raise NotFound(f"unknown model '{name}'")
+            raise UnknownModel(name)
         if not version:
             why = entry.reason or "; ".join(v.reason for v in entry.versions.values() if v.reason)
             raise Unavailable(f"model '{name}' has no ready version" + (f": {why}" if why else ""))
