@@ -113,7 +113,7 @@ def decode_infer_request(
                 raise Unsupported(
                     f"{source} uses shared memory, which this endpoint does not offer"
                 )
-            buf = shm.read(region.region, region.offset, region.byte_size)
+            buf = shm.read(region.region, region.offset, region.byte_size, tensor=name)
             where = f"shared memory region '{region.region}' (byte_size {region.byte_size})"
             inputs[name] = _from_buffer(datatype, shape, buf, source, where)
         elif has_contents:

@@ -159,6 +159,14 @@ def test_system_shared_memory(onnx_server: ServerThread) -> None:
         np.testing.assert_array_equal(got0, a + b)
         np.testing.assert_array_equal(got1, a - b)
 
+        # an input read past the region's end is refused naming the input
+        inputs[1].set_shared_memory("in_region", size, size + 4)
+        with pytest.raises(InferenceServerException) as info:
+            c.infer("simple", inputs)
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert info.value.message().startswith(
+            f"input 'INPUT1' needs {size} bytes but region 'in_region' has {size - 4} from offset"
+        )
         with pytest.raises(InferenceServerException) as info:
             c.register_system_shared_memory("in_region", "/meshserve_test_in", size)
         assert "in_region" in info.value.message()
