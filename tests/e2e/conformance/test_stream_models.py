@@ -21,6 +21,19 @@ from tests.e2e.conformance.test_stateful import values_for
 from tests.e2e.conftest import MeshHandle
 
 
+def _collect(answers: queue.Queue[tuple[Any, Any]], count: int) -> tuple[dict[str, Any], list[str]]:
+    """``count`` answers of a stream: the results by request id, and the errors' texts."""
+    got: dict[str, Any] = {}
+    errors: list[str] = []
+    for _ in range(count):
+        result, error = answers.get(timeout=60)
+        if error is not None:
+            errors.append(str(error))
+        else:
+            got[result.get_response().id] = result
+    return got, errors
+
+
 def test_one_stream_serves_every_familys_models(mesh: MeshHandle) -> None:
     if len(AVAILABLE) < 2:
         pytest.skip("needs two families in the mesh")
@@ -54,14 +67,7 @@ def test_one_stream_serves_every_familys_models(mesh: MeshHandle) -> None:
         client.async_stream_infer(
             "no_such_model", grpc_inputs(AVAILABLE[0], 1)[0], request_id="unknown"
         )
-        got: dict[str, Any] = {}
-        errors: list[str] = []
-        for _ in range(len(expected) + len(sums) + 1):
-            result, error = answers.get(timeout=60)
-            if error is not None:
-                errors.append(str(error))
-            else:
-                got[result.get_response().id] = result
+        got, errors = _collect(answers, len(expected) + len(sums) + 1)
     finally:
         client.stop_stream()
         client.close()
@@ -89,14 +95,7 @@ def test_a_stream_that_starts_with_an_unknown_model_goes_on(mesh: MeshHandle) ->
             inputs, total, _ = grpc_inputs(family, 2)
             client.async_stream_infer(family.model, inputs, request_id=family.name)
             expected[family.name] = total
-        got: dict[str, Any] = {}
-        errors = []
-        for _ in range(len(expected) + 1):
-            result, error = answers.get(timeout=60)
-            if error is not None:
-                errors.append(str(error))
-            else:
-                got[result.get_response().id] = result
+        got, errors = _collect(answers, len(expected) + 1)
     finally:
         client.stop_stream()
         client.close()
