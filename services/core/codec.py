@@ -46,8 +46,11 @@ CLASSIFICATION = "classification"
 class SharedMemoryReader(Protocol):
     """Read access to registered system shared-memory regions (implemented in shm.py)."""
 
-    def read(self, region: str, offset: int, byte_size: int) -> memoryview:
-        """``byte_size`` bytes at ``offset`` of ``region``; NotFound / InvalidArgument if not."""
+    def read(
+        self, region: str, offset: int, byte_size: int, *, tensor: str | None = None
+    ) -> memoryview:
+        """``byte_size`` bytes at ``offset`` of ``region``; NotFound / InvalidArgument (naming
+        ``tensor``) if not."""
         ...
 
 

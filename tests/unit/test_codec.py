@@ -56,7 +56,9 @@ class FakeRegions:
     def __init__(self, **regions: bytearray) -> None:
         self.regions = regions
 
-    def read(self, region: str, offset: int, byte_size: int) -> memoryview:
+    def read(
+        self, region: str, offset: int, byte_size: int, *, tensor: str | None = None
+    ) -> memoryview:
         if region not in self.regions:
             raise NotFound(f"unknown region '{region}'")
         return memoryview(self.regions[region])[offset : offset + byte_size]
