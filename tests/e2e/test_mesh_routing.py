@@ -166,15 +166,12 @@ def test_unknown_model_is_not_found_from_the_gateway(
         http_client.get_model_metadata("no_such_model")
     assert info.value.status() == "404"
     assert "no_such_model" in info.value.message()
-    # a name of 1 MB: the answer is still NOT_FOUND, its message cut to what gRPC trailers
-    # carry (echoed whole, the client or Envoy would refuse the answer)
+    # a 1 MB name: still NOT_FOUND, the message cut to what gRPC trailers carry (echoed
+    # whole, the client or Envoy would refuse the answer)
     with pytest.raises(InferenceServerException) as info:
         grpc_client.infer("n" * (1 << 20), inputs, client_timeout=10)
     assert info.value.status() == "StatusCode.NOT_FOUND"
-    assert "unknown model 'nnn" in info.value.message()
-    assert f"(message cut: {len('unknown model') + 3 + (1 << 20)} characters)" in (
-        info.value.message()
-    )
+    assert f"nnn... (message cut: {(1 << 20) + 16} characters)" in info.value.message()
 
 
 def test_split_90_10_over_1000_requests(
