@@ -118,7 +118,7 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         # requests for models of other services, passed on through the gateway
         forwarder = (
             stream_forward.StreamForwarder(results.put, context.time_remaining)
-            if stream_forward.forwarding()
+            if stream_forward.forwarding(metadata)
             else None
         )
 

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import os
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
@@ -43,6 +43,10 @@ from services.core.gateway_client import (
 from services.core.wire import WireInferRequest
 
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+#: marks an upstream call: its service never passes requests on again (with routes that still
+#: name a service that just unloaded a model, requests would otherwise go round until the
+#: routes change)
+FORWARDED_HEADER = "meshserve-forwarded"
 Write = Callable[[pb.ModelStreamInferResponse], Awaitable[None]]
 
 #: one channel to the gateway per event loop (and gateway address)
@@ -51,8 +55,11 @@ _channels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[str, grpc.
 )
 
 
-def forwarding() -> bool:
-    """Whether this service runs in a mesh it can pass requests on to."""
+def forwarding(metadata: Iterable[tuple[str, str | bytes]] = ()) -> bool:
+    """Whether this service passes a stream's requests on: it runs in a mesh, and the stream
+    (its ``metadata``) is not itself one passed on."""
+    if any(key == FORWARDED_HEADER for key, _ in metadata):
+        return False
     return bool(os.environ.get(GATEWAY_ENV, "").strip() or mesh_caller.xds_address())
 
 
@@ -93,6 +100,7 @@ class _Upstream:
         self._pending: list[_Pending] = []
         self._write = write
         metadata = routing_metadata(model, version) + tracing.inject_metadata()
+        metadata.append((FORWARDED_HEADER, "1"))
         self._call = _channel().stream_stream(
             STREAM_METHOD,
             request_serializer=pb.ModelInferRequest.SerializeToString,
